@@ -1,0 +1,38 @@
+"""The project's own exception types.
+
+Every problem with user input (a file, a parameter, a tag) is reported with one of these, and the
+message always says which file or value is at fault and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class HypernetworkError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        self.path = os.fspath(path) if path is not None else None
+        self.problem = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class InvalidConfigError(HypernetworkError, ValueError):
+    """A hypernetwork cannot be built from the given parameters."""
+
+
+class FileFormatError(HypernetworkError):
+    """A file is empty, truncated, of an unknown layout, or not a hypernetwork."""
+
+
+class UnsafeFileError(FileFormatError):
+    """A pickled file asks the loader to call or import something that is not plain data."""
+
+
+class FileExistsRefusedError(HypernetworkError, FileExistsError):
+    """Saving would overwrite an existing file and overwriting was not asked for."""
+
+
+class IncompatibleNetworkError(HypernetworkError):
+    """Two networks (or a network and a model) do not fit together."""

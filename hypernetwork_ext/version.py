@@ -1,0 +1,2 @@
+TOOL_NAME = "sd-webui-hypernetworks"
+__version__ = "0.1.0"
