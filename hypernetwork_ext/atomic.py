@@ -1,0 +1,49 @@
+"""Writes that either complete or leave the destination untouched."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+from .errors import FileExistsRefusedError
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[BinaryIO]:
+    """Yield a file to write; on success it replaces ``path`` in one rename, on failure it is removed.
+
+    The temporary file sits next to the destination so the final rename never crosses file
+    systems; it is flushed to disk before the rename so a crash cannot leave a half-written file
+    under the final name.
+    """
+    path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsRefusedError("the file exists; refusing to overwrite it (ask for overwrite explicitly)", path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        if not overwrite and os.path.exists(path):
+            raise FileExistsRefusedError("the file appeared while writing; refusing to overwrite it", path)
+        os.replace(temp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_path)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> None:
+    with atomic_output(path, overwrite=overwrite) as handle:
+        handle.write(data)
+
+
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[BinaryIO], None], *, overwrite: bool = False) -> None:
+    with atomic_output(path, overwrite=overwrite) as handle:
+        writer(handle)

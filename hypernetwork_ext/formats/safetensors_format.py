@@ -1,0 +1,208 @@
+"""The project's ``.safetensors`` layout for hypernetworks.
+
+Tensors: ``hypernetwork.<width>.<key|value>.linear.<index>.<weight|bias>``; the part after the
+role is the host's state-dict key, so the Sequential indices are A1111's.
+
+Header metadata (safetensors allows only strings; every value is JSON):
+``hypernetwork.format_version`` (marks the layout), every A1111 metadata key under its own name
+(``step``, ``name``, ``layer_structure``, ``activation_func``, ``is_layer_norm``,
+``weight_initialization``, ``sd_checkpoint``, ``sd_checkpoint_name``, ``activate_output``,
+``use_dropout``, ``dropout_structure``, ``last_layer_dropout``, ``optional_info``), then
+``widths`` (file order), ``model_family`` with ``model_family_inferred``, ``content_hash``,
+``tool``, ``tool_version`` and ``extra`` (other keys a ``.pt`` carried).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import FileFormatError, InvalidConfigError
+from ..hashing import content_hash
+from ..network import Hypernetwork, NetworkInfo, build_from_state
+from ..version import TOOL_NAME, __version__
+from .pt import A1111_KEYS, architecture_from_metadata
+
+FORMAT_VERSION_KEY = "hypernetwork.format_version"
+FORMAT_VERSION = 1
+TENSOR_PREFIX = "hypernetwork."
+_TENSOR_KEY = re.compile(r"^hypernetwork\.(\d+)\.(key|value)\.(.+)$")
+_SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
+
+
+def looks_like_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    header_length = int.from_bytes(data[:8], "little")
+    return 2 <= header_length <= _SAFETENSORS_HEADER_LIMIT and data[8:9] == b"{"
+
+
+def safetensors_bytes(network: Hypernetwork) -> bytes:
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for width, (key_state, value_state) in network.module_state_dicts().items():
+        for role, state in (("key", key_state), ("value", value_state)):
+            for name, tensor in state.items():
+                tensors[f"{TENSOR_PREFIX}{width}.{role}.{name}"] = tensor.detach().to("cpu").contiguous()
+    return save(tensors, metadata=header_metadata(network))
+
+
+def header_metadata(network: Hypernetwork) -> dict[str, str]:
+    arch = network.architecture
+    info = network.info
+    values = {
+        "step": int(info.step),
+        "name": info.name,
+        "layer_structure": list(arch.layer_structure),
+        "activation_func": arch.activation_func,
+        "is_layer_norm": bool(arch.is_layer_norm),
+        "weight_initialization": arch.weight_initialization,
+        "sd_checkpoint": info.sd_checkpoint,
+        "sd_checkpoint_name": info.sd_checkpoint_name,
+        "activate_output": bool(arch.activate_output),
+        "use_dropout": bool(arch.use_dropout),
+        "dropout_structure": list(arch.dropout_structure),
+        "last_layer_dropout": bool(arch.last_layer_dropout),
+        "optional_info": info.optional_info or None,
+        "widths": network.widths,
+        "model_family": network.family,
+        "model_family_inferred": info.model_family is None,
+        "content_hash": content_hash(network),
+        "tool": TOOL_NAME,
+        "tool_version": __version__,
+        "extra": _json_safe_extra(info.extra),
+    }
+    metadata = {key: json.dumps(value) for key, value in values.items()}
+    metadata["format"] = "pt"
+    metadata[FORMAT_VERSION_KEY] = str(FORMAT_VERSION)
+    return metadata
+
+
+def _json_safe_extra(extra: Mapping) -> dict:
+    safe = {}
+    for key, value in extra.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        safe[key] = value
+    return safe
+
+
+def read_safetensors_bytes(data: bytes, path: str) -> Hypernetwork:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if not data:
+        raise FileFormatError("the file is empty", path)
+    metadata = _read_header_metadata(data, path)
+    try:
+        tensors = load(data)
+    except (SafetensorError, Exception) as exc:
+        raise FileFormatError(f"the safetensors file is truncated or damaged ({exc})", path) from None
+    ours = {key: value for key, value in tensors.items() if key.startswith(TENSOR_PREFIX)}
+    if not ours:
+        raise FileFormatError(
+            f"not a hypernetwork: a safetensors file without hypernetwork tensors{_looks_like(tensors)}", path
+        )
+    if FORMAT_VERSION_KEY not in metadata:
+        raise FileFormatError(
+            "hypernetwork tensors without the hypernetwork metadata header; cannot tell the architecture", path
+        )
+    try:
+        version = int(metadata[FORMAT_VERSION_KEY])
+    except ValueError:
+        raise FileFormatError(f"unreadable {FORMAT_VERSION_KEY} {metadata[FORMAT_VERSION_KEY]!r}", path) from None
+    if version > FORMAT_VERSION:
+        raise FileFormatError(
+            f"written in hypernetwork layout version {version}; this tool reads up to {FORMAT_VERSION}", path
+        )
+    try:
+        meta = _decoded(metadata, path)
+        architecture = architecture_from_metadata(meta)
+        architecture.check(strict=False)
+        states = _states(ours, meta.get("widths"))
+        network = build_from_state(architecture, states, _info(meta, path))
+    except InvalidConfigError as exc:
+        raise FileFormatError(exc.problem, path) from None
+    except (TypeError, ValueError) as exc:
+        raise FileFormatError(f"the hypernetwork metadata holds a value of the wrong type ({exc})", path) from None
+    network.filename = path
+    return network
+
+
+def _read_header_metadata(data: bytes, path: str) -> dict[str, str]:
+    if len(data) < 8:
+        raise FileFormatError("the file is truncated (shorter than a safetensors header)", path)
+    length = int.from_bytes(data[:8], "little")
+    if length > _SAFETENSORS_HEADER_LIMIT or 8 + length > len(data):
+        raise FileFormatError("the safetensors header is truncated or damaged", path)
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except ValueError as exc:
+        raise FileFormatError(f"the safetensors header is not valid JSON ({exc})", path) from None
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FileFormatError("the safetensors metadata must map names to strings", path)
+    return metadata
+
+
+def _decoded(metadata: Mapping[str, str], path: str) -> dict:
+    decoded = {}
+    for key in (*A1111_KEYS, "widths", "model_family", "model_family_inferred", "extra"):
+        if key not in metadata:
+            continue
+        try:
+            decoded[key] = json.loads(metadata[key])
+        except ValueError:
+            raise FileFormatError(f"metadata {key!r} is not valid JSON: {metadata[key]!r}", path) from None
+    return decoded
+
+
+def _states(tensors: Mapping[str, torch.Tensor], declared_widths: object) -> dict[int, tuple[dict, dict]]:
+    grouped: dict[int, tuple[dict, dict]] = {}
+    for key, tensor in tensors.items():
+        match = _TENSOR_KEY.match(key)
+        if not match:
+            raise InvalidConfigError(f"tensor {key!r} does not follow hypernetwork.<width>.<key|value>.<name>")
+        width, role, name = int(match[1]), match[2], match[3]
+        pair = grouped.setdefault(width, ({}, {}))
+        pair[0 if role == "key" else 1][name] = tensor
+    if declared_widths is not None:
+        if not isinstance(declared_widths, list) or sorted(declared_widths) != sorted(grouped):
+            raise InvalidConfigError(
+                f"header widths {declared_widths} disagree with the tensors' widths {sorted(grouped)}"
+            )
+        return {width: grouped[width] for width in declared_widths}
+    return grouped
+
+
+def _info(meta: Mapping, path: str) -> NetworkInfo:
+    inferred = bool(meta.get("model_family_inferred", False))
+    extra = meta.get("extra") or {}
+    return NetworkInfo(
+        name=str(meta.get("name") or os.path.splitext(os.path.basename(path))[0]),
+        step=int(meta.get("step") or 0),
+        sd_checkpoint=meta.get("sd_checkpoint"),
+        sd_checkpoint_name=meta.get("sd_checkpoint_name"),
+        optional_info=meta.get("optional_info"),
+        model_family=None if inferred else meta.get("model_family"),
+        extra=dict(extra) if isinstance(extra, dict) else {},
+    )
+
+
+def _looks_like(tensors: Mapping[str, torch.Tensor]) -> str:
+    keys = list(tensors)
+    if any(key.startswith(("lora_", "lora.")) or ".lora_" in key or ".lora_A" in key for key in keys):
+        return " (its tensors look like a LoRA)"
+    if any(key.startswith("model.diffusion_model.") for key in keys):
+        return " (its tensors look like a Stable Diffusion checkpoint)"
+    if not keys:
+        return " (it holds no tensors at all)"
+    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+    return f" (its tensors are: {shown})"
