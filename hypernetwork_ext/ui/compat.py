@@ -1,0 +1,34 @@
+"""The few gradio differences between 3.41 (A1111), 4.40 (Forge) and current gradio (the app).
+
+Detection is by feature or major version of the installed gradio, never by host name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import gradio as gr
+
+GRADIO_MAJOR = int(gr.__version__.split(".", 1)[0])
+
+
+def js_kwargs(code: str) -> dict:
+    """The keyword that attaches client-side code to an event: ``_js`` on 3.x, ``js`` from 4.0."""
+    return {"_js": code} if GRADIO_MAJOR < 4 else {"js": code}
+
+
+def update(**kwargs):
+    """A property update for any component (``gr.update`` exists in every supported version)."""
+    return gr.update(**kwargs)
+
+
+def poll(fn: Callable, inputs: Sequence, outputs: Sequence, seconds: float, *, blocks: gr.Blocks) -> None:
+    """Call ``fn`` every ``seconds`` while the page is open (inside a ``gr.Blocks`` context).
+
+    gradio >= 5 has ``gr.Timer``; 3.41 and 4.x run a repeating ``load`` event via ``every=``.
+    """
+    timer_cls = getattr(gr, "Timer", None)
+    if timer_cls is not None:
+        timer_cls(seconds).tick(fn, inputs=list(inputs), outputs=list(outputs))
+    else:
+        blocks.load(fn, inputs=list(inputs), outputs=list(outputs), every=seconds)
