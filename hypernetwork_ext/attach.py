@@ -160,6 +160,15 @@ class KVRewriter:
             changed = True
         return y.to(x.dtype) if changed else x
 
+    def rewrite_pair(
+        self, key_input: torch.Tensor, value_input: torch.Tensor, *, kind: str, block: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewrite the key input and the value input of one attention call (Forge-style patches)."""
+        return (
+            self.rewrite(key_input, KEY, kind=kind, block=block),
+            self.rewrite(value_input, VALUE, kind=kind, block=block),
+        )
+
     def _multiplier(self, stage: _Stage, y: torch.Tensor) -> float | torch.Tensor:
         base = stage.factor * stage.strength.time_factor(self.runtime.progress)
         rows = self.runtime.uncond_rows

@@ -309,3 +309,12 @@ def test_bad_network_list_is_explained(built):
         hx.apply(model, [("name", 1.0)])
     with pytest.raises(hx.InvalidConfigError, match="finite"):
         hx.apply(model, [(hx.create([8]), float("nan"))])
+
+
+def test_rewrite_pair_equals_two_rewrites():
+    net = make([8], "relu")
+    rewriter = KVRewriter([(net, Strength(key=0.5, value=2.0))])
+    k_in, v_in = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    k, v = rewriter.rewrite_pair(k_in, v_in, kind="cross")
+    torch.testing.assert_close(k, net.layers[8][0](k_in, 0.5))
+    torch.testing.assert_close(v, net.layers[8][1](v_in, 2.0))
