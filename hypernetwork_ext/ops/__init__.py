@@ -1,0 +1,1 @@
+"""Offline operations on networks and checkpoints: merge, bake, LoRA export."""
