@@ -80,6 +80,24 @@ def ensure_env(profile: str) -> Path:
     return python
 
 
+CHROMIUM = "/usr/bin/chromium"
+
+
+def ensure_chromium() -> None:
+    """Browser tests drive Debian's chromium through Playwright (no browser download)."""
+    if os.path.exists(CHROMIUM):
+        return
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        run(["apt-get", "update", "-qq"], env=env)
+        run(["apt-get", "install", "-y", "-qq", "chromium"], env=env)
+        return
+    raise SystemExit(
+        f"[dev] the browser tests need Chromium at {CHROMIUM}; install Debian's 'chromium' package "
+        "(sudo apt-get install chromium) and run again"
+    )
+
+
 def lint() -> None:
     python = ensure_env("core")
     run([str(python), "-m", "ruff", "check", "."])
@@ -89,6 +107,7 @@ def lint() -> None:
 def test(args: list[str]) -> int:
     started = time.monotonic()
     lint()
+    ensure_chromium()
     failures = []
     for profile, paths in PROFILES.items():
         existing = [p for p in paths if (ROOT / p).exists()]

@@ -158,13 +158,27 @@ def _numpy_safe_globals() -> list:
         import numpy
     except ImportError:
         return []
-    core = getattr(numpy, "_core", None) or numpy.core
+    multiarray = _numpy_multiarray()
     entries: list = [numpy.dtype, numpy.ndarray]
     for module in _NUMPY_MODULES:
-        entries.append((core.multiarray.scalar, f"{module}.scalar"))
-        entries.append((core.multiarray._reconstruct, f"{module}._reconstruct"))
+        entries.append((multiarray.scalar, f"{module}.scalar"))
+        entries.append((multiarray._reconstruct, f"{module}._reconstruct"))
     entries.extend(type(numpy.dtype(code)) for code in ("f4", "f8", "f2", "i8", "i4", "u1", "?"))
     return entries
+
+
+def _numpy_multiarray():
+    """numpy 2 keeps multiarray in numpy._core; numpy 1.26 has a bare numpy._core stub beside numpy.core."""
+    import importlib
+
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "scalar"):
+            return module
+    raise ImportError("numpy's multiarray module was not found")
 
 
 def load_torch_bytes(data: bytes, path: str) -> object:

@@ -195,3 +195,11 @@ def test_safetensors_without_our_header(tmp_path):
     save_file({"hypernetwork.16.key.linear.0.weight": torch.zeros(32, 16)}, path)
     with pytest.raises(hx.FileFormatError, match="metadata header"):
         hx.load(path)
+
+
+def test_numpy_scalars_and_arrays_load():
+    import numpy
+
+    data = files.torch_bytes({"step": numpy.int64(7), "beta": numpy.float64(0.9), "table": numpy.arange(3)})
+    loaded = safe_pickle.load_torch_bytes(data, "numpy.pt")
+    assert loaded["step"] == 7 and loaded["beta"] == 0.9 and list(loaded["table"]) == [0, 1, 2]
