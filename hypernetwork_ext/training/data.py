@@ -31,6 +31,10 @@ _NOT_IMAGES = {".txt", ".json", ".csv", ".npz", ".pt", ".safetensors", ".caption
 LATENT_FACTOR = 8
 
 
+class PreparationInterrupted(HypernetworkError):
+    """A stop was requested while the dataset was being prepared."""
+
+
 def derive_seed(seed: int, *parts: object) -> int:
     """A seed for one random choice, fixed by the run's seed and where the choice is made."""
     digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
@@ -327,7 +331,7 @@ def build_dataset(
     entries: list[Entry] = []
     for index, ((path, words, _original), size) in enumerate(zip(found, sizes, strict=True)):
         if should_stop():
-            raise HypernetworkError("interrupted while preparing the dataset")
+            raise PreparationInterrupted("interrupted while preparing the dataset")
         pixels, alpha = load_pixels(path, size, keep_aspect=keep_aspect, with_alpha=use_weight)
         mean, std = encode(pixels[None])
         mean, std = mean[0].to(storage_device), std[0].to(storage_device)

@@ -635,6 +635,8 @@ def _execute(run: _Run) -> TrainingResult:
                 progress_bar = tqdm.tqdm(total=end - step, desc=f"Training hypernetwork {run.name}")
             with apply(backend.unet, [network]), gradient_checkpointing(backend.unet, config.gradient_checkpointing):
                 stopped, message, step = _loop(run, optimizer, step, end, progress_bar)
+    except data_mod.PreparationInterrupted:
+        stopped, message = STOP_INTERRUPTED, "Training interrupted while preparing the dataset"
     except _NonFinite as exc:
         stopped, message = STOP_NAN, f"Training stopped: {exc}; the last good weights (step {network.step}) are kept"
         optimizer = None  # its state may hold the bad values: never saved

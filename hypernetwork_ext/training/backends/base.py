@@ -108,7 +108,7 @@ class ModelGuard:
         """No gradient for the host's weights (only the network learns), and ldm's own gradient
         checkpointing off: it hands only the block's parameters to autograd, so the network's
         parameters would get no gradient through it."""
-        for module, name, tensor, *_ in self._tensors:
+        for _module, _name, tensor, *_ in self._tensors:
             if isinstance(tensor, nn.Parameter):
                 tensor.requires_grad_(False)
         for module, flag, _value in self._flags:

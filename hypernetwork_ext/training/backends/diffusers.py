@@ -128,7 +128,7 @@ class PipelinePreviews:
             make = getattr(self.components, "pipeline", None)
             if callable(make):
                 self._pipeline = make()
-            elif hasattr(self.components, "__call__") and hasattr(self.components, "unet"):
+            elif callable(self.components) and hasattr(self.components, "unet"):
                 self._pipeline = self.components
             else:
                 from diffusers import StableDiffusionPipeline
