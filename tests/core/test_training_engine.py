@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,7 +132,7 @@ def test_resuming_from_a_copy_continues_exactly(tmp_path, ldm_model, data):
     )
     whole = new_network(tmp_path, dropout_structure=(0, 0.2, 0))
     first = train(whole, LdmBackend(ldm_model), config(tmp_path / "a", data, **options), progress_bar=False)
-    copy_at_3 = [c for c in first.copies if c.endswith("style-3.pt")][0]
+    copy_at_3 = next(c for c in first.copies if c.endswith("style-3.pt"))
     assert os.path.exists(copy_at_3 + ".optim")
     resumed = train(
         None,
@@ -328,11 +329,11 @@ def test_diffusers_run_with_every_option_writes_its_logs(tmp_path, data, tiny):
     assert seen_previews == result.previews and len(result.previews) == 2
     assert result.preview_path == str(tmp_path / "full-4.preview.png") and os.path.exists(result.preview_path)
     log_dir = result.log_dir
-    rows = open(os.path.join(log_dir, "hypernetwork_loss.csv")).read().strip().splitlines()
+    rows = Path(log_dir, "hypernetwork_loss.csv").read_text().strip().splitlines()
     assert rows[0] == "step,epoch,epoch_step,loss,learn_rate,validation_loss" and len(rows) == 5
     assert os.listdir(os.path.join(log_dir, "tensorboard"))
     settings = [n for n in os.listdir(log_dir) if n.startswith("settings-")]
-    assert settings and '"optimizer": "Lion"' in open(os.path.join(log_dir, settings[0])).read()
+    assert settings and '"optimizer": "Lion"' in Path(log_dir, settings[0]).read_text()
     assert sorted(os.listdir(os.path.join(log_dir, "hypernetworks"))) == ["full-2.safetensors", "full-4.safetensors"]
 
 
