@@ -22,6 +22,7 @@ from ..errors import HypernetworkError, InvalidConfigError
 from .jobs import FieldProblems, JobBusyError, TrainingJobs
 
 PREFIX = "/hypernetworks/v1"
+_JSON_BODY = Body(...)
 
 
 def _invalid(exc: InvalidConfigError) -> HTTPException:
@@ -39,7 +40,7 @@ def build_training_router(jobs: TrainingJobs, *, prefix: str = PREFIX, dependenc
             raise HTTPException(status_code=404, detail=f"no training job {job_id!r}") from None
 
     @router.post("/create")
-    def create_network(payload: dict = Body(...)):
+    def create_network(payload: dict = _JSON_BODY):
         try:
             return jobs.create(payload)
         except InvalidConfigError as exc:
@@ -48,7 +49,7 @@ def build_training_router(jobs: TrainingJobs, *, prefix: str = PREFIX, dependenc
             raise HTTPException(status_code=400, detail=str(exc)) from None
 
     @router.post("/train")
-    def start_training(payload: dict = Body(...)):
+    def start_training(payload: dict = _JSON_BODY):
         try:
             return {"job_id": jobs.start(payload)}
         except JobBusyError as exc:
