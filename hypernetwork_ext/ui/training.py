@@ -314,12 +314,11 @@ def build_training_tab(jobs: TrainingJobs, *, blocks: gr.Blocks, poll_seconds: f
     tab = TrainingTab(jobs)
     family = jobs.services.model_family()
     with gr.Row():
-        with gr.Column(scale=3):
-            with gr.Tabs():
-                with gr.Tab("Create hypernetwork"):
-                    _build_create(tab, family)
-                with gr.Tab("Train hypernetwork"):
-                    _build_train(tab)
+        with gr.Column(scale=3), gr.Tabs():
+            with gr.Tab("Create hypernetwork"):
+                _build_create(tab, family)
+            with gr.Tab("Train hypernetwork"):
+                _build_train(tab)
         with gr.Column(scale=2):
             progress = gr.HTML("No training yet.", elem_id="hnx_train_progress")
             chart = gr.HTML(loss_chart_html([]), elem_id="hnx_train_loss_chart")

@@ -39,14 +39,14 @@ def test_defaults_follow_the_loaded_model_family(tab):
 
 
 def test_create_explains_invalid_input_next_to_each_field(tab):
-    message, *errors, dropdown = tab.create(
+    message, *errors, _dropdown = tab.create(
         *create_values(tab, name="", layer_structure="1, two, 1", activation_func="nope")
     )
     by_field = dict(zip(CREATE_FIELDS, errors, strict=True))
     assert "Not created" in message
     assert by_field["name"] and by_field["layer_structure"] and by_field["activation_func"]
     assert not by_field["file_format"]
-    message, *errors, dropdown = tab.create(*create_values(tab, name="mine", weight_init_seed=4))
+    message, *errors, _dropdown = tab.create(*create_values(tab, name="mine", weight_init_seed=4))
     assert "Created" in message and not any(errors)
     assert tab.network_names() == ["mine"]
 
@@ -65,7 +65,7 @@ def test_start_reports_problems_and_presets_round_trip(tab):
 
 
 def test_refresh_without_jobs_and_loss_chart(tab):
-    progress, chart, gallery = tab.refresh()
+    progress, _chart, gallery = tab.refresh()
     assert "No training" in progress and gallery == []
     svg = loss_chart_html([(1, 0.5), (2, 0.4), (3, 0.45)], [(2, 0.6)])
     assert svg.count("<polyline") == 2 and "step 3" in svg
