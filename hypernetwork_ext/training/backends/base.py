@@ -1,0 +1,143 @@
+"""What the trainer needs from a model, and how the host's model is put back exactly as it was.
+
+A backend turns images into latents, captions into conditioning, and runs the denoiser; it also
+names the module the network attaches to (the UNet), the noise schedule and the prediction type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Conditioning = torch.Tensor | dict[str, torch.Tensor]
+
+
+@dataclass
+class PreviewRequest:
+    """A txt2img request for a preview image; the network being trained is attached meanwhile."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler_name: str = ""
+    cfg_scale: float = 7.0
+    seed: int = -1
+    width: int = 512
+    height: int = 512
+
+
+PreviewGenerator = Callable[[PreviewRequest], object]  # returns a PIL image or None
+
+
+class TrainingBackend:
+    """The interface the engine drives. Subclasses set the attributes and implement the methods."""
+
+    name: str = "backend"
+    device: torch.device = torch.device("cpu")
+    unet: nn.Module
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    model_family: str | None = None
+    checkpoint_name: str | None = None
+    checkpoint_hash: str | None = None
+    preview_generator: PreviewGenerator | None = None
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels (B, 3, H, W) in [-1, 1] -> scaled latent mean and standard deviation."""
+        raise NotImplementedError
+
+    def encode_text(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
+        """Captions -> conditioning for a batch; ``size`` is the (width, height) of the images."""
+        raise NotImplementedError
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        raise NotImplementedError
+
+    def host_modules(self) -> list[nn.Module]:
+        """Every module of the host's model whose state the session must leave as it found it."""
+        raise NotImplementedError
+
+
+def cat_conditioning(parts: Sequence[Conditioning]) -> Conditioning:
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return torch.cat(list(parts))
+
+
+def conditioning_to(cond: Conditioning, device) -> Conditioning:
+    if isinstance(cond, dict):
+        return {key: value.to(device) for key, value in cond.items()}
+    return cond.to(device)
+
+
+def first_parameter(module: nn.Module) -> torch.Tensor | None:
+    return next(module.parameters(), None)
+
+
+class ModelGuard:
+    """Records the state of modules (train/eval, requires_grad, devices, dtypes, ldm checkpoint
+    flags) and puts every bit of it back, whatever happened in between."""
+
+    _CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        seen: dict[int, nn.Module] = {}
+        for root in modules:
+            for module in root.modules():
+                seen.setdefault(id(module), module)
+        self.modules = list(seen.values())
+        self._training = [(module, module.training) for module in self.modules]
+        self._tensors = []
+        for module in self.modules:
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                self._tensors.append((module, name, tensor, tensor.device, tensor.dtype, tensor.requires_grad))
+        self._flags = [
+            (module, flag, getattr(module, flag))
+            for module in self.modules
+            for flag in self._CHECKPOINT_FLAGS
+            if isinstance(getattr(module, flag, None), bool)
+        ]
+
+    def freeze(self) -> None:
+        """No gradient for the host's weights (only the network learns), and ldm's own gradient
+        checkpointing off: it hands only the block's parameters to autograd, so the network's
+        parameters would get no gradient through it."""
+        for _module, _name, tensor, *_ in self._tensors:
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(False)
+        for module, flag, _value in self._flags:
+            setattr(module, flag, False)
+
+    def restore(self) -> None:
+        for module, mode in self._training:
+            # Only this module's own flag: children are restored from their own records, and some
+            # hosts replace ``train`` with a no-op (ldm's disabled_train) that must not stop this.
+            module.training = mode
+        for module, name, tensor, device, dtype, requires_grad in self._tensors:
+            current = module._parameters.get(name) if name in module._parameters else module._buffers.get(name)
+            if current is not None and current is not tensor:
+                # something replaced the tensor object; put the original back
+                if name in module._parameters:
+                    module._parameters[name] = tensor
+                else:
+                    module._buffers[name] = tensor
+            if tensor.device != device or tensor.dtype != dtype:
+                tensor.data = tensor.data.to(device=device, dtype=dtype)
+            if isinstance(tensor, nn.Parameter) and tensor.requires_grad != requires_grad:
+                tensor.requires_grad_(requires_grad)
+        for module, flag, value in self._flags:
+            setattr(module, flag, value)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[ModelGuard]:
+        self.freeze()
+        try:
+            yield self
+        finally:
+            self.restore()

@@ -1,0 +1,748 @@
+"""The training loop: ``train(network, backend, config, callbacks) -> TrainingResult``.
+
+It does what A1111's ``train_hypernetwork`` does, without its bugs: gradients are unscaled before
+they are clipped; copies are named with their true step and carry that name inside; optimizer
+sidecars are bound to the file they sit next to; the network trained is never overwritten (the
+result is a new file, written atomically); a non-finite loss or gradient stops training with the
+last good weights; the host's attention optimisation stays on (the network runs in to_k/to_v
+hooks, so any kernel works); the text encoder stays where it is and conditioning of fixed captions
+is computed once; SDXL and v-prediction models train through their backends. Every random choice
+comes from the run's seed and the step, so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import formats
+from ..attach import apply
+from ..errors import HypernetworkError, InvalidConfigError
+from ..formats.optim import read_optimizer_sidecar, write_optimizer_sidecar
+from ..network import Hypernetwork
+from . import data as data_mod
+from . import logs
+from .backends.base import ModelGuard, PreviewRequest, TrainingBackend, cat_conditioning
+from .checkpointing import gradient_checkpointing
+from .config import TrainingConfig
+from .optimizers import build_optimizer
+from .schedules import RateShape, StepSchedule
+
+STOP_FINISHED = "finished"
+STOP_INTERRUPTED = "interrupted"
+STOP_NAN = "non-finite"
+STOP_ERROR = "error"
+STOP_ALREADY = "already trained"
+_CONDITIONING_CACHE = 4096
+
+
+@dataclass
+class TrainingProgress:
+    step: int
+    start_step: int
+    max_steps: int
+    loss: float | None = None
+    learn_rate: float | None = None
+    epoch: int = 0
+    epoch_step: int = 0
+    validation_loss: float | None = None
+    last_copy: str | None = None
+    last_preview: str | None = None
+    last_prompt: str = ""
+    message: str = ""
+    elapsed: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        span = max(self.max_steps - self.start_step, 1)
+        return min(max((self.step - self.start_step) / span, 0.0), 1.0)
+
+
+@dataclass
+class TrainingCallbacks:
+    """How a host follows and steers a run; every member is optional."""
+
+    on_progress: Callable[[TrainingProgress], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_preview: Callable[[object, str], None] | None = None
+    on_message: Callable[[str], None] | None = None
+
+    def stop_requested(self) -> bool:
+        return bool(self.should_stop and self.should_stop())
+
+    def message(self, text: str) -> None:
+        if self.on_message:
+            self.on_message(text)
+
+
+@dataclass
+class TrainingResult:
+    network: Hypernetwork
+    path: str | None
+    start_step: int
+    step: int
+    stopped: str
+    message: str
+    seed: int
+    last_loss: float | None = None
+    copies: list[str] = field(default_factory=list)
+    previews: list[str] = field(default_factory=list)
+    preview_path: str | None = None
+    log_dir: str | None = None
+    settings_path: str | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+class _NonFinite(Exception):
+    pass
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def base_name(network: Hypernetwork, source_path: str | None) -> str:
+    """The name copies and results are built on: the file's stem without a ``-<step>`` suffix."""
+    stem = os.path.splitext(os.path.basename(source_path))[0] if source_path else network.name
+    return re.sub(r"-\d+$", "", stem) or stem
+
+
+def resolve_precision(config: TrainingConfig, backend: TrainingBackend) -> tuple[torch.dtype | None, bool, str]:
+    """(autocast dtype or None, whether a gradient scaler is needed, a note for the user)."""
+    device_type = backend.device.type
+    reference = next(backend.unet.parameters(), None)
+    model_dtype = reference.dtype if reference is not None else torch.float32
+    wanted = config.mixed_precision
+    note = ""
+    if wanted == "auto":
+        if device_type == "cuda":
+            wanted = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            wanted = "no"
+    if model_dtype in (torch.float16, torch.bfloat16):
+        forced = "fp16" if model_dtype == torch.float16 else "bf16"
+        if wanted != forced:
+            note = f"the model's weights are {model_dtype}, so training runs under {forced} autocast"
+        wanted = forced
+    if wanted == "no":
+        return None, False, note
+    dtype = torch.float16 if wanted == "fp16" else torch.bfloat16
+    return dtype, dtype == torch.float16 and device_type == "cuda", note
+
+
+def _fork_rng(device: torch.device):
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    return torch.random.fork_rng(devices=devices)
+
+
+class Ema:
+    """An exponential moving average of the network's weights; saved files hold the average."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], decay: float):
+        self.parameters = parameters
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for shadow, parameter in zip(self.shadow, self.parameters, strict=True):
+            shadow.lerp_(parameter.detach(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The averaged weights in place of the trained ones, for saving or previews."""
+        saved = [p.detach().clone() for p in self.parameters]
+        with torch.no_grad():
+            for parameter, shadow in zip(self.parameters, self.shadow, strict=True):
+                parameter.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, value in zip(self.parameters, saved, strict=True):
+                    parameter.copy_(value)
+
+
+class ConditioningCache:
+    """Conditioning of captions already seen, kept on the model's device (fixed captions are
+    encoded once; the text encoder is never moved)."""
+
+    def __init__(self, backend: TrainingBackend, limit: int = _CONDITIONING_CACHE):
+        self.backend = backend
+        self.limit = limit
+        self.items: OrderedDict = OrderedDict()
+
+    def get(self, texts: list[str], size: tuple[int, int]):
+        missing = [text for text in dict.fromkeys(texts) if (text, size) not in self.items]
+        if missing:
+            encoded = self.backend.encode_text(missing, size)
+            for index, text in enumerate(missing):
+                self.items[(text, size)] = _row(encoded, index)
+            while len(self.items) > self.limit:
+                self.items.popitem(last=False)
+        return cat_conditioning([self.items[(text, size)] for text in texts])
+
+
+def _row(cond, index: int):
+    if isinstance(cond, dict):
+        return {key: value[index : index + 1] for key, value in cond.items()}
+    return cond[index : index + 1]
+
+
+# --- the run --------------------------------------------------------------------------------
+class _Run:
+    def __init__(self, network, backend, config, callbacks, *, source_path, output_dir, template_dirs, progress_bar):
+        self.network = network
+        self.backend = backend
+        self.config = config
+        self.callbacks = callbacks or TrainingCallbacks()
+        self.source_path = source_path
+        self.output_dir = output_dir
+        self.template_dirs = list(template_dirs)
+        self.progress_bar = progress_bar
+        self.sidecar = None
+        self.seed = config.seed
+        self.losses: list[tuple[int, float]] = []
+        self.validation_losses: list[tuple[int, float]] = []
+        self.copies: list[str] = []
+        self.previews: list[str] = []
+        self.last_loss: float | None = None
+        self.last_validation: float | None = None
+        self.last_prompt = ""
+        self.started = time.monotonic()
+
+    # -- set-up -----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        config = self.config
+        self.start_step = self.network.step
+        self.name = config.output_name.strip() or base_name(self.network, self.source_path)
+        self.file_format = config.file_format or _format_of(self.source_path)
+        self.schedule = StepSchedule(config.learn_rate, config.steps)
+        self.clip_schedule = (
+            StepSchedule(config.clip_grad_value, config.steps, what="gradient clipping")
+            if config.clip_enabled
+            else None
+        )
+        self.shape = RateShape(
+            config.lr_scheduler, config.lr_warmup_steps, config.lr_cycles, config.lr_min_ratio, 0, config.steps
+        )
+        self.autocast_dtype, use_scaler, note = resolve_precision(config, self.backend)
+        if note:
+            self.callbacks.message(note)
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.log_dir = logs.log_folder(config.log_directory, self.name) if config.log_directory else None
+        if config.training_enable_tensorboard:
+            logs.tensorboard_writer_class()
+        if config.output_name.strip():
+            target = self._result_path(self.start_step)
+            if os.path.exists(target):
+                raise InvalidConfigError(f"output_name: {target} exists; choose another name")
+
+    def build_dataset(self) -> None:
+        config = self.config
+        template = data_mod.resolve_template(config.template_filename, self.template_dirs)
+        self.captions = data_mod.CaptionBuilder(
+            data_mod.read_template(template),
+            self.name,
+            shuffle_tags=config.shuffle_tags,
+            tag_drop_out=config.tag_drop_out,
+            keep_tags=config.keep_tags,
+        )
+        found = data_mod.scan_images(
+            config.data_root, config.dataset_filename_word_regex, config.dataset_filename_join_string
+        )
+        sizes = data_mod.plan_sizes(
+            found,
+            config.training_width,
+            config.training_height,
+            varsize=config.varsize,
+            bucketing=config.bucketing,
+            step=config.bucket_step,
+        )
+        self.callbacks.message(f"Preparing dataset: {len(found)} images")
+        self.dataset = data_mod.build_dataset(
+            found,
+            sizes,
+            self.backend.encode_images,
+            batch_size=config.batch_size,
+            latent_sampling_method=config.latent_sampling_method,
+            use_weight=config.use_weight,
+            validation_split=config.validation_split,
+            seed=self.seed,
+            keep_aspect=config.bucketing or config.varsize,
+            storage_device=self.backend.device,
+            should_stop=self.callbacks.stop_requested,
+        )
+        self.batches_per_epoch = self.dataset.batches_per_epoch
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+        self.conditioning = ConditioningCache(self.backend)
+
+    def load_resume_state(self, optimizer) -> None:
+        if self.sidecar is None:
+            return
+        if self.sidecar.optimizer_name != self.config.optimizer:
+            self.callbacks.message(
+                f"the saved optimizer state is for {self.sidecar.optimizer_name}, not {self.config.optimizer}; "
+                "starting the optimizer afresh"
+            )
+            return
+        try:
+            optimizer.load_state_dict(self.sidecar.state_dict)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            self.callbacks.message(f"cannot resume the optimizer state ({exc}); starting it afresh")
+            return
+        state = self.sidecar.extra.get("training_state") or {}
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            with torch.no_grad():
+                for shadow, saved in zip(self.ema.shadow, state["ema"], strict=True):
+                    shadow.copy_(saved.to(shadow.device))
+                for parameter, saved in zip(self.parameters, state["weights"], strict=True):
+                    parameter.copy_(saved.to(parameter.device))
+
+    # -- the loop ---------------------------------------------------------------------------
+    def batch_for(self, micro_index: int) -> tuple[list[int], int, int]:
+        epoch, position = divmod(micro_index, self.batches_per_epoch)
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: self.dataset.epoch_batches(epoch)}
+        return self._epoch_cache[epoch][position], epoch, position
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.backend.device.type, dtype=self.autocast_dtype)
+
+    def loss_for(self, indices, captions_rng: random.Random, generator=None, *, fixed_noise=False) -> torch.Tensor:
+        backend = self.backend
+        entries = [self.dataset.entries[i] for i in indices]
+        size = entries[0].size
+        texts = [self.captions.build(entry.filewords, captions_rng) for entry in entries]
+        self.last_prompt = texts[0]
+        cond = self.conditioning.get(texts, size)
+        latents = self.dataset.latents(indices, generator, backend.device)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        if self.config.noise_offset:
+            offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device)
+            noise = noise + self.config.noise_offset * offset
+        alphas = self.alphas
+        timesteps = torch.randint(0, alphas.shape[0], (latents.shape[0],), generator=generator, device=latents.device)
+        ab = alphas[timesteps].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+        if backend.prediction_type == "v_prediction":
+            target = ab.sqrt() * noise - (1 - ab).sqrt() * latents
+        else:
+            target = noise
+        unet_dtype = next(backend.unet.parameters()).dtype
+        with self.autocast():
+            prediction = backend.predict(noisy.to(unet_dtype), timesteps, cond)
+        error = (prediction.float() - target.float()) ** 2
+        weights = self.dataset.weights(indices, backend.device)
+        if weights is not None:
+            error = error * weights
+        per_sample = error.mean(dim=tuple(range(1, error.dim())))
+        if self.config.min_snr_gamma > 0:
+            snr = (ab / (1 - ab)).view(-1)
+            clipped = torch.clamp(snr, max=self.config.min_snr_gamma)
+            per_sample = per_sample * (clipped / (snr + 1 if backend.prediction_type == "v_prediction" else snr))
+        return per_sample.mean()
+
+    def learn_rate(self, step: int) -> float | None:
+        rate = self.schedule.value_at(step)
+        return None if rate is None else rate * self.shape.factor(step)
+
+    def train_step(self, step: int, optimizer) -> float | None:
+        """One optimizer step (``gradient_step`` micro-batches). None when a stop was requested."""
+        config = self.config
+        total = 0.0
+        for j in range(config.gradient_step):
+            if self.callbacks.stop_requested():
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            indices, self.epoch, self.epoch_step = self.batch_for(step * config.gradient_step + j)
+            with _fork_rng(self.backend.device):
+                torch.manual_seed(data_mod.derive_seed(self.seed, "step", step, j))
+                rng = random.Random(data_mod.derive_seed(self.seed, "captions", step, j))
+                loss = self.loss_for(indices, rng) / config.gradient_step
+                if not torch.isfinite(loss):
+                    raise _NonFinite(f"the loss became {loss.item()} at step {step + 1}")
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if self.clip_schedule is not None:
+            limit = self.clip_schedule.value_at(step)
+            if limit is not None:
+                if config.clip_grad_mode == "value":
+                    torch.nn.utils.clip_grad_value_(self.parameters, limit)
+                else:
+                    torch.nn.utils.clip_grad_norm_(self.parameters, limit)
+        before = [p.detach().clone() for p in self.parameters]
+        if self.scaler is None:
+            if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self.parameters):
+                raise _NonFinite(f"a gradient became non-finite at step {step + 1}")
+            optimizer.step()
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            self.skipped = self.skipped + 1 if self.scaler.get_scale() < scale else 0
+            if self.skipped >= config.max_consecutive_skipped_steps:
+                raise _NonFinite(f"{self.skipped} consecutive steps had non-finite gradients (last at step {step + 1})")
+        optimizer.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(p).all() for p in self.parameters):
+            with torch.no_grad():
+                for parameter, value in zip(self.parameters, before, strict=True):
+                    parameter.copy_(value)
+            raise _NonFinite(f"the weights became non-finite at step {step + 1}")
+        return total
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        if not self.dataset.validation:
+            return None
+        modes = [(m, m.training) for m in self.network.modules()]
+        for module, _mode in modes:
+            module.training = False
+        try:
+            total = 0.0
+            for position, index in enumerate(self.dataset.validation):
+                generator = torch.Generator(device=self.backend.device)
+                generator.manual_seed(data_mod.derive_seed(self.seed, "validation", position))
+                rng = random.Random(data_mod.derive_seed(self.seed, "validation-captions", position))
+                with _fork_rng(self.backend.device):
+                    total += float(self.loss_for([index], rng, generator))
+            return total / len(self.dataset.validation)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
+    # -- outputs ----------------------------------------------------------------------------
+    def _extension(self) -> str:
+        return f".{self.file_format}"
+
+    def _result_path(self, step: int) -> str:
+        folder = self.output_dir or (os.path.dirname(self.source_path) if self.source_path else ".")
+        if self.config.output_name.strip():
+            return os.path.join(folder, self.config.output_name.strip() + self._extension())
+        path = os.path.join(folder, f"{self.name}-{step}{self._extension()}")
+        counter = 2
+        while os.path.exists(path):
+            path = os.path.join(folder, f"{self.name}-{step}-{counter}{self._extension()}")
+            counter += 1
+        return path
+
+    def _write(self, path: str, optimizer, *, overwrite: bool = False) -> str:
+        """Write the network (the averaged weights with EMA) and, when asked, its optimizer sidecar."""
+        network = self.network
+        network.name = os.path.splitext(os.path.basename(path))[0]
+        network.info.sd_checkpoint = self.backend.checkpoint_hash or network.info.sd_checkpoint
+        network.info.sd_checkpoint_name = self.backend.checkpoint_name or network.info.sd_checkpoint_name
+        if self.backend.model_family and not network.info.model_family:
+            network.info.model_family = self.backend.model_family
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+            formats.save(network, path, overwrite=overwrite)
+        if self.config.save_optimizer_state and optimizer is not None:
+            state = {
+                "seed": self.seed,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "ema": [s.detach().cpu() for s in self.ema.shadow] if self.ema is not None else None,
+                "weights": [p.detach().cpu() for p in self.parameters] if self.ema is not None else None,
+            }
+            write_optimizer_sidecar(path, self.config.optimizer, optimizer.state_dict(), {"training_state": state})
+        return path
+
+    def save_copy(self, step: int, optimizer) -> str:
+        path = os.path.join(self.log_dir, "hypernetworks", f"{self.name}-{step}{self._extension()}")
+        self._write(path, optimizer, overwrite=True)
+        self.copies.append(path)
+        return path
+
+    def preview(self, step: int, indices) -> str | None:
+        generator = self.backend.preview_generator
+        if generator is None:
+            return None
+        config = self.config
+        if config.preview_from_txt2img:
+            request = PreviewRequest(
+                prompt=config.preview_prompt,
+                negative_prompt=config.preview_negative_prompt,
+                steps=config.preview_steps,
+                sampler_name=config.preview_sampler_name,
+                cfg_scale=config.preview_cfg_scale,
+                seed=config.preview_seed,
+                width=config.preview_width,
+                height=config.preview_height,
+            )
+        else:
+            entry = self.dataset.entries[indices[0]]
+            request = PreviewRequest(prompt=self.last_prompt, width=entry.size[0], height=entry.size[1])
+        multipliers = {id(m): m.multiplier for pair in self.network.layers.values() for m in pair}
+        self.network.eval()
+        self.network.set_multiplier(1.0)
+        try:
+            with _fork_rng(self.backend.device), self.ema.swapped() if self.ema else contextlib.nullcontext():
+                image = generator(request)
+        finally:
+            for pair in self.network.layers.values():
+                for module in pair:
+                    module.multiplier = multipliers[id(module)]
+            self.network.train()
+        if image is None:
+            return None
+        path = os.path.join(self.log_dir, "images", f"{self.name}-{step}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        from ..atomic import atomic_write_with
+
+        atomic_write_with(path, lambda handle: image.save(handle, format="PNG"), overwrite=True)
+        self.previews.append(path)
+        if self.tensorboard is not None:
+            self.tensorboard.image(step, image)
+        if self.callbacks.on_preview:
+            self.callbacks.on_preview(image, path)
+        return path
+
+    def settings(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "seed": self.seed,
+            "model_name": self.backend.checkpoint_name,
+            "model_hash": self.backend.checkpoint_hash,
+            "model_family": self.backend.model_family,
+            "backend": self.backend.name,
+            "prediction_type": self.backend.prediction_type,
+            "num_of_dataset_images": len(self.dataset.entries),
+            "num_of_validation_images": len(self.dataset.validation),
+            "source": self.source_path,
+            "start_step": self.start_step,
+            "network": {
+                "widths": self.network.widths,
+                "layer_structure": list(self.network.architecture.layer_structure),
+                "activation_func": self.network.architecture.activation,
+                "weight_initialization": self.network.architecture.weight_initialization,
+                "is_layer_norm": self.network.architecture.is_layer_norm,
+                "dropout_structure": list(self.network.architecture.dropout_structure),
+            },
+        }
+
+
+def _format_of(path: str | None) -> str:
+    if path and path.lower().endswith(".safetensors"):
+        return "safetensors"
+    return "pt"
+
+
+def train(
+    network: Hypernetwork | None,
+    backend: TrainingBackend,
+    config: TrainingConfig,
+    callbacks: TrainingCallbacks | None = None,
+    *,
+    source_path: str | None = None,
+    output_dir: str | None = None,
+    template_dirs=(),
+    progress_bar: bool = True,
+) -> TrainingResult:
+    """Train ``network`` on ``backend``'s model; the network object is updated in place.
+
+    ``source_path`` is the file it came from (default: ``network.filename``); it is never written.
+    The result goes to ``output_dir`` (default: the source's folder) as ``<name>-<step>``. With
+    ``config.resume_from`` the network is loaded from that saved copy (``network`` may be None) and
+    its optimizer state is used when its sidecar belongs to it.
+    """
+    config.check()
+    sidecar = None
+    if config.resume_from.strip():
+        network = formats.load(config.resume_from)
+        sidecar, reason = read_optimizer_sidecar(config.resume_from)
+        if sidecar is None and callbacks:
+            callbacks.message(f"resuming without optimizer state: {reason}")
+        source_path = source_path or config.resume_from
+    if network is None:
+        raise InvalidConfigError("hypernetwork_name: no network to train")
+    source_path = source_path or network.filename
+    if config.seed < 0:
+        saved_seed = ((sidecar.extra.get("training_state") or {}).get("seed")) if sidecar else None
+        seed = int(saved_seed) if saved_seed is not None else random.randrange(2**31)
+        config = config.replace(seed=seed)
+    run = _Run(
+        network,
+        backend,
+        config,
+        callbacks,
+        source_path=source_path,
+        output_dir=output_dir,
+        template_dirs=template_dirs,
+        progress_bar=progress_bar,
+    )
+    run.sidecar = sidecar
+    run.seed = config.seed
+    run.prepare()
+    if run.start_step >= config.steps:
+        return TrainingResult(
+            network, None, run.start_step, run.start_step, STOP_ALREADY,
+            f"Model has already been trained beyond specified max steps ({run.start_step} >= {config.steps})",
+            run.seed,
+        )  # fmt: skip
+    return _execute(run)
+
+
+def _execute(run: _Run) -> TrainingResult:
+    config, backend, network = run.config, run.backend, run.network
+    guard = ModelGuard(backend.host_modules())
+    network.to(backend.device)
+    run.parameters = list(network.parameters())
+    run.tensorboard = None
+    run.skipped = 0
+    stopped, message, optimizer = STOP_FINISHED, "", None
+    step = run.start_step
+    progress_bar = None
+    try:
+        with guard.session():
+            run.build_dataset()
+            if config.save_training_settings_to_txt and run.log_dir:
+                run.settings_path = logs.write_settings(run.log_dir, run.settings())
+            run.alphas = backend.alphas_cumprod()
+            run.csv = logs.LossCsv(run.log_dir, config.training_write_csv_every) if run.log_dir else None
+            if config.training_enable_tensorboard and run.log_dir:
+                run.tensorboard = logs.TensorBoardLog(
+                    run.log_dir,
+                    flush_every=config.training_tensorboard_flush_every,
+                    save_images=config.training_tensorboard_save_images,
+                )
+            network.train()
+            optimizer = build_optimizer(
+                config.optimizer,
+                run.parameters,
+                run.learn_rate(step) or 0.0,
+                weight_decay=config.weight_decay,
+                betas=(config.beta1, config.beta2),
+            )
+            run.ema = Ema(run.parameters, config.ema_decay) if config.ema_decay > 0 else None
+            run.load_resume_state(optimizer)
+            end = min(config.steps, run.schedule.end_step)
+            if run.progress_bar:
+                import tqdm
+
+                progress_bar = tqdm.tqdm(total=end - step, desc=f"Training hypernetwork {run.name}")
+            with apply(backend.unet, [network]), gradient_checkpointing(backend.unet, config.gradient_checkpointing):
+                stopped, message, step = _loop(run, optimizer, step, end, progress_bar)
+    except data_mod.PreparationInterrupted:
+        stopped, message = STOP_INTERRUPTED, "Training interrupted while preparing the dataset"
+    except _NonFinite as exc:
+        stopped, message = STOP_NAN, f"Training stopped: {exc}; the last good weights (step {network.step}) are kept"
+        optimizer = None  # its state may hold the bad values: never saved
+    except Exception as exc:
+        stopped, message = STOP_ERROR, f"Training failed at step {network.step}: {exc}"
+        if network.step == run.start_step:
+            raise
+        run.error = exc
+    finally:
+        network.eval()
+        if progress_bar is not None:
+            progress_bar.close()
+        if run.tensorboard is not None:
+            run.tensorboard.close()
+    return _finish(run, optimizer, stopped, message)
+
+
+def _loop(run: _Run, optimizer, step: int, end: int, progress_bar) -> tuple[str, str, int]:
+    config, network = run.config, run.network
+    while step < end:
+        rate = run.learn_rate(step)
+        if rate is None:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        loss = run.train_step(step, optimizer)
+        if loss is None:
+            return STOP_INTERRUPTED, f"Training interrupted at step {step}", step
+        step += 1
+        network.step = step
+        if run.ema is not None:
+            run.ema.update()
+        run.last_loss = loss
+        run.losses.append((step, loss))
+        validation = None
+        if run.dataset.validation and (step % config.validation_every == 0 or step == end):
+            validation = run.validation_loss()
+            run.last_validation = validation
+            run.validation_losses.append((step, validation))
+        if run.csv:
+            run.csv.write(step, run.epoch, run.epoch_step, loss, rate, validation)
+        if run.tensorboard is not None:
+            run.tensorboard.scalars(step, loss, rate, validation)
+        last_copy = None
+        if run.log_dir and config.save_hypernetwork_every and step % config.save_hypernetwork_every == 0:
+            last_copy = run.save_copy(step, optimizer)
+        last_preview = None
+        if run.log_dir and config.create_image_every and step % config.create_image_every == 0:
+            indices, _epoch, _position = run.batch_for(step * config.gradient_step - 1)
+            last_preview = run.preview(step, indices)
+        if progress_bar is not None:
+            progress_bar.update(1)
+            progress_bar.set_postfix_str(f"loss: {loss:.7f}")
+        if run.callbacks.on_progress:
+            run.callbacks.on_progress(
+                TrainingProgress(
+                    step=step,
+                    start_step=run.start_step,
+                    max_steps=end,
+                    loss=loss,
+                    learn_rate=rate,
+                    epoch=run.epoch,
+                    epoch_step=run.epoch_step,
+                    validation_loss=validation,
+                    last_copy=last_copy,
+                    last_preview=last_preview,
+                    last_prompt=run.last_prompt,
+                    elapsed=time.monotonic() - run.started,
+                )
+            )
+    return STOP_FINISHED, f"Training finished at step {step}", step
+
+
+def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
+    network = run.network
+    path = preview_path = None
+    if network.step > run.start_step:
+        path = run._write(run._result_path(network.step), optimizer)
+        if run.previews:
+            preview_path = os.path.splitext(path)[0] + ".preview.png"
+            with open(run.previews[-1], "rb") as handle:
+                from ..atomic import atomic_write_bytes
+
+                atomic_write_bytes(preview_path, handle.read(), overwrite=True)
+        message = f"{message}. Hypernetwork saved to {path}"
+    else:
+        message = f"{message}. No step was completed, so nothing was saved"
+    run.callbacks.message(message)
+    result = TrainingResult(
+        network=network,
+        path=path,
+        start_step=run.start_step,
+        step=network.step,
+        stopped=stopped,
+        message=message,
+        seed=run.seed,
+        last_loss=run.last_loss,
+        copies=run.copies,
+        previews=run.previews,
+        preview_path=preview_path,
+        log_dir=run.log_dir,
+        settings_path=getattr(run, "settings_path", None),
+        losses=run.losses,
+        validation_losses=run.validation_losses,
+    )
+    error = getattr(run, "error", None)
+    if error is not None:
+        raise HypernetworkError(message) from error
+    return result

@@ -1,0 +1,369 @@
+"""Creating networks and running training jobs for a UI or an HTTP API, host-free.
+
+The host passes a :class:`TrainingServices` (its hypernetwork folder, a backend over its loaded
+model, its queue lock, its progress/interrupt hooks); :class:`TrainingJobs` runs one job at a time
+in a background thread and keeps what a status query needs (step, progress, last loss, loss
+history, previews, result).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .. import formats
+from ..errors import HypernetworkError, InvalidConfigError
+from ..families import FAMILIES
+from ..network import WEIGHT_INITS, create, usable_activation_names
+from .config import TrainingConfig
+from .data import list_templates
+from .engine import TrainingCallbacks, TrainingProgress, train
+
+
+class FieldProblems(InvalidConfigError):
+    """Invalid input, with the problem of each field (for showing next to it)."""
+
+    def __init__(self, problems: dict[str, str]):
+        self.problems = problems
+        super().__init__("; ".join(f"{name}: {problem}" for name, problem in problems.items()))
+
+
+class JobBusyError(HypernetworkError):
+    """A training job is already running."""
+
+
+def default_widths(family: str | None) -> list[int]:
+    """The widths a new network gets for a model family (SD1 when unknown, as A1111's default)."""
+    return list(FAMILIES.get(family or "sd1", FAMILIES["sd1"]).widths)
+
+
+# --- create -----------------------------------------------------------------------------------
+@dataclass
+class CreateRequest:
+    """A1111's create_hypernetwork parameters (same names), plus init seed, output activation and format."""
+
+    name: str = ""
+    enable_sizes: list[int] | None = None  # None: the loaded model's widths
+    layer_structure: str | list = "1, 2, 1"
+    activation_func: str = "linear"
+    weight_init: str = "Normal"
+    weight_init_seed: int = -1
+    add_layer_norm: bool = False
+    use_dropout: bool = False
+    dropout_structure: str | list = "0, 0, 0"
+    activate_output: bool = False
+    overwrite_old: bool = False
+    file_format: str = "pt"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> CreateRequest:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise FieldProblems({key: "unknown option" for key in unknown})
+        return cls(**values)
+
+
+def _numbers(value, field_name: str, problems: dict[str, str]) -> list[float]:
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        problems[field_name] = f"expected comma-separated numbers, found {value!r}"
+        return []
+    numbers = []
+    for part in parts:
+        try:
+            number = float(part)
+        except (TypeError, ValueError):
+            problems[field_name] = f"{part!r} is not a number"
+            return []
+        numbers.append(int(number) if number.is_integer() else number)
+    return numbers
+
+
+def sanitise_name(name: str) -> str:
+    """A1111's rule: keep letters, digits and ``._- ``."""
+    return "".join(ch for ch in str(name) if ch.isalnum() or ch in "._- ").strip()
+
+
+def create_network_file(request: CreateRequest, directory: str, family: str | None = None) -> tuple[str, object]:
+    """Create and save a new network; every invalid field is reported at once."""
+    problems: dict[str, str] = {}
+    name = sanitise_name(request.name)
+    if not name:
+        problems["name"] = "give the network a name (letters, digits, spaces, '.', '_' or '-')"
+    if request.file_format not in ("pt", "safetensors"):
+        problems["file_format"] = f"{request.file_format!r} is not 'pt' or 'safetensors'"
+    widths = default_widths(family) if not request.enable_sizes else []
+    for width in request.enable_sizes or []:
+        try:
+            widths.append(int(width))
+        except (TypeError, ValueError):
+            problems["enable_sizes"] = f"{width!r} is not a width"
+    if request.enable_sizes is not None and not request.enable_sizes:
+        problems["enable_sizes"] = "choose at least one width"
+    structure = _numbers(request.layer_structure, "layer_structure", problems)
+    dropout = _numbers(request.dropout_structure, "dropout_structure", problems) if request.use_dropout else None
+    if request.activation_func not in usable_activation_names():
+        problems["activation_func"] = f"{request.activation_func!r} is not an activation that can be used here"
+    if request.weight_init not in WEIGHT_INITS:
+        problems["weight_init"] = f"{request.weight_init!r} is not one of {', '.join(WEIGHT_INITS)}"
+    path = os.path.join(directory, f"{name}.{request.file_format}") if name else ""
+    if path and os.path.exists(path) and not request.overwrite_old:
+        problems["name"] = f"{path} exists; tick 'overwrite' or choose another name"
+    if problems:
+        raise FieldProblems(problems)
+    if dropout is not None and len(dropout) != len(structure):
+        raise FieldProblems({"dropout_structure": f"needs {len(structure)} entries, one per layer-structure entry"})
+    try:
+        network = create(
+            widths,
+            structure,
+            request.activation_func,
+            request.weight_init,
+            layer_norm=request.add_layer_norm,
+            dropout_structure=dropout if dropout is not None else [0] * len(structure),
+            activate_output=request.activate_output,
+            seed=None if request.weight_init_seed < 0 else request.weight_init_seed,
+            name=name,
+            model_family=family,
+        )
+    except InvalidConfigError as exc:
+        field_name = "dropout_structure" if "dropout" in exc.problem else "layer_structure"
+        if "activation" in exc.problem:
+            field_name = "activation_func"
+        raise FieldProblems({field_name: exc.problem}) from None
+    formats.save(network, path, overwrite=request.overwrite_old)
+    return path, network
+
+
+# --- services and jobs -----------------------------------------------------------------------
+@dataclass
+class TrainingServices:
+    """What a host provides. Only ``hypernetwork_dir`` and ``make_backend`` are required."""
+
+    hypernetwork_dir: str
+    make_backend: Callable[[], Any]
+    model_family: Callable[[], str | None] = lambda: None
+    template_dirs: Callable[[], list[str]] = list
+    resolve_network: Callable[[str], str] | None = None
+    run_exclusive: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
+    host_callbacks: Callable[[], TrainingCallbacks | None] = lambda: None
+    on_saved: Callable[[str], None] = lambda path: None
+    presets_dir: str | None = None
+
+    def network_path(self, name: str) -> str:
+        if self.resolve_network is not None:
+            return self.resolve_network(name)
+        return find_network(self.hypernetwork_dir, name)
+
+    def templates(self) -> dict[str, str]:
+        return list_templates(self.template_dirs())
+
+
+def list_networks(directory: str) -> dict[str, str]:
+    """Network name (file stem) -> path, searching ``directory`` recursively."""
+    found: dict[str, str] = {}
+    for root, _dirs, files in sorted(os.walk(directory)) if os.path.isdir(directory) else []:
+        for file in sorted(files):
+            stem, suffix = os.path.splitext(file)
+            if suffix.lower() in formats.SUPPORTED_SUFFIXES:
+                found.setdefault(stem, os.path.join(root, file))
+    return found
+
+
+def find_network(directory: str, name: str) -> str:
+    if os.path.isfile(name):
+        return name
+    networks = list_networks(directory)
+    if name not in networks:
+        raise HypernetworkError(f"no hypernetwork named {name!r} in {directory}")
+    return networks[name]
+
+
+@dataclass
+class JobStatus:
+    id: str
+    state: str = "queued"  # queued, running, finished, interrupted, non-finite, failed
+    step: int = 0
+    start_step: int = 0
+    max_steps: int = 0
+    progress: float = 0.0
+    last_loss: float | None = None
+    validation_loss: float | None = None
+    learn_rate: float | None = None
+    last_prompt: str = ""
+    last_preview: str | None = None
+    last_copy: str | None = None
+    previews: list[str] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    message: str = ""
+    result_path: str | None = None
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "running")
+
+    def to_dict(self, *, history: bool = True) -> dict:
+        values = asdict(self)
+        if not history:
+            values.pop("losses")
+        values["losses"] = [list(pair) for pair in values.get("losses", [])] if history else None
+        return values
+
+
+class TrainingJobs:
+    """Runs one training job at a time and answers status queries about every job run."""
+
+    def __init__(self, services: TrainingServices, *, background: bool = True):
+        self.services = services
+        self.background = background
+        self.jobs: dict[str, JobStatus] = {}
+        self._stop: dict[str, threading.Event] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    # -- create ------------------------------------------------------------------------------
+    def create(self, request: CreateRequest | dict) -> dict:
+        if isinstance(request, dict):
+            request = CreateRequest.from_dict(request)
+        os.makedirs(self.services.hypernetwork_dir, exist_ok=True)
+        path, network = create_network_file(request, self.services.hypernetwork_dir, self.services.model_family())
+        self.services.on_saved(path)
+        return {"path": path, "name": network.name, "widths": network.widths, "parameters": network.parameter_count()}
+
+    # -- train -------------------------------------------------------------------------------
+    def start(self, config: TrainingConfig | dict) -> str:
+        if isinstance(config, dict):
+            config = TrainingConfig.from_dict(config)
+        problems = config.problems()
+        source = None
+        if "hypernetwork_name" not in problems and not config.resume_from.strip():
+            try:
+                source = self.services.network_path(config.hypernetwork_name)
+            except HypernetworkError as exc:
+                problems["hypernetwork_name"] = exc.problem
+        if config.resume_from.strip() and not os.path.isfile(config.resume_from):
+            problems["resume_from"] = f"no such file: {config.resume_from}"
+        if problems:
+            raise FieldProblems(problems)
+        with self._lock:
+            if any(job.active for job in self.jobs.values()):
+                raise JobBusyError("a training job is already running; interrupt it or wait for it to finish")
+            job = JobStatus(id=uuid.uuid4().hex[:12], max_steps=config.steps)
+            self.jobs[job.id] = job
+            self._stop[job.id] = threading.Event()
+        runner = threading.Thread(target=self._run, args=(job, config, source), name=f"hypernetwork-train-{job.id}")
+        self._threads[job.id] = runner
+        if self.background:
+            runner.daemon = True
+            runner.start()
+        else:
+            runner.run()
+        return job.id
+
+    def _callbacks(self, job: JobStatus) -> TrainingCallbacks:
+        host = self.services.host_callbacks() or TrainingCallbacks()
+        stop = self._stop[job.id]
+
+        def on_progress(progress: TrainingProgress) -> None:
+            job.state = "running"
+            job.step, job.start_step, job.max_steps = progress.step, progress.start_step, progress.max_steps
+            job.progress = progress.fraction
+            job.last_loss, job.learn_rate, job.last_prompt = progress.loss, progress.learn_rate, progress.last_prompt
+            if progress.validation_loss is not None:
+                job.validation_loss = progress.validation_loss
+            if progress.last_copy:
+                job.last_copy = progress.last_copy
+            if progress.loss is not None:
+                job.losses.append((progress.step, progress.loss))
+            if host.on_progress:
+                host.on_progress(progress)
+
+        def on_preview(image, path: str) -> None:
+            job.last_preview = path
+            job.previews.append(path)
+            if host.on_preview:
+                host.on_preview(image, path)
+
+        def on_message(text: str) -> None:
+            job.message = text
+            if host.on_message:
+                host.on_message(text)
+
+        return TrainingCallbacks(
+            on_progress=on_progress,
+            should_stop=lambda: stop.is_set() or host.stop_requested(),
+            on_preview=on_preview,
+            on_message=on_message,
+        )
+
+    def _run(self, job: JobStatus, config: TrainingConfig, source: str | None) -> None:
+        job.state = "running"
+        try:
+            network = formats.load(source) if source else None
+
+            def work():
+                return train(
+                    network,
+                    self.services.make_backend(),
+                    config,
+                    self._callbacks(job),
+                    source_path=source,
+                    output_dir=self.services.hypernetwork_dir,
+                    template_dirs=self.services.template_dirs(),
+                )
+
+            result = self.services.run_exclusive(work)
+            job.result_path = result.path
+            job.step = result.step
+            job.message = result.message
+            job.state = {"finished": "finished", "already trained": "finished", "interrupted": "interrupted"}.get(
+                result.stopped, result.stopped
+            )
+            if result.preview_path:
+                job.last_preview = result.preview_path
+            if result.path:
+                self.services.on_saved(result.path)
+        except HypernetworkError as exc:
+            job.state, job.error, job.message = "failed", str(exc), str(exc)
+        except Exception as exc:
+            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+            job.message = job.error
+            traceback.print_exc()
+        finally:
+            job.finished = time.time()
+            if job.max_steps:
+                job.progress = min(1.0, max(0.0, (job.step - job.start_step) / max(job.max_steps - job.start_step, 1)))
+
+    # -- queries -----------------------------------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        if job_id not in self.jobs:
+            raise KeyError(job_id)
+        return self.jobs[job_id]
+
+    def latest(self) -> JobStatus | None:
+        return next(reversed(self.jobs.values()), None)
+
+    def interrupt(self, job_id: str) -> bool:
+        if job_id not in self.jobs:
+            raise KeyError(job_id)
+        self._stop[job_id].set()
+        return self.jobs[job_id].active
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobStatus:
+        thread = self._threads.get(job_id)
+        if thread is not None and thread.is_alive():
+            thread.join(timeout)
+        return self.jobs[job_id]

@@ -1,0 +1,365 @@
+"""The training engine on small real models: ldm LatentDiffusion, an sgm-shaped engine, diffusers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import hypernetwork_ext as hx
+from hypernetwork_ext.training import (
+    DiffusersBackend,
+    LdmBackend,
+    SgmBackend,
+    TrainingCallbacks,
+    TrainingConfig,
+    train,
+)
+from tests.support.models import LDM_WIDTHS
+from tests.support.training_models import (
+    LDM_CONTEXT,
+    SGM_CONTEXT,
+    dataset_folder,
+    tiny_diffusion_engine,
+    tiny_latent_diffusion,
+)
+
+WIDTHS = (LDM_CONTEXT, *LDM_WIDTHS)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These small models train several times faster on one thread than on two busy ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ldm_model():
+    return tiny_latent_diffusion(0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return dataset_folder(tmp_path_factory.mktemp("data"), 4)
+
+
+def new_network(tmp_path, name="style", **kwargs):
+    network = hx.create(WIDTHS, (1, 2, 1), kwargs.pop("activation", "relu"), seed=1, name=name, **kwargs)
+    path = tmp_path / f"{name}.pt"
+    hx.save(network, path)
+    return hx.load(path)
+
+
+def config(tmp_path, data, **changes) -> TrainingConfig:
+    values = dict(
+        hypernetwork_name="style",
+        learn_rate="0.001",
+        data_root=str(data),
+        log_directory=str(tmp_path / "logs"),
+        training_width=64,
+        training_height=64,
+        steps=4,
+        create_image_every=0,
+        save_hypernetwork_every=0,
+        template_filename="filewords.txt",
+        seed=11,
+        training_write_csv_every=1,
+    )
+    values.update(changes)
+    return TrainingConfig(**values)
+
+
+def weights(network):
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+
+def evaluation_loss(model, network, data, seed=5) -> float:
+    """An independent measure: the denoising loss on every image at fixed noise and timesteps."""
+    backend = LdmBackend(model)
+    from hypernetwork_ext.training.data import load_pixels, scan_images
+
+    total = 0.0
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad(), hx.apply(model.model.diffusion_model, [network]):
+        network.eval()
+        for path, words, _size in scan_images(str(data)):
+            pixels, _alpha = load_pixels(path, (64, 64), keep_aspect=False, with_alpha=False)
+            mean, _std = backend.encode_images(pixels[None])
+            cond = backend.encode_text([words], (64, 64))
+            for t in (100, 400, 700):
+                noise = torch.randn(mean.shape, generator=generator)
+                ab = model.alphas_cumprod[t].float()
+                noisy = ab.sqrt() * mean + (1 - ab).sqrt() * noise
+                prediction = model.apply_model(noisy, torch.tensor([t]), cond)
+                total += float(((prediction - noise) ** 2).mean())
+    return total
+
+
+def test_loss_goes_down_on_a_fixed_dataset(tmp_path, ldm_model, data):
+    network = new_network(tmp_path)
+    before = evaluation_loss(ldm_model, network, data)
+    result = train(
+        network,
+        LdmBackend(ldm_model),
+        config(tmp_path, data, steps=24, batch_size=4, learn_rate="0.01"),
+        progress_bar=False,
+    )
+    after = evaluation_loss(ldm_model, network, data)
+    assert result.stopped == "finished" and result.step == 24
+    assert after < before * 0.97, (before, after)
+    assert os.path.exists(result.path) and result.path.endswith("style-24.pt")
+    saved = hx.load(result.path)
+    assert saved.step == 24 and saved.name == "style-24"
+
+
+def test_resuming_from_a_copy_continues_exactly(tmp_path, ldm_model, data):
+    options = dict(
+        steps=6,
+        save_hypernetwork_every=3,
+        save_optimizer_state=True,
+        latent_sampling_method="random",
+        shuffle_tags=True,
+        batch_size=2,
+    )
+    whole = new_network(tmp_path, dropout_structure=(0, 0.2, 0))
+    first = train(whole, LdmBackend(ldm_model), config(tmp_path / "a", data, **options), progress_bar=False)
+    copy_at_3 = next(c for c in first.copies if c.endswith("style-3.pt"))
+    assert os.path.exists(copy_at_3 + ".optim")
+    resumed = train(
+        None,
+        LdmBackend(ldm_model),
+        config(tmp_path / "b", data, resume_from=copy_at_3, **options),
+        output_dir=str(tmp_path / "b"),
+        progress_bar=False,
+    )
+    assert resumed.start_step == 3 and resumed.step == 6
+    assert first.losses[3:] == resumed.losses
+    for key, value in weights(first.network).items():
+        assert torch.equal(value, weights(resumed.network)[key]), key
+
+
+def test_an_interruption_saves(tmp_path, ldm_model, data):
+    seen = []
+    callbacks = TrainingCallbacks(on_progress=seen.append, should_stop=lambda: len(seen) >= 2)
+    network = new_network(tmp_path)
+    source_bytes = (tmp_path / "style.pt").read_bytes()
+    result = train(network, LdmBackend(ldm_model), config(tmp_path, data, steps=50), callbacks, progress_bar=False)
+    assert result.stopped == "interrupted" and result.step == 2
+    assert hx.load(result.path).step == 2
+    assert (tmp_path / "style.pt").read_bytes() == source_bytes  # the source is never overwritten
+
+
+class NaNAt:
+    """Wraps a backend so its prediction becomes NaN from a given call on."""
+
+    def __init__(self, backend, call):
+        self.backend, self.call, self.calls = backend, call, 0
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def predict(self, noisy, timesteps, cond):
+        self.calls += 1
+        out = self.backend.predict(noisy, timesteps, cond)
+        return out * float("nan") if self.calls >= self.call else out
+
+
+def test_the_nan_guard_stops_and_keeps_the_last_good_state(tmp_path, ldm_model, data):
+    reference = new_network(tmp_path / "ref")
+    train(reference, LdmBackend(ldm_model), config(tmp_path / "ref", data, steps=2), progress_bar=False)
+    network = new_network(tmp_path)
+    result = train(network, NaNAt(LdmBackend(ldm_model), 3), config(tmp_path, data, steps=5), progress_bar=False)
+    assert result.stopped == "non-finite" and result.step == 2
+    assert "non-finite" in result.message or "nan" in result.message
+    saved = hx.load(result.path)
+    for key, value in weights(reference).items():
+        assert torch.equal(value, weights(saved)[key]), key
+
+
+def host_state(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {name: m.training for name, m in model.named_modules()},
+        {name: p.requires_grad for name, p in model.named_parameters()},
+        {name: (p.device, p.dtype) for name, p in model.named_parameters()},
+        {name: m.checkpoint for name, m in model.named_modules() if hasattr(m, "checkpoint")},
+        {name: dict(m._forward_pre_hooks) for name, m in model.named_modules() if m._forward_pre_hooks},
+    )
+
+
+class FailAt(NaNAt):
+    def predict(self, noisy, timesteps, cond):
+        self.calls += 1
+        if self.calls >= self.call:
+            raise RuntimeError("device lost")
+        return self.backend.predict(noisy, timesteps, cond)
+
+
+@pytest.mark.parametrize("ending", ["finished", "interrupted", "error"])
+def test_the_host_model_is_left_exactly_as_it_was(tmp_path, data, ending):
+    model = tiny_latent_diffusion(3, use_checkpoint=True)
+    model.model.diffusion_model.output_blocks[0].train()  # an odd mix of modes, kept as found
+    model.model.diffusion_model.time_embed.requires_grad_(True)
+    model.cond_stage_model.transformer.requires_grad_(False)
+    before = host_state(model)
+    backend = LdmBackend(model)
+    callbacks = None
+    if ending == "error":
+        backend = FailAt(backend, 2)
+    if ending == "interrupted":
+        callbacks = TrainingCallbacks(should_stop=lambda: True)
+    network = new_network(tmp_path)
+    if ending == "error":
+        with pytest.raises(hx.HypernetworkError, match="device lost"):
+            train(network, backend, config(tmp_path, data, steps=3), callbacks, progress_bar=False)
+    else:
+        train(network, backend, config(tmp_path, data, steps=2), callbacks, progress_bar=False)
+    after = host_state(model)
+    for key in before[0]:
+        assert torch.equal(before[0][key], after[0][key]), key
+    assert before[1:] == after[1:]
+
+
+def test_gradient_checkpointing_keeps_the_network_gradients(tmp_path, data):
+    """ldm's own checkpoint() (use_checkpoint=True) would drop them; ours recomputes correctly."""
+    model = tiny_latent_diffusion(4, use_checkpoint=True)
+    results = []
+    for enabled in (False, True):
+        network = new_network(tmp_path / str(enabled))
+        start = weights(network)
+        train(
+            network,
+            LdmBackend(model),
+            config(tmp_path / str(enabled), data, steps=2, gradient_checkpointing=enabled),
+            progress_bar=False,
+        )
+        changed = weights(network)
+        assert any(not torch.equal(start[k], changed[k]) for k in start)
+        results.append(changed)
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_sd2_v_prediction_trains_against_the_velocity(tmp_path, data):
+    model = tiny_latent_diffusion(1, parameterization="v")
+    backend = LdmBackend(model)
+    assert backend.prediction_type == "v_prediction"
+    result = train(new_network(tmp_path), backend, config(tmp_path, data, steps=2), progress_bar=False)
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(loss)) for _s, loss in result.losses)
+
+
+def test_sdxl_engine_trains_with_dict_conditioning(tmp_path, data):
+    engine = tiny_diffusion_engine(0, v_prediction=True)
+    backend = SgmBackend(engine)
+    assert backend.prediction_type == "v_prediction"
+    cond = backend.encode_text(["a red circle", "a square"], (64, 48))
+    assert set(cond) == {"crossattn", "vector"} and cond["crossattn"].shape[-1] == SGM_CONTEXT
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    mean, std = backend.encode_images(pixels)
+    posterior = engine.first_stage_model.encode(pixels)
+    torch.testing.assert_close(mean, posterior.mean * engine.scale_factor)
+    torch.testing.assert_close(std, posterior.std * engine.scale_factor)
+    network = hx.create((SGM_CONTEXT, *LDM_WIDTHS), (1, 2, 1), "relu", seed=1, name="xl")
+    before = weights(network)
+    result = train(
+        network, backend, config(tmp_path, data, steps=2), source_path=str(tmp_path / "xl.pt"), progress_bar=False
+    )
+    assert result.step == 2
+    assert any(not torch.equal(before[k], weights(network)[k]) for k in before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from hypernetwork_ext.tiny import build_tiny_components
+
+    return build_tiny_components(0)
+
+
+def test_diffusers_run_with_every_option_writes_its_logs(tmp_path, data, tiny):
+    from hypernetwork_ext.tiny import TINY_WIDTHS
+
+    network = hx.create(TINY_WIDTHS, (1, 2, 1), "relu", seed=1, name="full")
+    hx.save(network, tmp_path / "full.safetensors")
+    network = hx.load(tmp_path / "full.safetensors")
+    seen_previews = []
+    options = config(
+        tmp_path,
+        data,
+        steps=4,
+        batch_size=2,
+        gradient_step=2,
+        create_image_every=2,
+        save_hypernetwork_every=2,
+        preview_steps=2,
+        optimizer="Lion",
+        learn_rate="1e-4:2, 5e-5",
+        lr_scheduler="cosine_with_restarts",
+        lr_warmup_steps=1,
+        clip_grad_mode="norm",
+        clip_grad_value="1.0:2, 0.5",
+        ema_decay=0.9,
+        min_snr_gamma=5.0,
+        noise_offset=0.05,
+        bucketing=True,
+        keep_tags=1,
+        tag_drop_out=0.2,
+        validation_split=0.25,
+        validation_every=2,
+        training_enable_tensorboard=True,
+        training_tensorboard_save_images=True,
+    )
+    result = train(
+        network,
+        DiffusersBackend.from_components(tiny),
+        options,
+        TrainingCallbacks(on_preview=lambda image, path: seen_previews.append(path)),
+        progress_bar=False,
+    )
+    assert result.step == 4 and result.path.endswith("full-4.safetensors")
+    assert [step for step, _ in result.validation_losses] == [2, 4]
+    assert seen_previews == result.previews and len(result.previews) == 2
+    assert result.preview_path == str(tmp_path / "full-4.preview.png") and os.path.exists(result.preview_path)
+    log_dir = result.log_dir
+    rows = Path(log_dir, "hypernetwork_loss.csv").read_text().strip().splitlines()
+    assert rows[0] == "step,epoch,epoch_step,loss,learn_rate,validation_loss" and len(rows) == 5
+    assert os.listdir(os.path.join(log_dir, "tensorboard"))
+    settings = [n for n in os.listdir(log_dir) if n.startswith("settings-")]
+    assert settings and '"optimizer": "Lion"' in Path(log_dir, settings[0]).read_text()
+    assert sorted(os.listdir(os.path.join(log_dir, "hypernetworks"))) == ["full-2.safetensors", "full-4.safetensors"]
+
+
+ATOMIC_KILL = textwrap.dedent(
+    """
+    import os, signal, sys
+    import hypernetwork_ext as hx
+    network = hx.load(sys.argv[1])
+    network.step = 999
+    def killed(*args, **kwargs):  # the process dies after the data is written, before the rename
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = killed
+    hx.save(network, sys.argv[1], overwrite=True)
+    """
+)
+
+
+def test_an_atomic_save_survives_a_kill_between_write_and_rename(tmp_path):
+    network = hx.create(WIDTHS, (1, 2, 1), "relu", seed=1, name="keep")
+    path = tmp_path / "keep.pt"
+    hx.save(network, path)
+    original = path.read_bytes()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    process = subprocess.run([sys.executable, "-c", ATOMIC_KILL, str(path)], env=env, capture_output=True)
+    assert process.returncode == -signal.SIGKILL
+    assert path.read_bytes() == original
+    assert hx.load(path).step == 0
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "keep.pt"]
+    assert all(name.endswith(".partial") for name in leftovers) and leftovers

@@ -1,0 +1,71 @@
+"""The training tab builds on the installed gradio and its handlers work without a browser."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pytest
+
+from hypernetwork_ext.training.jobs import TrainingJobs, TrainingServices
+from hypernetwork_ext.ui.training import CREATE_FIELDS, TrainingTab, build_training_tab, loss_chart_html
+
+
+class NoBackend:
+    def __call__(self):
+        raise AssertionError("no training in these tests")
+
+
+@pytest.fixture
+def tab(tmp_path) -> TrainingTab:
+    services = TrainingServices(
+        hypernetwork_dir=str(tmp_path / "hn"),
+        make_backend=NoBackend(),
+        model_family=lambda: "sdxl",
+        presets_dir=str(tmp_path / "presets"),
+    )
+    with gr.Blocks() as blocks:
+        built = build_training_tab(TrainingJobs(services), blocks=blocks)
+    return built
+
+
+def create_values(tab, **changes):
+    values = {name: component.value for name, component in tab.create_inputs.items()}
+    values.update(changes)
+    return [values[name] for name in CREATE_FIELDS]
+
+
+def test_defaults_follow_the_loaded_model_family(tab):
+    assert tab.create_inputs["enable_sizes"].value == ["2048", "640", "1280"]
+    assert "learn_rate" in tab.train_inputs and tab.train_inputs["learn_rate"].value == "0.00001"
+
+
+def test_create_explains_invalid_input_next_to_each_field(tab):
+    message, *errors, _dropdown = tab.create(
+        *create_values(tab, name="", layer_structure="1, two, 1", activation_func="nope")
+    )
+    by_field = dict(zip(CREATE_FIELDS, errors, strict=True))
+    assert "Not created" in message
+    assert by_field["name"] and by_field["layer_structure"] and by_field["activation_func"]
+    assert not by_field["file_format"]
+    message, *errors, _dropdown = tab.create(*create_values(tab, name="mine", weight_init_seed=4))
+    assert "Created" in message and not any(errors)
+    assert tab.network_names() == ["mine"]
+
+
+def test_start_reports_problems_and_presets_round_trip(tab):
+    values = [component.value for component in tab.train_inputs.values()]
+    message = tab.start("", "style_filewords.txt", *values)
+    assert "hypernetwork_name" in message and "data_root" in message
+    learn_rate_index = list(tab.train_inputs).index("learn_rate")
+    values[learn_rate_index] = "1e-4:10, 1e-5"
+    assert "saved" in tab.save_preset_file("mine", "", "style_filewords.txt", *values)
+    assert tab.preset_names() == ["mine"]
+    defaults = [component.value for component in tab.train_inputs.values()]
+    loaded = tab.load_preset_file("mine", "", "style_filewords.txt", *defaults)
+    assert "loaded" in loaded[0] and loaded[2 + learn_rate_index] == "1e-4:10, 1e-5"
+
+
+def test_refresh_without_jobs_and_loss_chart(tab):
+    progress, _chart, gallery = tab.refresh()
+    assert "No training" in progress and gallery == []
+    svg = loss_chart_html([(1, 0.5), (2, 0.4), (3, 0.45)], [(2, 0.6)])
+    assert svg.count("<polyline") == 2 and "step 3" in svg
