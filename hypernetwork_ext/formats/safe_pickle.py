@@ -10,6 +10,7 @@ legacy sequence of raw pickles.
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
@@ -158,11 +159,15 @@ def _numpy_safe_globals() -> list:
         import numpy
     except ImportError:
         return []
-    core = getattr(numpy, "_core", None) or numpy.core
+    # numpy 1.26 (A1111's pin) has a numpy._core package whose multiarray must be imported by name.
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")
     entries: list = [numpy.dtype, numpy.ndarray]
     for module in _NUMPY_MODULES:
-        entries.append((core.multiarray.scalar, f"{module}.scalar"))
-        entries.append((core.multiarray._reconstruct, f"{module}._reconstruct"))
+        entries.append((multiarray.scalar, f"{module}.scalar"))
+        entries.append((multiarray._reconstruct, f"{module}._reconstruct"))
     entries.extend(type(numpy.dtype(code)) for code in ("f4", "f8", "f2", "i8", "i4", "u1", "?"))
     return entries
 
