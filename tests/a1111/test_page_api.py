@@ -20,6 +20,11 @@ from tests.support.webui_generation import LatentDiffusion
 from tests.support.webui_standin import ROOT
 
 
+def read(path):
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
 def page_of(host):
     return next(p for p in host.ui_extra_networks.extra_pages if p.name == "hypernetworks")
 
@@ -161,7 +166,7 @@ def test_install_uses_the_hosts_pip_for_missing_packages_only(monkeypatch):
         sys.path.remove(ROOT)
     monkeypatch.setitem(sys.modules, "install", install)
     assert install.read_dependencies() == ["torch>=2.1", "safetensors>=0.4", "einops>=0.6", "gradio>=3.41"]
-    text = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
+    text = read(os.path.join(ROOT, "pyproject.toml"))
     assert install._dependencies_without_tomllib(text) == install.read_dependencies()
     assert install.main() == 0
     assert calls == ['install "gradio>=3.41"']
@@ -171,10 +176,10 @@ def test_install_uses_the_hosts_pip_for_missing_packages_only(monkeypatch):
 
 
 def test_javascript_and_css_use_the_prefix():
-    js = open(os.path.join(ROOT, "javascript", "hypernetworks.js"), encoding="utf-8").read()
+    js = read(os.path.join(ROOT, "javascript", "hypernetworks.js"))
     top_level = re.findall(r"^(?:var|let|const|function)\s+(\w+)", js, re.M)
     assert top_level and all(name.startswith("hnx") for name in top_level)
-    css = open(os.path.join(ROOT, "style.css"), encoding="utf-8").read()
+    css = read(os.path.join(ROOT, "style.css"))
     selectors = [s.strip() for block in re.findall(r"([^{}]+)\{", css) for s in block.split(",")]
     assert selectors and all(".hnx-" in s or "#hnx" in s for s in selectors)
 
@@ -187,7 +192,7 @@ def test_host_code_imports_nothing_lazily_from_the_package():
         for name in os.listdir(directory):
             if not name.endswith(".py"):
                 continue
-            tree = ast.parse(open(os.path.join(directory, name), encoding="utf-8").read())
+            tree = ast.parse(read(os.path.join(directory, name)))
             for node in ast.walk(tree):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     for inner in ast.walk(node):

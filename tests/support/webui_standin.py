@@ -110,8 +110,6 @@ class OptionInfo:
 class Options:
     """The host's Options: values in ``data``, registered options in ``data_labels``; unknown names raise."""
 
-    typemap = {int: float}
-
     def __init__(self, data_labels: dict):
         super().__setattr__("data_labels", data_labels)
         super().__setattr__("data", {k: v.default for k, v in data_labels.items()})
@@ -435,7 +433,7 @@ def make_ui_extra_networks(shared, extra_networks, metadata_module) -> types.Mod
     def register_page(page):
         extra_pages.append(page)
         allowed_dirs.clear()
-        allowed_dirs.update(set(sum([x.allowed_directories_for_previews() for x in extra_pages], [])))
+        allowed_dirs.update(d for x in extra_pages for d in x.allowed_directories_for_previews())
 
     def path_is_parent(parent_path, child_path):
         return os.path.abspath(child_path).startswith(os.path.abspath(parent_path))
