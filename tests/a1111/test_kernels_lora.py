@@ -41,7 +41,9 @@ def sliced_heads(self, x, context=None, mask=None, **kwargs):  # Doggettx / V1 /
 def chunked_queries(self, x, context=None, mask=None, **kwargs):  # sub-quadratic
     q, k, v = _project(self, x, context)
     chunks = [
-        torch.einsum("b i j, b j d -> b i d", (torch.einsum("b i d, b j d -> b i j", qc, k) * self.scale).softmax(-1), v)
+        torch.einsum(
+            "b i j, b j d -> b i d", (torch.einsum("b i d, b j d -> b i j", qc, k) * self.scale).softmax(-1), v
+        )
         for qc in q.split(5, dim=1)
     ]
     return _finish(self, torch.cat(chunks, dim=1))
