@@ -12,6 +12,8 @@ from __future__ import annotations
 import html
 import os
 import sys
+import weakref
+from collections import Counter
 from collections.abc import Callable
 
 import gradio as gr
@@ -43,7 +45,7 @@ from ..ui.settings import (
     extra_folders,
 )
 from . import api
-from .a1111 import LdmApplier, model_shape
+from .a1111 import LdmApplier, ModelShape, model_shape
 from .forge import PatcherApplier, detect_patcher_host
 
 LOG_PREFIX = "[Hypernetworks]"
@@ -87,6 +89,7 @@ class Extension:
         )
         self.applier = PatcherApplier() if detect_patcher_host() else LdmApplier()
         self.last_plan: ActivationPlan | None = None
+        self._shape: tuple = (None, None)
 
     # -- generation -------------------------------------------------------------------------------
     def activate(self, p, tags: list[list[str]]) -> None:
@@ -198,10 +201,22 @@ class Extension:
         self.applier.clear()
 
     # -- names -----------------------------------------------------------------------------------
+    def shape_of(self, unet) -> ModelShape:
+        """The attention widths and blocks of a UNet, remembered for the last UNet asked about."""
+        cached = self._shape[0]() if self._shape[0] is not None else None
+        if cached is not unet:  # a weak reference: a switched-away model must not stay alive here
+            self._shape = (weakref.ref(unet), model_shape(unet))
+        return self._shape[1]
+
+    def prompt_names(self) -> dict[str, NetworkEntry]:
+        """Each file under the shortest name that resolves to it: its stem, or its path when the stem is shared."""
+        entries = self.library.entries
+        counts = Counter(entry.name for entry in entries)
+        return {(entry.name if counts[entry.name] == 1 else entry.relpath): entry for entry in entries}
+
     def prompt_name(self, entry: NetworkEntry) -> str:
-        """The shortest name that resolves to this file: its stem, or its path when the stem is shared."""
-        same_stem = [other for other in self.library.entries if other.name == entry.name]
-        return entry.name if len(same_stem) <= 1 else entry.relpath
+        shared_stem = sum(1 for other in self.library.entries if other.name == entry.name) > 1
+        return entry.relpath if shared_stem else entry.name
 
     def infotext_pasted(self, infotext: str, params: dict) -> None:
         """Map the names of ``Hypernet hashes`` to local files with those hashes (renamed copies)."""
@@ -264,9 +279,12 @@ class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):
         EXTENSION.library.refresh()
 
     def create_item(self, name, index=None, enable_filter=True):
-        entry = self._entry(name)
+        entry = EXTENSION.prompt_names().get(name)
         if entry is None:
             return None
+        return self._item(name, entry, index, enable_filter)
+
+    def _item(self, prompt_name: str, entry: NetworkEntry, index, enable_filter: bool = True):
         library = EXTENSION.library
         info = library.info(entry)
         if enable_filter and not option("hypernetwork_show_all") and not self._fits_loaded_model(info):
@@ -274,7 +292,6 @@ class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):
         path, _ = os.path.splitext(entry.path)
         user = library.user_metadata(entry)
         sha = library.cached_sha256(entry)
-        prompt_name = EXTENSION.prompt_name(entry)
         preferred = library.preferred_multiplier(entry)
         multiplier = format_number(preferred) if preferred is not None else "opts.hypernetwork_default_multiplier"
         prompt = ui_extra_networks.quote_js(f"<{TAG_TYPE}:{prompt_name}:") + " + " + str(multiplier) + " + "
@@ -298,12 +315,6 @@ class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):
             "user_metadata": user,
         }
 
-    def _entry(self, name) -> NetworkEntry | None:
-        for entry in EXTENSION.library.entries:
-            if EXTENSION.prompt_name(entry) == name:
-                return entry
-        return None
-
     def _fits_loaded_model(self, info: dict) -> bool:
         if info.get("error") or not info.get("widths"):
             return True  # shown, so the user can see what is wrong with it
@@ -311,12 +322,12 @@ class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):
         unet = EXTENSION.applier.unet(sd_model) if sd_model is not None else None
         if unet is None:
             return True
-        shape = model_shape(unet)
+        shape = EXTENSION.shape_of(unet)
         return fit_problem(_Widths(info["widths"], info.get("family")), shape.context_width, shape.self_widths) is None
 
     def list_items(self):
-        for index, entry in enumerate(EXTENSION.library.entries):
-            item = self.create_item(EXTENSION.prompt_name(entry), index)
+        for index, (name, entry) in enumerate(EXTENSION.prompt_names().items()):
+            item = self._item(name, entry, index)
             if item is not None:
                 yield item
 

@@ -62,7 +62,7 @@ def test_no_tag_installs_no_patch(forge, inputs):
 
 def test_hires_installs_once_per_sampling(forge, inputs):
     p = p_for(forge, "<hypernet:anime>", enable_hr=True, hr_prompt="<hypernet:ink:0.5>")
-    first, second = generate(forge, p, inputs, forge.runner.run)
+    _, second = generate(forge, p, inputs, forge.runner.run)
     last = forge.runner.calls[-1]["patches"]
     assert len(last["attn1_patch"]) == 1 and len(last["attn2_patch"]) == 1
     want = a1111_result(forge, inputs, [(hx.load(forge.hypernetwork_dir / "ink.safetensors"), 0.5)])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import types
 
 import torch
 from torch import nn
@@ -45,7 +44,7 @@ class ModelPatcher:
         to = self.model_options["transformer_options"]
         if "patches" not in to:
             to["patches"] = {}
-        to["patches"][name] = to["patches"].get(name, []) + [patch]
+        to["patches"][name] = [*to["patches"].get(name, []), patch]
 
     def set_model_attn1_patch(self, patch):
         self.set_model_patch(patch, "attn1_patch")
@@ -157,9 +156,7 @@ class ForgeUnetRunner:
             block.register_forward_pre_hook(self._set_block("output", index))
         for block in unet.modules():
             if isinstance(block, BasicTransformerBlock):
-                block.forward = types.MethodType(
-                    lambda self, x, context=None, f=_forge_block(block, self.state): f(x, context), block
-                )
+                block.forward = _forge_block(block, self.state)
 
     def _set_block(self, kind, index):
         def hook(module, args):
