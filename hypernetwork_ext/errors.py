@@ -36,3 +36,15 @@ class FileExistsRefusedError(HypernetworkError, FileExistsError):
 
 class IncompatibleNetworkError(HypernetworkError):
     """Two networks (or a network and a model) do not fit together."""
+
+
+class TagError(HypernetworkError, ValueError):
+    """A ``<hypernet:...>`` prompt tag or one of its arguments is malformed."""
+
+
+class UnknownNetworkError(HypernetworkError, LookupError):
+    """A name in a prompt matches no hypernetwork file in the configured folders."""
+
+
+class PathEscapeError(HypernetworkError, PermissionError):
+    """A name would resolve to a file outside the configured folders."""

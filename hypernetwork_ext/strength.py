@@ -120,3 +120,29 @@ def block_weights_from_vector(values: Iterable[float], block_ids: list[str]) -> 
     if len(values) != len(block_ids):
         raise InvalidConfigError(f"a block vector for these blocks needs {len(block_ids)} values, found {len(values)}")
     return tuple(zip(block_ids, values, strict=True))
+
+
+# The UNet blocks that hold attention, in the order LoRA block-weight vectors list them.
+SD_ATTENTION_BLOCKS = (
+    "IN01",
+    "IN02",
+    "IN04",
+    "IN05",
+    "IN07",
+    "IN08",
+    "M00",
+    *(f"OUT{i:02d}" for i in range(3, 12)),
+)
+SDXL_ATTENTION_BLOCKS = ("IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
+
+
+def attention_block_order(block_ids: Iterable[str | None]) -> list[str]:
+    """The distinct block ids of a model's attention sites, in UNet order (input, middle, output)."""
+    rank = {"IN": 0, "M": 1, "OUT": 2}
+    unique = {block for block in block_ids if block and _BLOCK_ID.match(block)}
+
+    def key(block: str) -> tuple[int, int]:
+        match = _BLOCK_ID.match(block)
+        return rank[match[1]], int(match[2])
+
+    return sorted(unique, key=key)

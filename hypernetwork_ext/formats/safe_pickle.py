@@ -10,6 +10,7 @@ legacy sequence of raw pickles.
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
@@ -169,8 +170,6 @@ def _numpy_safe_globals() -> list:
 
 def _numpy_multiarray():
     """numpy 2 keeps multiarray in numpy._core; numpy 1.26 has a bare numpy._core stub beside numpy.core."""
-    import importlib
-
     for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
         try:
             module = importlib.import_module(name)

@@ -1,0 +1,147 @@
+"""AUTOMATIC1111: networks act through forward pre-hooks on every attention module's to_k/to_v.
+
+Every attention kernel A1111 offers (None, Doggettx, V1, InvokeAI, sub-quadratic, xformers, sdp,
+sdp-no-mem) replaces ``CrossAttention.forward`` of ldm and sgm, and each one computes
+``self.to_k(context_k)`` and ``self.to_v(context_v)`` by calling those modules, so a pre-hook on the
+modules runs under all of them. The built-in Lora extension changes the projections' weights, not
+their inputs, so both act together. One more pre-hook on the UNet tells, per call, which batch rows
+are the negative (unconditional) pass, from the layout the CFG denoiser reports each step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attach import Attachment, find_attention_sites
+from ..strength import attention_block_order
+
+
+@dataclass
+class ModelShape:
+    """What decides which networks fit a UNet and how block vectors map onto it."""
+
+    context_width: int | None
+    self_widths: tuple[int, ...]
+    blocks: tuple[str, ...]
+
+
+def model_shape(unet: nn.Module | None) -> ModelShape:
+    if unet is None:
+        return ModelShape(None, (), ())
+    sites = find_attention_sites(unet)
+    context = {site.key_projection.in_features for site in sites if site.kind == "cross"}
+    selfs = sorted({site.key_projection.in_features for site in sites if site.kind == "self"})
+    return ModelShape(
+        next(iter(context)) if len(context) == 1 else None,
+        tuple(selfs),
+        tuple(attention_block_order(site.block for site in sites)),
+    )
+
+
+def unet_of(sd_model) -> nn.Module | None:
+    """The diffusion UNet of an A1111 model (ldm ``LatentDiffusion`` or sgm ``DiffusionEngine``)."""
+    wrapper = getattr(sd_model, "model", None)
+    unet = getattr(wrapper, "diffusion_model", None)
+    return unet if isinstance(unet, nn.Module) else None
+
+
+class RowLayout:
+    """Which rows of the batched UNet calls of one CFG step belong to the negative prompt.
+
+    A1111 batches ``[cond rows..., uncond rows...]`` and then runs the UNet once on all rows, or
+    in consecutive chunks (``batch_cond_uncond`` off, different prompt lengths, skipped uncond);
+    each call takes the next rows, so an offset into the step's layout finds each call's rows.
+    """
+
+    def __init__(self) -> None:
+        self.flags: torch.Tensor | None = None
+        self.offset = 0
+
+    def start_step(self, cond_rows: int, total_rows: int) -> None:
+        self.flags = torch.arange(total_rows) >= cond_rows
+        self.offset = 0
+
+    def take(self, rows: int) -> torch.Tensor | None:
+        if self.flags is None or self.offset + rows > self.flags.shape[0]:
+            return None
+        taken = self.flags[self.offset : self.offset + rows]
+        self.offset += rows
+        return taken
+
+    def clear(self) -> None:
+        self.flags = None
+        self.offset = 0
+
+
+class LdmApplier:
+    """Attaches the current networks to one A1111 UNet at a time; ``clear()`` restores it exactly."""
+
+    kind = "a1111"
+
+    def __init__(self) -> None:
+        self.attachment: Attachment | None = None
+        self.layout = RowLayout()
+        self._unet_hook = None
+        self.entries: list = []
+        self.compute_dtype: torch.dtype | None = None
+
+    def unet(self, sd_model) -> nn.Module | None:
+        return unet_of(sd_model)
+
+    @property
+    def attached_unet(self) -> nn.Module | None:
+        return self.attachment.model if self.attachment is not None else None
+
+    def apply(self, sd_model, entries: list, compute_dtype: torch.dtype | None) -> None:
+        self.entries = list(entries)
+        self.compute_dtype = compute_dtype
+        unet = self.unet(sd_model)
+        if not self.entries or unet is None:
+            self.clear()
+            return
+        if self.attachment is not None and (self.attachment.model is not unet or self._dtype_changed(compute_dtype)):
+            self.clear(keep_entries=True)
+        if self.attachment is None:
+            self.attachment = Attachment(unet, compute_dtype=compute_dtype)
+            self._unet_hook = unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+        self.attachment.update(self.entries)
+
+    def _dtype_changed(self, compute_dtype) -> bool:
+        return self.attachment is not None and self.attachment.rewriter.compute_dtype != compute_dtype
+
+    def _before_unet(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if self.attachment is not None and isinstance(x, torch.Tensor):
+            self.attachment.runtime.uncond_rows = self.layout.take(x.shape[0])
+        return None
+
+    def step(self, progress: float | None, cond_rows: int | None, total_rows: int | None) -> None:
+        """Called by the CFG denoiser callback before each step's UNet calls."""
+        if self.attachment is None:
+            return
+        self.attachment.runtime.progress = progress
+        if cond_rows is None or total_rows is None:
+            self.layout.clear()
+        else:
+            self.layout.start_step(cond_rows, total_rows)
+
+    def before_sampling(self, p) -> None:
+        """Forge's hook; nothing to do on A1111, where the hooks are already in place."""
+
+    def clear(self, *, keep_entries: bool = False) -> None:
+        if self.attachment is not None:
+            self.attachment.remove()
+            self.attachment = None
+        if self._unet_hook is not None:
+            self._unet_hook.remove()
+            self._unet_hook = None
+        self.layout.clear()
+        if not keep_entries:
+            self.entries = []
+
+    @property
+    def active(self) -> bool:
+        return self.attachment is not None and self.attachment.attached

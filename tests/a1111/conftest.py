@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+import hypernetwork_ext as hx
+from tests.support import models as M
+from tests.support.webui_generation import LatentDiffusion, SamplingInputs
+from tests.support.webui_standin import Host
+
+
+def network(widths=(M.LDM_CONTEXT, *M.LDM_WIDTHS), seed=0, activation="relu"):
+    net = hx.create(widths, (1, 2, 1), activation, "XavierNormal", seed=seed, name=f"net{seed}")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.bias.normal_(0.0, 0.1, generator=generator)
+    return net
+
+
+@pytest.fixture
+def host(monkeypatch, tmp_path):
+    host = Host(monkeypatch, tmp_path)
+    folder = host.hypernetwork_dir
+    (folder / "styles").mkdir()
+    hx.save(network(seed=1), folder / "anime.pt")
+    hx.save(network(seed=2, activation="tanh"), folder / "styles" / "ink.safetensors")
+    host.start()
+    host.set_model(LatentDiffusion(M.ldm_unet(0)))
+    yield host
+    assert host.errors.reported == []
+
+
+@pytest.fixture
+def inputs():
+    generator = torch.Generator().manual_seed(5)
+    return SamplingInputs(
+        cond=torch.randn(1, 7, M.LDM_CONTEXT, generator=generator),
+        uncond=torch.randn(1, 7, M.LDM_CONTEXT, generator=generator),
+        x=torch.randn(1, 4, 8, 8, generator=generator),
+    )

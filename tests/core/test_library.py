@@ -1,0 +1,238 @@
+"""The library: listing, name resolution, path-escape refusal, hashes, user metadata, LRU and plans."""
+
+import json
+import os
+
+import pytest
+
+import hypernetwork_ext as hx
+from hypernetwork_ext.errors import InvalidConfigError, PathEscapeError, UnknownNetworkError
+from hypernetwork_ext.library import Library, fit_problem
+
+
+def small(widths=(48, 32), seed=0, name="n"):
+    return hx.create(widths, (1, 2, 1), "relu", "XavierNormal", seed=seed, name=name)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "hypernetworks"
+    (root / "styles" / "deep").mkdir(parents=True)
+    hx.save(small(seed=1), root / "anime.pt")
+    hx.save(small(seed=2), root / "styles" / "Watercolor.safetensors")
+    hx.save(small(seed=3), root / "styles" / "deep" / "anime.safetensors")
+    hx.save(small(seed=4), root / "Ink.pt")
+    hx.save(small(seed=5), root / "ink.safetensors")
+    (root / "notes.txt").write_text("not a network")
+    (root / "anime.pt.optim").write_bytes(b"optimizer state")
+    return root
+
+
+@pytest.fixture
+def library(folder, tmp_path):
+    return Library([str(folder)], cache_file=str(tmp_path / "cache" / "hashes.json"))
+
+
+def test_lists_both_formats_recursively(library, folder):
+    entries = library.entries
+    assert sorted(e.relpath + e.suffix for e in entries) == [
+        "Ink.pt",
+        "anime.pt",
+        "ink.safetensors",
+        "styles/Watercolor.safetensors",
+        "styles/deep/anime.safetensors",
+    ]
+    watercolor = next(e for e in entries if e.name == "Watercolor")
+    assert watercolor.root == str(folder) and watercolor.file_format == "safetensors"
+    assert watercolor.metadata_path == str(folder / "styles" / "Watercolor.json")
+
+
+def test_extra_folders_and_missing_ones(folder, tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    hx.save(small(seed=9), extra / "more.pt")
+    library = Library([str(folder), str(extra), str(tmp_path / "missing"), str(folder)])
+    assert library.folders() == [str(folder), str(extra)]
+    assert library.resolve("more").entry.root == str(extra)
+
+
+def test_exact_stem_then_case_insensitive(library):
+    assert library.resolve("Ink").entry.relpath == "Ink"
+    assert library.resolve("ink").entry.relpath == "ink"
+    assert library.resolve("WATERCOLOR").how == "case-insensitive name"
+    with pytest.raises(UnknownNetworkError, match="only by letter case"):
+        library.resolve("INK")
+
+
+def test_shared_stem_picks_the_shallowest_with_a_note(library):
+    resolution = library.resolve("anime")
+    assert resolution.entry.relpath == "anime"
+    assert "styles/deep/anime.safetensors" in resolution.note
+
+
+def test_subfolder_paths(library):
+    assert library.resolve("styles/deep/anime").how == "path"
+    assert library.resolve("styles/deep/anime").entry.suffix == ".safetensors"
+    assert library.resolve("styles\\Watercolor").entry.name == "Watercolor"
+    assert library.resolve("styles/Watercolor.safetensors").entry.name == "Watercolor"
+
+
+@pytest.mark.parametrize(
+    "name", ["../secret", "styles/../../secret", "..\\secret", "/etc/passwd", "C:/x/y", "\\\\server\\x"]
+)
+def test_escapes_are_refused(library, name):
+    with pytest.raises(PathEscapeError) as caught:
+        library.resolve(name)
+    assert repr(name) in str(caught.value)
+
+
+def test_symlinks_leading_out_are_neither_listed_nor_resolved(library, folder, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    hx.save(small(seed=7), outside / "secret.pt")
+    os.symlink(outside / "secret.pt", folder / "linked.pt")
+    os.symlink(outside, folder / "linkdir")
+    (folder / "store").mkdir()
+    hx.save(small(seed=8), folder / "store" / "blob.pt")
+    os.replace(folder / "store" / "blob.pt", folder / "store" / "blob.bin")
+    os.symlink(folder / "store" / "blob.bin", folder / "styles" / "inside.pt")
+    names = {e.relpath for e in library.refresh()}
+    assert "linked" not in names and not any(n.startswith("linkdir") for n in names)
+    assert "styles/inside" in names  # a link inside the folder is fine
+    with pytest.raises(PathEscapeError, match="leads outside"):
+        library.resolve("linkdir/secret")
+    with pytest.raises(UnknownNetworkError):
+        library.resolve("linked")
+
+
+def test_unknown_names_suggest_close_ones(library, folder):
+    with pytest.raises(UnknownNetworkError) as caught:
+        library.resolve("animee")
+    assert "no hypernetwork named 'animee'" in str(caught.value)
+    assert str(folder) in str(caught.value)
+    assert "did you mean anime" in str(caught.value)
+    with pytest.raises(UnknownNetworkError):
+        library.resolve("   ")
+
+
+def test_alias_from_user_metadata(library):
+    entry = library.resolve("Watercolor").entry
+    library.write_user_metadata(entry, {"alias": "wc", "description": "soft"})
+    assert library.resolve("wc").how == "alias"
+    assert library.resolve("WC").entry == entry
+    other = library.resolve("Ink").entry
+    with pytest.raises(InvalidConfigError, match="already the name or alias"):
+        library.write_user_metadata(other, {"alias": "wc"})
+    with pytest.raises(InvalidConfigError, match="may not contain"):
+        library.write_user_metadata(other, {"alias": "a:b"})
+    with pytest.raises(InvalidConfigError, match="preferred weight must be a number"):
+        library.write_user_metadata(other, {"preferred weight": "lots"})
+
+
+def test_user_metadata_is_merged_and_written_atomically(library):
+    entry = library.resolve("anime").entry
+    with open(entry.metadata_path, "w", encoding="utf-8") as handle:
+        json.dump({"description": "old", "sd version": "SD1"}, handle)
+    data = library.write_user_metadata(entry, {"notes": "n", "preferred weight": "0.7", "activation text": "trigger"})
+    assert data == {
+        "description": "old",
+        "sd version": "SD1",
+        "notes": "n",
+        "preferred weight": 0.7,
+        "activation text": "trigger",
+    }
+    assert library.user_metadata(entry) == data
+    assert library.preferred_multiplier(entry) == 0.7
+    assert not [n for n in os.listdir(os.path.dirname(entry.path)) if n.endswith(".partial")]
+    with open(entry.metadata_path, "w") as handle:
+        handle.write("{broken")
+    assert library.user_metadata(entry) == {}
+
+
+def test_hash_lookup_and_persistent_cache(library, folder, tmp_path):
+    entry = library.resolve("Watercolor").entry
+    sha = hx.file_sha256(entry.path)
+    assert library.cached_sha256(entry) is None
+    assert library.resolve(sha[:10]).entry == entry
+    assert library.resolve(sha[:10]).how == "hash"
+    assert library.cached_sha256(entry) == sha
+    reopened = Library([str(folder)], cache_file=str(tmp_path / "cache" / "hashes.json"))
+    assert reopened.cached_sha256(reopened.resolve("Watercolor").entry) == sha
+    # a changed file (new mtime/size) is hashed again, never served from the cache
+    hx.save(small(seed=99, widths=(48,)), entry.path, overwrite=True)
+    os.utime(entry.path, (1, 1))
+    changed = reopened.refresh()
+    changed_entry = next(e for e in changed if e.name == "Watercolor")
+    assert reopened.cached_sha256(changed_entry) is None
+    assert reopened.sha256(changed_entry) == hx.file_sha256(entry.path) != sha
+
+
+def test_damaged_cache_file_is_ignored(folder, tmp_path):
+    cache = tmp_path / "c.json"
+    cache.write_text("{not json")
+    library = Library([str(folder)], cache_file=str(cache))
+    entry = library.resolve("anime").entry
+    assert library.sha256(entry) == hx.file_sha256(entry.path)
+    assert json.loads(cache.read_text())["version"] == 1
+
+
+def test_lru_keeps_pinned_and_a_limited_number_of_others(library):
+    loads = []
+    library._loader = lambda path: loads.append(path) or hx.load(path)
+    library.set_cache_size(1)
+    a, b, c = (library.resolve(n).entry for n in ("Ink", "ink", "Watercolor"))
+    library.pin([a])
+    for entry in (a, b, c, a, c):
+        library.load(entry)
+    assert [os.path.basename(p) for p in loads] == ["Ink.pt", "ink.safetensors", "Watercolor.safetensors"]
+    assert set(library.loaded_keys()) == {a.key, c.key}
+    library.set_cache_size(0)
+    assert library.loaded_keys() == [a.key]
+    library.pin([])
+    assert library.loaded_keys() == []
+
+
+def test_info_describes_the_file_and_reports_broken_ones(library, folder):
+    info = library.info(library.resolve("anime").entry)
+    assert info["widths"] == [48, 32] and info["activation"] == "relu" and info["format"] == "pt"
+    (folder / "broken.pt").write_bytes(b"garbage")
+    library.refresh()
+    broken = library.info(library.resolve("broken").entry)
+    assert "broken.pt" in broken["error"]
+    described = library.describe(library.resolve("Ink").entry)
+    assert described["short_hash"] == described["sha256"][:10] and described["relative_path"] == "Ink"
+
+
+def test_plan_keeps_going_after_bad_tags(library, folder):
+    (folder / "broken.pt").write_bytes(b"garbage")
+    library.refresh()
+    tags = [["anime", "0.5"], ["nosuch"], ["Ink", "x"], ["broken"], ["../up"], ["styles/Watercolor", "k=2"]]
+    plan = library.plan(tags)
+    assert [item.entry.relpath for item in plan.networks] == ["anime", "styles/Watercolor"]
+    assert plan.networks[1].strength.key == 2.0
+    assert len(plan.problems) == 4
+    assert plan.problems[0].startswith("<hypernet:nosuch>: no hypernetwork named 'nosuch'")
+    assert "multiplier must be a number" in plan.problems[1]
+    assert plan.problems[2].startswith("<hypernet:broken>: cannot load:")
+    assert "climbs out" in plan.problems[3]
+    assert any("matches" in note for note in plan.notes)  # "anime" is shared by two files
+    assert plan.hashes == {
+        name: library.short_hash(item.entry)
+        for name, item in zip(["anime", "styles/Watercolor"], plan.networks, strict=True)
+    }
+    assert set(library.loaded_keys()) >= {item.entry.key for item in plan.networks}
+
+
+def test_family_mismatch_is_skipped_unless_forced(tmp_path):
+    root = tmp_path / "h"
+    root.mkdir()
+    hx.save(hx.create((768, 320, 640, 1280), seed=0), root / "sd1.pt")
+    hx.save(hx.create((2048, 640, 1280), seed=0), root / "xl.safetensors")
+    library = Library([str(root)])
+    plan = library.plan([["sd1"], ["xl"]], context_width=2048, self_widths=(640, 1280))
+    assert [item.entry.name for item in plan.networks] == ["xl"]
+    assert "is made for SD1" in plan.problems[0] and "does not fit SDXL" in plan.problems[0]
+    forced = library.plan([["sd1"]], context_width=2048, self_widths=(640, 1280), force_mismatch=True)
+    assert [item.entry.name for item in forced.networks] == ["sd1"] and "applied although" in forced.notes[0]
+    assert fit_problem(hx.load(root / "sd1.pt"), 768, (320, 640, 1280)) is None
+    assert fit_problem(hx.load(root / "sd1.pt"), None, ()) is None

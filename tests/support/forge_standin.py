@@ -1,0 +1,178 @@
+"""A stand-in of Forge's UNet patcher API and of how its UNet calls attention patches.
+
+Names and behaviour from lllyasviel/stable-diffusion-webui-forge (dfdcbab): ``backend/patcher/base.py``
+(``ModelPatcher.model_options["transformer_options"]``, ``clone()`` deep-copying the options,
+``set_model_patch``, ``set_model_attn1_patch``/``attn2_patch``), ``backend/patcher/unet.py``
+(``UnetPatcher``), ``modules_forge``'s ``ForgeObjects.shallow_copy`` and ``backend/nn/unet.py``
+(``BasicTransformerBlock._forward``: patches get ``(n, context, value, extra_options)`` and return
+the inputs of ``to_q``/``to_k``/``to_v``; ``extra_options`` carries ``block``, ``block_index``,
+``cond_or_uncond``, ``n_heads``, ``dim_head``). reForge's ``ldm_patched`` patcher has the same calls.
+
+The UNet is the real ldm ``UNetModel``; each transformer block is run the way Forge's block runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from torch import nn
+
+from tests.support.webui_standin import module
+
+
+class ModelPatcher:
+    def __init__(self, model, load_device, offload_device, size=0, current_device=None, **kwargs):
+        self.size = size
+        self.model = model
+        self.lora_patches = {}
+        self.object_patches = {}
+        self.model_options = {"transformer_options": {}}
+        self.load_device = load_device
+        self.offload_device = offload_device
+        self.current_device = current_device
+
+    def clone(self):
+        n = type(self)(self.model, self.load_device, self.offload_device, self.size, self.current_device)
+        n.lora_patches = self.lora_patches.copy()
+        n.object_patches = self.object_patches.copy()
+        n.model_options = copy.deepcopy(self.model_options)
+        return n
+
+    def set_model_patch(self, patch, name):
+        to = self.model_options["transformer_options"]
+        if "patches" not in to:
+            to["patches"] = {}
+        to["patches"][name] = [*to["patches"].get(name, []), patch]
+
+    def set_model_attn1_patch(self, patch):
+        self.set_model_patch(patch, "attn1_patch")
+
+    def set_model_attn2_patch(self, patch):
+        self.set_model_patch(patch, "attn2_patch")
+
+
+class UnetPatcher(ModelPatcher):
+    pass
+
+
+class KModel(nn.Module):
+    def __init__(self, diffusion_model):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+
+class ForgeObjects:
+    def __init__(self, unet, clip, vae, clipvision):
+        self.unet = unet
+        self.clip = clip
+        self.vae = vae
+        self.clipvision = clipvision
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
+
+
+class ForgeModel:
+    """``shared.sd_model`` on Forge: the patchers, and the post-Lora copy each sampling starts from."""
+
+    def __init__(self, unet: nn.Module):
+        patcher = UnetPatcher(KModel(unet), "cpu", "cpu")
+        self.forge_objects = ForgeObjects(patcher, None, None, None)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+
+
+def install(monkeypatch) -> None:
+    base = module("backend.patcher.base", ModelPatcher=ModelPatcher)
+    unet = module("backend.patcher.unet", UnetPatcher=UnetPatcher)
+    patcher_package = module("backend.patcher", __path__=[], base=base, unet=unet)
+    backend = module("backend", __path__=[], patcher=patcher_package)
+    for name, value in {
+        "backend": backend,
+        "backend.patcher": patcher_package,
+        "backend.patcher.base": base,
+        "backend.patcher.unet": unet,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, value)
+
+
+def _attention(attn, n, context, value):
+    q = attn.to_q(n)
+    context = n if context is None else context
+    k = attn.to_k(context)
+    v = attn.to_v(value if value is not None else context)
+    h = attn.heads
+    q, k, v = (t.reshape(t.shape[0], t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+    sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * attn.scale
+    out = torch.einsum("b h i j, b h j d -> b h i d", sim.softmax(dim=-1), v)
+    return attn.to_out(out.transpose(1, 2).reshape(n.shape[0], n.shape[1], -1))
+
+
+def _forge_block(block, state):
+    def forward(x, context=None):
+        to = state["transformer_options"]
+        patches = to.get("patches", {})
+        extra = {k: v for k, v in to.items() if k not in ("patches", "patches_replace")}
+        extra["n_heads"] = block.attn1.heads
+        extra["dim_head"] = block.attn1.to_q.out_features // block.attn1.heads
+        n = block.norm1(x)
+        context_attn1 = context if block.disable_self_attn else None
+        value_attn1 = None
+        if "attn1_patch" in patches:
+            if context_attn1 is None:
+                context_attn1 = n
+            value_attn1 = context_attn1
+            for p in patches["attn1_patch"]:
+                n, context_attn1, value_attn1 = p(n, context_attn1, value_attn1, extra)
+        x = _attention(block.attn1, n, context_attn1, value_attn1) + x
+        n = block.norm2(x)
+        context_attn2, value_attn2 = context, None
+        if "attn2_patch" in patches:
+            value_attn2 = context_attn2
+            for p in patches["attn2_patch"]:
+                n, context_attn2, value_attn2 = p(n, context_attn2, value_attn2, extra)
+        x = _attention(block.attn2, n, context_attn2, value_attn2) + x
+        return block.ff(block.norm3(x)) + x
+
+    return forward
+
+
+class ForgeUnetRunner:
+    """Runs the real ldm UNet with Forge's transformer-block behaviour and ``transformer_options``."""
+
+    def __init__(self, unet: nn.Module):
+        from ldm.modules.attention import BasicTransformerBlock
+
+        self.unet = unet
+        self.state: dict = {"transformer_options": {}}
+        self.calls: list[dict] = []
+        self.blocks_seen: list[tuple] = []
+        for index, block in enumerate(unet.input_blocks):
+            block.register_forward_pre_hook(self._set_block("input", index))
+        unet.middle_block.register_forward_pre_hook(self._set_block("middle", 0))
+        for index, block in enumerate(unet.output_blocks):
+            block.register_forward_pre_hook(self._set_block("output", index))
+        for block in unet.modules():
+            if isinstance(block, BasicTransformerBlock):
+                block.forward = _forge_block(block, self.state)
+
+    def _set_block(self, kind, index):
+        def hook(module, args):
+            self.state["transformer_options"]["block"] = (kind, index)
+            self.blocks_seen.append((kind, index))
+            self.state["transformer_options"]["block_index"] = 0
+
+        return hook
+
+    def run(self, p):
+        def call(x, t, context):
+            patcher = p.sd_model.forge_objects.unet
+            to = dict(patcher.model_options["transformer_options"])
+            to["cond_or_uncond"] = [0, 1] if x.shape[0] % 2 == 0 and x.shape[0] > 1 else [0]
+            self.state["transformer_options"] = to
+            self.calls.append(to)
+            return self.unet(x, t, context=context)
+
+        return call
