@@ -41,8 +41,13 @@ def _auth_dependency(credentials: dict[str, str]):
     return check
 
 
+def auth_dependencies(credentials: dict[str, str] | None) -> list:
+    """The route dependencies that apply the host's ``--api-auth`` (none when it is not set)."""
+    return [Depends(_auth_dependency(credentials))] if credentials else []
+
+
 def add_routes(app: FastAPI, library: Library, *, credentials: dict[str, str] | None = None) -> APIRouter:
-    dependencies = [Depends(_auth_dependency(credentials))] if credentials else []
+    dependencies = auth_dependencies(credentials)
     router = APIRouter(prefix=PREFIX, dependencies=dependencies)
 
     @router.get("/networks")

@@ -7,8 +7,8 @@
     POST /hypernetworks/v1/jobs/{job_id}/interrupt -> {job_id, interrupted}
 
 Invalid input answers 422 with ``{"detail": {"message", "problems": {field: problem}}}``; a
-second job while one runs answers 409; an unknown job 404. Works with FastAPI 0.94 (A1111) and
-current FastAPI.
+second job while one runs answers 409; an unknown job 404; a host that cannot train now 400.
+Works with FastAPI 0.94 (A1111) and current FastAPI.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def build_training_router(jobs: TrainingJobs, *, prefix: str = PREFIX, dependenc
             raise HTTPException(status_code=409, detail=str(exc)) from None
         except InvalidConfigError as exc:
             raise _invalid(exc) from None
+        except HypernetworkError as exc:  # the host cannot train now (e.g. --lowvram, no model loaded)
+            raise HTTPException(status_code=400, detail=str(exc)) from None
 
     @router.get("/jobs/{job_id}")
     def job_status(job_id: str, history: bool = True):

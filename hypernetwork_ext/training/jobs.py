@@ -148,14 +148,19 @@ def create_network_file(request: CreateRequest, directory: str, family: str | No
 # --- services and jobs -----------------------------------------------------------------------
 @dataclass
 class TrainingServices:
-    """What a host provides. Only ``hypernetwork_dir`` and ``make_backend`` are required."""
+    """What a host provides. Only ``hypernetwork_dir`` and ``make_backend`` are required.
+
+    ``run_exclusive(work, job)`` runs a job's training (the host takes its GPU queue around it);
+    ``network_names`` lists what the tab offers (default: the files of ``hypernetwork_dir``).
+    """
 
     hypernetwork_dir: str
     make_backend: Callable[[], Any]
     model_family: Callable[[], str | None] = lambda: None
     template_dirs: Callable[[], list[str]] = list
     resolve_network: Callable[[str], str] | None = None
-    run_exclusive: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
+    network_names: Callable[[], list[str]] | None = None
+    run_exclusive: Callable[[Callable[[], Any], JobStatus], Any] = lambda fn, job: fn()
     host_callbacks: Callable[[], TrainingCallbacks | None] = lambda: None
     on_saved: Callable[[str], None] = lambda path: None
     presets_dir: str | None = None
@@ -167,6 +172,11 @@ class TrainingServices:
 
     def templates(self) -> dict[str, str]:
         return list_templates(self.template_dirs())
+
+    def names(self) -> list[str]:
+        if self.network_names is not None:
+            return list(self.network_names())
+        return sorted(list_networks(self.hypernetwork_dir))
 
 
 def list_networks(directory: str) -> dict[str, str]:
@@ -192,6 +202,7 @@ def find_network(directory: str, name: str) -> str:
 @dataclass
 class JobStatus:
     id: str
+    task_id: str | None = None  # the host's id for it (A1111's progress task), when it has one
     state: str = "queued"  # queued, running, finished, interrupted, non-finite, failed
     step: int = 0
     start_step: int = 0
@@ -244,7 +255,7 @@ class TrainingJobs:
         return {"path": path, "name": network.name, "widths": network.widths, "parameters": network.parameter_count()}
 
     # -- train -------------------------------------------------------------------------------
-    def start(self, config: TrainingConfig | dict) -> str:
+    def start(self, config: TrainingConfig | dict, *, task_id: str | None = None) -> str:
         if isinstance(config, dict):
             config = TrainingConfig.from_dict(config)
         problems = config.problems()
@@ -261,7 +272,7 @@ class TrainingJobs:
         with self._lock:
             if any(job.active for job in self.jobs.values()):
                 raise JobBusyError("a training job is already running; interrupt it or wait for it to finish")
-            job = JobStatus(id=uuid.uuid4().hex[:12], max_steps=config.steps)
+            job = JobStatus(id=uuid.uuid4().hex[:12], task_id=task_id, max_steps=config.steps)
             self.jobs[job.id] = job
             self._stop[job.id] = threading.Event()
         runner = threading.Thread(target=self._run, args=(job, config, source), name=f"hypernetwork-train-{job.id}")
@@ -310,11 +321,11 @@ class TrainingJobs:
         )
 
     def _run(self, job: JobStatus, config: TrainingConfig, source: str | None) -> None:
-        job.state = "running"
         try:
             network = formats.load(source) if source else None
 
             def work():
+                job.state = "running"  # "queued" until the host's queue lets it run
                 return train(
                     network,
                     self.services.make_backend(),
@@ -325,7 +336,7 @@ class TrainingJobs:
                     template_dirs=self.services.template_dirs(),
                 )
 
-            result = self.services.run_exclusive(work)
+            result = self.services.run_exclusive(work, job)
             job.result_path = result.path
             job.step = result.step
             job.message = result.message

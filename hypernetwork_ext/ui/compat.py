@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import gradio as gr
+from gradio.context import Context
 
 GRADIO_MAJOR = int(gr.__version__.split(".", 1)[0])
 
@@ -32,3 +33,8 @@ def poll(fn: Callable, inputs: Sequence, outputs: Sequence, seconds: float, *, b
         timer_cls(seconds).tick(fn, inputs=list(inputs), outputs=list(outputs))
     else:
         blocks.load(fn, inputs=list(inputs), outputs=list(outputs), every=seconds)
+
+
+def enclosing_blocks() -> gr.Blocks | None:
+    """The outermost ``gr.Blocks`` being built (a host's tab callback gets no Blocks of its own)."""
+    return Context.root_block

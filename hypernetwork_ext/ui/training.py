@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import os
+from collections.abc import Sequence
 
 import gradio as gr
 
@@ -23,10 +24,10 @@ from ..training.config import (
     load_preset,
     save_preset,
 )
-from ..training.jobs import CreateRequest, FieldProblems, TrainingJobs, default_widths, list_networks
+from ..training.jobs import CreateRequest, FieldProblems, TrainingJobs, default_widths
 from ..training.optimizers import OPTIMIZERS
 from ..training.schedules import LR_SCHEDULERS
-from .compat import poll, update
+from .compat import js_kwargs, poll, update
 
 CREATE_FIELDS = (
     "name",
@@ -44,6 +45,31 @@ CREATE_FIELDS = (
 )
 ALL_WIDTHS = [768, 1024, 2048, 320, 640, 1280]
 _DEFAULTS = TrainingConfig()
+# What A1111 hands to Train tabs (UiTrainTabParams.txt2img_preview_params), in its order.
+TXT2IMG_PREVIEW_FIELDS = (
+    "preview_prompt",
+    "preview_negative_prompt",
+    "preview_steps",
+    "preview_sampler_name",
+    "preview_cfg_scale",
+    "preview_seed",
+    "preview_width",
+    "preview_height",
+)
+
+
+@dataclasses.dataclass
+class HostHooks:
+    """What a WebUI adds to the tab; every member is optional.
+
+    ``preview_sources``: the txt2img components of :data:`TXT2IMG_PREVIEW_FIELDS`, offered as
+    "read the preview parameters from the txt2img tab". ``start_js``: a client-side function run
+    when Train is clicked; it gets the inputs and returns them with the first (a hidden task id)
+    filled in, as A1111's ``start_training_textual_inversion`` does.
+    """
+
+    preview_sources: Sequence = ()
+    start_js: str | None = None
 
 
 def _train_components() -> list[tuple[str, gr.components.Component]]:
@@ -186,6 +212,23 @@ def loss_chart_html(losses: list, validation: list | None = None, width: int = 4
     )
 
 
+def txt2img_preview(values: Sequence) -> dict:
+    """The txt2img tab's values (prompt, negative, steps, sampler, CFG, seed, width, height) as
+    preview options of the right types; an empty number keeps the default."""
+    typed = {}
+    for name, value in zip(TXT2IMG_PREVIEW_FIELDS, values, strict=True):
+        default = getattr(_DEFAULTS, name)
+        if value is None or value == "":
+            typed[name] = default
+        elif isinstance(default, str):
+            typed[name] = str(value)
+        elif isinstance(default, int):
+            typed[name] = int(float(value))
+        else:
+            typed[name] = float(value)
+    return typed
+
+
 def _error(text: str | None) -> str:
     return f"<span class='hnx-field-error'>{html.escape(text)}</span>" if text else ""
 
@@ -201,7 +244,11 @@ class TrainingTab:
 
     # -- handlers ---------------------------------------------------------------------------
     def network_names(self) -> list[str]:
-        return sorted(list_networks(self.jobs.services.hypernetwork_dir))
+        return self.jobs.services.names()
+
+    def default_sizes(self):
+        """The Create tab's widths for the model loaded now."""
+        return update(value=[str(w) for w in default_widths(self.jobs.services.model_family())])
 
     def template_names(self) -> list[str]:
         return sorted(self.jobs.services.templates())
@@ -240,15 +287,27 @@ class TrainingTab:
             {**options, "hypernetwork_name": network or "", "template_filename": template or ""}
         )
 
-    def start(self, network: str, template: str, *values) -> str:
+    def start(self, network: str, template: str, *values, task_id: str | None = None, txt2img=None) -> str:
+        """Start a job from the tab's values; ``txt2img`` (the host's preview values, in
+        :data:`TXT2IMG_PREVIEW_FIELDS` order) replaces the preview fields when given."""
         try:
-            self.current_job = self.jobs.start(self.config_from(network, template, values))
+            config = self.config_from(network, template, values)
+            if txt2img is not None:
+                config = config.replace(preview_from_txt2img=True, **txt2img_preview(txt2img))
+            self.current_job = self.jobs.start(config, task_id=task_id)
         except FieldProblems as exc:
             rows = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in exc.problems.items())
             return f"<div class='hnx-field-error'>Not started:<ul>{rows}</ul></div>"
         except (InvalidConfigError, HypernetworkError) as exc:
             return f"<div class='hnx-field-error'>Not started: {html.escape(str(exc))}</div>"
         return f"Training started (job {self.current_job})."
+
+    def start_from_host(self, task_id: str, network: str, template: str, *rest) -> str:
+        """The Train button under a host: a task id first, then the tab's values, then the
+        "from txt2img" checkbox and the txt2img values when the host gave preview sources."""
+        values, extra = rest[: len(self.train_inputs)], rest[len(self.train_inputs) :]
+        txt2img = list(extra[1:]) if extra and extra[0] else None
+        return self.start(network, template, *values, task_id=task_id or None, txt2img=txt2img)
 
     def interrupt(self) -> str:
         job = self.jobs.latest()
@@ -309,7 +368,9 @@ class TrainingTab:
         return sorted(os.path.splitext(n)[0] for n in os.listdir(directory) if n.endswith(".json"))
 
 
-def build_training_tab(jobs: TrainingJobs, *, blocks: gr.Blocks, poll_seconds: float = 1.0) -> TrainingTab:
+def build_training_tab(
+    jobs: TrainingJobs, *, blocks: gr.Blocks, poll_seconds: float = 1.0, host: HostHooks | None = None
+) -> TrainingTab:
     """Build the tab inside the current gradio context (``blocks`` is the enclosing Blocks)."""
     tab = TrainingTab(jobs)
     family = jobs.services.model_family()
@@ -318,12 +379,14 @@ def build_training_tab(jobs: TrainingJobs, *, blocks: gr.Blocks, poll_seconds: f
             with gr.Tab("Create hypernetwork"):
                 _build_create(tab, family)
             with gr.Tab("Train hypernetwork"):
-                _build_train(tab)
+                _build_train(tab, host or HostHooks())
         with gr.Column(scale=2):
             progress = gr.HTML("No training yet.", elem_id="hnx_train_progress")
             chart = gr.HTML(loss_chart_html([]), elem_id="hnx_train_loss_chart")
             gallery = gr.Gallery(label="Previews", elem_id="hnx_train_gallery", columns=4)
     poll(tab.refresh, [], [progress, chart, gallery], poll_seconds, blocks=blocks)
+    # A host may still be loading its checkpoint while the tab is built: widths follow it on page load.
+    blocks.load(tab.default_sizes, inputs=[], outputs=[tab.create_inputs["enable_sizes"]])
     return tab
 
 
@@ -354,10 +417,10 @@ def _build_create(tab: TrainingTab, family: str | None) -> None:
     tab.create_result = gr.HTML("", elem_id="hnx_create_result")
 
 
-def _build_train(tab: TrainingTab) -> None:
+def _build_train(tab: TrainingTab, host: HostHooks) -> None:
     with gr.Row():
         network = gr.Dropdown(label="Hypernetwork", choices=tab.network_names(), elem_id="hnx_train_network")
-        refresh = gr.Button("Refresh lists")
+        refresh = gr.Button("Refresh lists", elem_id="hnx_train_refresh")
         template = gr.Dropdown(label="Prompt template", choices=tab.template_names(), value=_DEFAULTS.template_filename)
     with gr.Row():
         preset = gr.Dropdown(label="Preset", choices=tab.preset_names(), allow_custom_value=True)
@@ -365,12 +428,29 @@ def _build_train(tab: TrainingTab) -> None:
         save = gr.Button("Save preset")
     items = _train_components()
     tab.train_inputs = dict(items)
+    host_inputs = []
+    if host.preview_sources:
+        from_txt2img = gr.Checkbox(
+            label="Read parameters (prompt, etc...) from txt2img tab when making previews",
+            value=False,
+            elem_id="hnx_train_preview_from_txt2img_tab",
+        )
+        host_inputs = [from_txt2img, *host.preview_sources]
     with gr.Row():
         start = gr.Button("Train hypernetwork", variant="primary", elem_id="hnx_train_start")
         stop = gr.Button("Interrupt", elem_id="hnx_train_interrupt")
     message = gr.HTML("", elem_id="hnx_train_message")
     values = [component for _name, component in items]
-    start.click(tab.start, inputs=[network, template, *values], outputs=[message])
+    if host.start_js or host_inputs:
+        task_id = gr.Textbox("", visible=False, elem_id="hnx_train_task_id")
+        start.click(
+            tab.start_from_host,
+            inputs=[task_id, network, template, *values, *host_inputs],
+            outputs=[message],
+            **(js_kwargs(host.start_js) if host.start_js else {}),
+        )
+    else:
+        start.click(tab.start, inputs=[network, template, *values], outputs=[message])
     stop.click(tab.interrupt, inputs=[], outputs=[message])
     save.click(tab.save_preset_file, inputs=[preset, network, template, *values], outputs=[message])
     load.click(tab.load_preset_file, inputs=[preset, network, template, *values], outputs=[message, template, *values])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import json
 import os
 import re
@@ -28,6 +29,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import gradio as gr
+
+from tests.support import webui_processing as wp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENTRY_SCRIPT = os.path.join(ROOT, "scripts", "hypernetworks.py")
@@ -134,6 +137,16 @@ class Options:
         if key not in self.data and not info.do_not_save:
             self.data[key] = info.default
 
+    def set(self, key, value, is_api=False, run_callbacks=True):
+        if key not in self.data_labels:
+            return False
+        if self.data.get(key) == value:
+            return False
+        self.data[key] = value
+        if run_callbacks and self.data_labels[key].onchange is not None:
+            self.data_labels[key].onchange()
+        return True
+
     def onchange(self, key, func, call=True):
         self.data_labels[key].onchange = func
         if call:
@@ -146,17 +159,6 @@ def options_section(section_identifier, options_dict):
     return options_dict
 
 
-class State:
-    def __init__(self):
-        self.interrupted = False
-        self.skipped = False
-        self.sampling_step = 0
-        self.sampling_steps = 0
-
-    def interrupt(self):
-        self.interrupted = True
-
-
 # --- modules.script_callbacks -------------------------------------------------------------------
 
 
@@ -165,6 +167,11 @@ class ScriptCallback:
     script: str
     callback: object
     name: str = "unnamed"
+
+
+class UiTrainTabParams:
+    def __init__(self, txt2img_preview_params):
+        self.txt2img_preview_params = txt2img_preview_params
 
 
 class CFGDenoiserParams:
@@ -252,6 +259,13 @@ def make_script_callbacks(errors: Errors) -> types.ModuleType:
             except Exception:
                 errors.report(f"Error executing callback {category} for {c.script}", exc_info=True)
 
+    def fire_component(category, component, kwargs):
+        for c in list(callback_map[f"callbacks_{category}"]):
+            try:
+                c.callback(component, **kwargs)
+            except Exception:
+                errors.report(f"Error executing callback {category} for {c.script}", exc_info=True)
+
     def registration(category):
         def register(callback, *, name=None):
             add_callback(callback_map[f"callbacks_{category}"], callback, name=name, category=category)
@@ -271,6 +285,9 @@ def make_script_callbacks(errors: Errors) -> types.ModuleType:
         ui_settings_callback=lambda: fire("ui_settings"),
         cfg_denoiser_callback=lambda params: fire("cfg_denoiser", params),
         infotext_pasted_callback=lambda infotext, params: fire("infotext_pasted", infotext, params),
+        ui_train_tabs_callback=lambda params: fire("ui_train_tabs", params),
+        after_component_callback=lambda component, **kwargs: fire_component("after_component", component, kwargs),
+        UiTrainTabParams=UiTrainTabParams,
         script_unloaded_callback=lambda: fire("script_unloaded", reverse=True),
         before_ui_callback=lambda: fire("before_ui", reverse=True),
     )
@@ -786,18 +803,36 @@ class Host:
         self.hypernetwork_dir.mkdir(parents=True)
         self.data_path = tmp_path / "data"
         self.data_path.mkdir()
+        self.templates_dir = tmp_path / "textual_inversion_templates"
+        self.templates_dir.mkdir()
         self.shared = module(
             "modules.shared",
-            opts=Options({"samples_format": OptionInfo("png"), "sd_hypernetwork": OptionInfo("None")}),
+            opts=Options(
+                {
+                    "samples_format": OptionInfo("png"),
+                    "sd_hypernetwork": OptionInfo("None"),
+                    "sd_model_checkpoint": OptionInfo(None),
+                }
+            ),
             OptionInfo=OptionInfo,
             options_section=options_section,
             options_templates={},
-            cmd_opts=argparse.Namespace(hypernetwork_dir=str(self.hypernetwork_dir), api_auth=None, api=True),
+            cmd_opts=argparse.Namespace(
+                hypernetwork_dir=str(self.hypernetwork_dir),
+                textual_inversion_templates_dir=str(self.templates_dir),
+                api_auth=None,
+                api=True,
+                lowvram=False,
+                medvram=False,
+                medvram_sdxl=False,
+            ),
             sd_model=None,
-            state=State(),
+            state=wp.State(),
+            parallel_processing_allowed=True,
             hypernetworks={},
             loaded_hypernetworks=[],
         )
+        self.shared.reload_hypernetworks = self._reload_hypernetworks
         self.script_callbacks = make_script_callbacks(self.errors)
         self.extra_networks = make_extra_networks(self.errors, self.shared)
         self.metadata = module("modules.ui_extra_networks_user_metadata", UserMetadataEditor=UserMetadataEditor)
@@ -812,7 +847,12 @@ class Host:
             basedir=lambda: ROOT,
         )
         self.scripts.scripts_data.append(ScriptClassData(xyz_script, "scripts/xyz_grid.py", ROOT, self.xyz))
-        self.processing = module("modules.processing", StableDiffusionProcessing=StableDiffusionProcessing)
+        self.sd_models = wp.make_sd_models(self.shared)
+        self.sd_samplers = wp.make_sd_samplers()
+        self.progress = wp.make_progress(self.shared)
+        self.call_queue = wp.make_call_queue(self.shared, self.progress)
+        self.lowvram = wp.make_lowvram(self.shared)
+        self.processing = wp.make_processing(self, StableDiffusionProcessing)
         errors_module = module("modules.errors", report=self.errors.report, display=self.errors.display)
         paths_internal = module(
             "modules.paths_internal", data_path=str(self.data_path), models_path=str(tmp_path / "models")
@@ -828,6 +868,12 @@ class Host:
             "scripts": self.scripts,
             "processing": self.processing,
             "paths_internal": paths_internal,
+            "sd_models": self.sd_models,
+            "sd_samplers": self.sd_samplers,
+            "progress": self.progress,
+            "call_queue": self.call_queue,
+            "lowvram": self.lowvram,
+            "devices": wp.make_devices(),
         }
         monkeypatch.setitem(sys.modules, "modules", package)
         for name, value in submodules.items():
@@ -860,6 +906,75 @@ class Host:
         self.script_callbacks.before_ui_callback()
         self.script_callbacks.ui_settings_callback()
 
+    def build_train_interface(self):
+        """``modules.ui.create_ui``'s txt2img preview components and Train tab: the host's own
+        hypernetwork controls (firing ``after_component`` as its patched gradio constructors do),
+        then ``ui_train_tabs_callback`` inside ``gr.Tabs(elem_id="train_tabs")``."""
+        fire = self.script_callbacks.after_component_callback
+
+        def host(component_class, *args, **kwargs):
+            component = component_class(*args, **kwargs)
+            fire(component, **kwargs)
+            return component
+
+        with gr.Blocks(analytics_enabled=False) as interface:
+            preview = [
+                host(gr.Textbox, label="Prompt", elem_id="txt2img_prompt", value="a red cube"),
+                host(gr.Textbox, label="Negative prompt", elem_id="txt2img_neg_prompt", value="blurry"),
+                host(
+                    gr.Slider, minimum=1, maximum=150, step=1, label="Sampling steps", value=3, elem_id="txt2img_steps"
+                ),
+                host(
+                    gr.Dropdown,
+                    label="Sampling method",
+                    elem_id="txt2img_sampling",
+                    choices=["Euler a"],
+                    value="Euler a",
+                ),
+                host(
+                    gr.Slider,
+                    minimum=1.0,
+                    maximum=30.0,
+                    step=0.5,
+                    label="CFG Scale",
+                    value=5.0,
+                    elem_id="txt2img_cfg_scale",
+                ),
+                host(gr.Number, label="Seed", value=11, elem_id="txt2img_seed", precision=0),
+                host(gr.Slider, minimum=64, maximum=2048, step=8, label="Width", value=64, elem_id="txt2img_width"),
+                host(gr.Slider, minimum=64, maximum=2048, step=8, label="Height", value=80, elem_id="txt2img_height"),
+            ]
+            with gr.Tabs(elem_id="train_tabs"):
+                with gr.Tab(label="Create hypernetwork", id="create_hypernetwork"):
+                    host(gr.Textbox, label="Name", elem_id="train_new_hypernetwork_name")
+                    host(
+                        gr.CheckboxGroup,
+                        label="Modules",
+                        value=["768"],
+                        choices=["768", "1024"],
+                        elem_id="train_new_hypernetwork_sizes",
+                    )
+                    host(
+                        gr.Textbox,
+                        "0, 0, 0",
+                        label="Enter hypernetwork Dropout structure (or empty). Recommended : 0~0.35 incrementing sequence: 0, 0.05, 0.15",
+                    )
+                    host(gr.Button, value="Create hypernetwork", variant="primary", elem_id="train_create_hypernetwork")
+                with gr.Tab(label="Train", id="train"):
+                    host(gr.Dropdown, label="Embedding", elem_id="train_embedding", choices=[])
+                    host(gr.Dropdown, label="Hypernetwork", elem_id="train_hypernetwork", choices=[])
+                    host(
+                        gr.Textbox,
+                        label="Hypernetwork Learning rate",
+                        value="0.00001",
+                        elem_id="train_hypernetwork_learn_rate",
+                    )
+                    host(gr.Button, value="Train Embedding", variant="primary", elem_id="train_train_embedding")
+                    host(gr.Button, value="Interrupt", elem_id="train_interrupt_training")
+                    host(gr.Button, value="Train Hypernetwork", variant="primary", elem_id="train_train_hypernetwork")
+                self.script_callbacks.ui_train_tabs_callback(self.script_callbacks.UiTrainTabParams(preview))
+        return interface, preview
+
     def reload_ui(self):
         self.script_callbacks.script_unloaded_callback()
         self.start()
@@ -877,7 +992,29 @@ class Host:
 
     def set_model(self, sd_model):
         self.shared.sd_model = sd_model
+        self.sd_models.model_data.sd_model = sd_model
         self.script_callbacks.model_loaded_callback(sd_model)
+
+    def load_checkpoint(self, sd_model, name: str, family: str, shorthash: str = "0123456789"):
+        """``sd_models.load_model``: the fields the host sets on a model it loads, then model_loaded."""
+        info = self.sd_models.CheckpointInfo(name, shorthash)
+        self.sd_models.register(info)
+        for flag in ("is_sd1", "is_sd2", "is_sdxl", "is_ssd", "is_sd3"):
+            setattr(sd_model, flag, flag == f"is_{family}")
+        sd_model.latent_channels = 4
+        sd_model.sd_model_hash = info.calculate_shorthash()
+        sd_model.sd_model_checkpoint = info.filename
+        sd_model.sd_checkpoint_info = info
+        sd_model.lowvram = self.lowvram.is_needed(sd_model)
+        self.shared.opts.data["sd_model_checkpoint"] = info.title
+        self.set_model(sd_model)
+        return sd_model
+
+    def _reload_hypernetworks(self):
+        """``shared.reload_hypernetworks``: the host's own list (``*.pt`` under --hypernetwork-dir)."""
+        folder = self.shared.cmd_opts.hypernetwork_dir
+        found = sorted(glob.iglob(os.path.join(folder, "**/*.pt"), recursive=True), key=str.lower)
+        self.shared.hypernetworks = {os.path.splitext(os.path.basename(f))[0]: f for f in found}
 
     # -- infotext (processing.create_infotext / infotext_utils) ---------------------------------------
     @staticmethod
