@@ -26,15 +26,6 @@ WIDTHS = (LDM_CONTEXT, *LDM_WIDTHS)
 TASK = "task(hnxtest1)"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These small models train several times faster on one thread than on two busy ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return dataset_folder(tmp_path_factory.mktemp("data"), 2)
@@ -211,7 +202,9 @@ def test_a_run_from_the_tab_on_the_hosts_model(host, data, tmp_path, monkeypatch
     assert list(logs.glob("settings-*.json"))
     image = Image.open(logs / "images" / "style-2.png")
     assert image.size == (64, 80)  # the txt2img tab's width and height, not the training size
-    assert (host.hypernetwork_dir / "style-3.preview.png").read_bytes() == (logs / "images" / "style-2.png").read_bytes()
+    assert (host.hypernetwork_dir / "style-3.preview.png").read_bytes() == (
+        logs / "images" / "style-2.png"
+    ).read_bytes()
 
     # the network appears everywhere at once: tags, cards page with its preview, the host's own list
     extension = sys.modules["hypernetwork_ext.hosts.webui"].EXTENSION
