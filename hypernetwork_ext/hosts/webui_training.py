@@ -230,6 +230,7 @@ def run_exclusive(work: Callable[[], Any], job: JobStatus) -> Any:
         parallel = shared.parallel_processing_allowed
         shared.parallel_processing_allowed = False
         medvram = lowvram.is_needed(shared.sd_model)
+        webui.EXTENSION.finish()  # a generation that failed before its postprocess leaves its networks on
         try:
             if medvram:  # start and end with lowvram's "nothing on the GPU", so its bookkeeping stays true
                 lowvram.send_everything_to_cpu()

@@ -325,6 +325,24 @@ def test_the_hosts_attention_optimisation_stays_on(host, data, tmp_path, monkeyp
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), source.parameters(), strict=True))
 
 
+def test_networks_left_on_by_a_failed_generation_come_off_before_training(host, data, tmp_path):
+    extension = sys.modules["hypernetwork_ext.hosts.webui"].EXTENSION
+    p = host.processing.StableDiffusionProcessingTxt2Img(sd_model=host.shared.sd_model, prompt="x")
+    extension.activate(p, [["style", "1"]])  # the generation then raised before its postprocess
+    unet = host.shared.sd_model.model.diffusion_model
+    sites = len(hx.find_attention_sites(unet))
+    seen = []
+    counter = unet.register_forward_pre_hook(
+        lambda m, a: seen.append(sum(len(x._forward_pre_hooks) for x in unet.modules()))
+    )
+    tab, _interface, _preview = built_tab(host)
+    values = tab_values(tab, data, tmp_path, steps=1, create_image_every=0, save_hypernetwork_every=0)
+    tab.start_from_host(TASK, "style", "filewords.txt", *values, False, *[None] * 8)
+    assert tab.jobs.wait(tab.current_job, 120).state == "finished"
+    counter.remove()
+    assert seen and set(seen) == {2 * sites + 1}  # the trained network's to_k/to_v hooks and the counter
+
+
 def test_a_checkpoint_chosen_while_training_is_not_loaded_by_the_previews(host, data, tmp_path):
     other = host.sd_models.CheckpointInfo("other.safetensors", "abcdef0123")
     host.sd_models.register(other)
@@ -346,7 +364,9 @@ def test_medvram_starts_and_ends_with_nothing_on_the_gpu(host, data, tmp_path):
     host.shared.cmd_opts.medvram = True
     host.load_checkpoint(host.shared.sd_model, "tiny.safetensors", "sd1")
     tab, _interface, _preview = built_tab(host)
-    assert training().make_backend().device is sys.modules["modules.devices"].device  # where the host computes
+    backend = training().make_backend()
+    assert backend.sd_model is host.shared.sd_model  # the loaded model itself, no copy
+    assert backend.device is sys.modules["modules.devices"].device  # where the host computes
     values = tab_values(tab, data, tmp_path, steps=1, create_image_every=0, save_hypernetwork_every=0)
     tab.start_from_host(TASK, "style", "filewords.txt", *values, False, *[None] * 8)
     assert tab.jobs.wait(tab.current_job, 120).state == "finished"
