@@ -32,3 +32,11 @@ def poll(fn: Callable, inputs: Sequence, outputs: Sequence, seconds: float, *, b
         timer_cls(seconds).tick(fn, inputs=list(inputs), outputs=list(outputs))
     else:
         blocks.load(fn, inputs=list(inputs), outputs=list(outputs), every=seconds)
+
+
+def launch_kwargs(blocks: gr.Blocks, **wanted) -> dict:
+    """The subset of ``wanted`` this gradio's ``Blocks.launch`` accepts (``show_api`` left in 6.0)."""
+    import inspect
+
+    accepted = inspect.signature(blocks.launch).parameters
+    return {key: value for key, value in wanted.items() if key in accepted}
