@@ -30,6 +30,18 @@ EXAMPLES = {
         "  hypernetwork export-lora anime.pt --model v1-5.safetensors -o anime-lora.safetensors\n"
         "  hypernetwork export-lora style.pt:0.8 --model v1-5.safetensors --rank 32 -o style-r32.safetensors"
     ),
+    "generate": (
+        '  hypernetwork generate "a castle <hypernet:anime:0.8>" --model v1-5.safetensors --config sd15-diffusers/ \\\n'
+        "      --hypernetwork-dir models/hypernetworks -o castle.png\n"
+        '  hypernetwork generate "a red circle <hypernet:demo>" --grid=-1,0,0.5,1 -o grid.png   # embedded tiny model'
+    ),
+    "train": (
+        "  hypernetwork train --create anime --data-root data/anime --output-dir models/hypernetworks \\\n"
+        "      --model sd15-diffusers/ --learn-rate '5e-5:100, 5e-6:1500, 1e-6' --steps 2000\n"
+        "  hypernetwork train --network models/hypernetworks/anime.pt --data-root data/anime --preset fast.json\n"
+        "  accelerate launch --num_processes 2 -m hypernetwork_ext train --create anime --data-root data/anime   # 2 GPUs"
+    ),
+    "demo": "  hypernetwork demo                 # embedded tiny model, output in ./hypernetwork-demo/run-*/\n  hypernetwork demo --model sd15/   # a real model",
 }
 
 
@@ -231,12 +243,251 @@ def _export_lora(args) -> int:
     return EXIT_OK
 
 
-def _demo(args) -> int:
-    from .network import create
-    from .tiny import TINY_WIDTHS
+# -- model sources, generate, train, demo ----------------------------------------------------------
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder (default: the embedded tiny model)",
+    )
+    parser.add_argument(
+        "--config", help="for a single file: a diffusers folder of the same architecture (its configs and tokenizer)"
+    )
+    parser.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let diffusers fetch a single file's configs from the Hugging Face hub",
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
-    network = create(TINY_WIDTHS, (1, 2, 1), "relu", seed=args.seed, name="demo")
-    print(network.describe())
+
+def _device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_source(args, device: str | None = None):
+    from .pipelines import load_model
+
+    source = load_model(args.model, config=args.config, allow_download=args.allow_download)
+    source.pipe.to(device or _device(args))
+    return source
+
+
+def _library(args):
+    from .library import Library
+
+    folders = list(args.hypernetwork_dir or [])
+    if not folders and os.path.isdir(os.path.join("models", "hypernetworks")):
+        folders.append(os.path.join("models", "hypernetworks"))
+    return Library(folders)
+
+
+def _multipliers(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidConfigError(f"--grid {text!r}: expected comma-separated multipliers, e.g. -1,0,0.5,1") from None
+
+
+def _generate(args) -> int:
+    from .generate import GenerationSettings
+    from .workflows import generate_with_tags, multiplier_grid, save_png
+
+    library = _library(args)
+    source = _load_source(args)
+    settings = GenerationSettings(
+        args.prompt, args.negative, args.steps, args.cfg, args.width, args.height, args.seed, args.batch
+    )
+    if args.grid:
+        picture, outputs = multiplier_grid(source, library, [args.prompt], _multipliers(args.grid), settings)
+        written = [save_png(picture, args.output, outputs[-1].infotext)]
+        problems = sorted({p for o in outputs for p in o.problems})
+        notes = sorted({n for o in outputs for n in o.notes})
+    else:
+        output = generate_with_tags(source, library, settings, force_mismatch=args.force, on_step=_step_printer(args))
+        written = _write_images(output.images, args.output, output.infotext)
+        problems, notes = output.problems, output.notes
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}")
+    return EXIT_PARTIAL if problems else EXIT_OK
+
+
+def _step_printer(args):
+    if args.quiet:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr)
+
+    def report(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return report
+
+
+def _write_images(images: list, output: str, parameters: str) -> list[str]:
+    from .workflows import save_png
+
+    if len(images) == 1:
+        return [save_png(images[0], output, parameters)]
+    stem, suffix = os.path.splitext(output)
+    return [save_png(image, f"{stem}-{index}{suffix or '.png'}", parameters) for index, image in enumerate(images)]
+
+
+def _training_options() -> list:
+    import dataclasses
+
+    from .training import TrainingConfig
+
+    return [item for item in dataclasses.fields(TrainingConfig) if item.name != "hypernetwork_name"]
+
+
+_TRAINING_HELP = {
+    "learn_rate": "learning-rate schedule, e.g. '5e-5:100, 5e-6:1500, 1e-6'",
+    "data_root": "dataset folder (images with optional .txt captions)",
+    "log_directory": "logs, copies and previews go to <log>/<date>/<name>/",
+    "steps": "max steps, counting earlier sessions",
+    "template_filename": "prompt template: a name (ours or --template-dir) or a path",
+    "optimizer": "AdamW, AdamW8bit, Lion, Prodigy, or any torch.optim class",
+    "resume_from": "a saved copy to continue from (with its .optim sidecar when saved)",
+}
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training options (TrainingConfig; same names, defaults and syntax as A1111)")
+    for item in _training_options():
+        flag = "--" + item.name.replace("_", "-")
+        kind = item.type if isinstance(item.type, str) else item.type.__name__
+        help_text = _TRAINING_HELP.get(item.name, "") + f" (default: {item.default!r})"
+        if kind == "bool":
+            group.add_argument(
+                flag, dest=f"cfg_{item.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            converter = {"int": int, "float": float, "str": str}[kind]
+            metavar = {"int": "N", "float": "X", "str": "TEXT"}[kind]
+            group.add_argument(
+                flag, dest=f"cfg_{item.name}", type=converter, default=None, metavar=metavar, help=help_text
+            )
+
+
+def _training_config(args, name: str):
+    from .training import TrainingConfig, load_preset
+
+    config = TrainingConfig(hypernetwork_name=name)
+    if args.preset:
+        config = load_preset(args.preset, base=config)
+    given = {item.name: getattr(args, f"cfg_{item.name}") for item in _training_options()}
+    config = config.replace(**{k: v for k, v in given.items() if v is not None})
+    return config.check()
+
+
+def _network_to_train(args, source):
+    from .formats import load, save
+    from .training.distributed import is_main
+    from .workflows import new_network_for
+
+    if args.network:
+        return load(args.network), args.network
+    if not args.create:
+        if args.cfg_resume_from:
+            return None, None
+        raise InvalidConfigError("give --network FILE to train an existing network or --create NAME for a new one")
+    structure = [float(x) for x in args.layer_structure.split(",")]
+    dropout = [float(x) for x in args.dropout_structure.split(",")] if args.dropout_structure else None
+    widths = [int(x) for x in args.widths.split(",")] if args.widths else None
+    network = new_network_for(
+        source,
+        args.create,
+        widths=widths,
+        layer_structure=structure,
+        activation=args.activation,
+        weight_init=args.weight_init,
+        layer_norm=args.layer_norm,
+        dropout_structure=dropout,
+        activate_output=args.activate_output,
+        seed=args.init_seed,
+    )
+    path = os.path.join(args.output_dir, f"{args.create}.{args.format}")
+    if is_main():  # under accelerate every process builds it; the engine starts all from the main one's weights
+        save(network, path, overwrite=args.overwrite)
+    return network, path
+
+
+def _train(args) -> int:
+    from .training import TrainingCallbacks, save_preset, train
+    from .training.distributed import is_main
+    from .workflows import training_backend
+
+    device = _setup_processes(args)
+    source = _load_source(args, device)
+    network, path = _network_to_train(args, source)
+    name = args.create or (network.name if network is not None else "")
+    config = _training_config(args, name)
+    if args.save_preset:
+        save_preset(config, args.save_preset, overwrite=args.overwrite)
+    main_process = is_main()
+    callbacks = TrainingCallbacks(on_message=(lambda text: print(text, file=sys.stderr)) if main_process else None)
+    result = train(
+        network,
+        training_backend(source),
+        config,
+        callbacks,
+        source_path=path,
+        output_dir=args.output_dir,
+        template_dirs=args.template_dir or (),
+        progress_bar=main_process and not args.quiet,
+    )
+    if main_process and result.path:
+        print(f"wrote {result.path}")
+    return EXIT_OK if result.stopped in ("finished", "already trained") else EXIT_PARTIAL
+
+
+def _setup_processes(args) -> str:
+    """Under ``accelerate launch``/``torchrun`` every process gets its own device and joins the group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _device(args)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu")
+    return str(state.device)
+
+
+def _demo(args) -> int:
+    from .pipelines import load_model
+    from .workflows import run_demo
+
+    source = load_model(args.model, config=args.config, allow_download=args.allow_download)
+    source.pipe.to(_device(args))
+    result = run_demo(args.output, source, steps=args.steps, seed=args.seed, log=lambda text: print(text, flush=True))
+    summary = result.summary
+    print()
+    print(
+        f"demo finished in {summary['total_seconds']} s ({summary['steps']} training steps, {summary['steps_per_second']} steps/s)"
+    )
+    print(
+        f"loss: {summary['loss_first_steps_mean']} over the first steps -> {summary['loss_last_steps_mean']} over the last"
+    )
+    if summary["validation_loss"]:
+        first, last = summary["validation_loss"][0], summary["validation_loss"][-1]
+        print(f"held-out loss: {first[1]} at step {first[0]} -> {last[1]} at step {last[0]}")
+    print(
+        "mean pixel difference from multiplier 0: "
+        + ", ".join(f"x{k}: {v}" for k, v in summary["mean_pixel_difference_from_multiplier_0"].items())
+    )
+    print(f"network: {result.network_path} (A1111 copy: {result.network_pt_path})")
+    print(f"multiplier grid: {result.grid_path}")
+    print(f"loss plot: {result.loss_plot_path}")
+    print(f"everything: {result.folder}")
     return EXIT_OK
 
 
@@ -307,8 +558,61 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--overwrite", action="store_true")
 
-    demo = _subparser(commands, "demo", "run the main job on the embedded default model", _demo)
+    generate = _subparser(
+        commands, "generate", "txt2img with <hypernet:...> tags (same syntax as the WebUI)", _generate
+    )
+    generate.add_argument("prompt", help="the prompt, tags included")
+    generate.add_argument("--negative", default="", help="negative prompt")
+    generate.add_argument("-o", "--output", default="output.png")
+    generate.add_argument(
+        "--hypernetwork-dir", action="append", help="folder of networks (repeatable; default models/hypernetworks)"
+    )
+    generate.add_argument("--steps", type=int, default=20)
+    generate.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--width", type=int)
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--batch", type=int, default=1)
+    generate.add_argument(
+        "--grid", metavar="M1,M2,...", help="one image per multiplier (every tag's), tiled into one grid"
+    )
+    generate.add_argument("--force", action="store_true", help="apply networks made for another model family too")
+    generate.add_argument("--quiet", action="store_true")
+    _add_model_options(generate)
+
+    train = _subparser(
+        commands, "train", "train a network headless (one process, or data-parallel with accelerate launch)", _train
+    )
+    which = train.add_argument_group("the network")
+    which.add_argument("--network", help="an existing network file to train (never overwritten)")
+    which.add_argument("--create", metavar="NAME", help="create a new network first")
+    which.add_argument("--widths", help="for --create: comma-separated widths (default: the model's)")
+    which.add_argument("--layer-structure", default="1,2,1")
+    which.add_argument("--activation", default="linear")
+    which.add_argument("--weight-init", default="Normal")
+    which.add_argument("--layer-norm", action="store_true")
+    which.add_argument("--dropout-structure", help="e.g. 0,0.1,0")
+    which.add_argument("--activate-output", action="store_true")
+    which.add_argument("--init-seed", type=int)
+    which.add_argument("--format", choices=("pt", "safetensors"), default="safetensors", help="for --create")
+    train.add_argument(
+        "--output-dir", default=os.path.join("models", "hypernetworks"), help="where new and trained networks go"
+    )
+    train.add_argument("--preset", help="training options from a JSON preset (options given here win)")
+    train.add_argument("--save-preset", metavar="FILE", help="also write the options used as a preset")
+    train.add_argument("--template-dir", action="append", help="folder of prompt templates (repeatable)")
+    train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--quiet", action="store_true")
+    _add_model_options(train)
+    _add_training_options(train)
+
+    demo = _subparser(
+        commands, "demo", "create, train, save and try a network end to end (embedded tiny model by default)", _demo
+    )
+    demo.add_argument("--output", default="hypernetwork-demo", help="a new run-* folder is made in here")
+    demo.add_argument("--steps", type=int, default=120)
     demo.add_argument("--seed", type=int, default=0)
+    _add_model_options(demo)
     return parser
 
 

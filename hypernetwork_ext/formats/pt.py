@@ -144,30 +144,34 @@ def _looks_like(content: Mapping) -> str:
     return f"; its keys are: {shown}" if keys else "; it is an empty dict"
 
 
+def a1111_metadata(network: Hypernetwork) -> dict:
+    """Every A1111 metadata key with the host's types, in the order it writes them."""
+    arch = network.architecture
+    info = network.info
+    return {
+        "step": int(info.step),
+        "name": info.name,
+        "layer_structure": list(arch.layer_structure),
+        "activation_func": arch.activation_func,
+        "is_layer_norm": bool(arch.is_layer_norm),
+        "weight_initialization": arch.weight_initialization,
+        "sd_checkpoint": info.sd_checkpoint,
+        "sd_checkpoint_name": info.sd_checkpoint_name,
+        "activate_output": bool(arch.activate_output),
+        "use_dropout": bool(arch.use_dropout),
+        "dropout_structure": list(arch.dropout_structure),
+        "last_layer_dropout": bool(arch.last_layer_dropout),
+        "optional_info": info.optional_info or None,
+    }
+
+
 def network_to_dict(network: Hypernetwork) -> dict:
     """The dict A1111 1.10.1 writes for this network (plus ``model_family`` when declared)."""
-    arch = network.architecture
     info = network.info
     content: dict = {}
     for width, (key_state, value_state) in network.module_state_dicts().items():
         content[width] = (_cpu_state(key_state), _cpu_state(value_state))
-    content.update(
-        {
-            "step": int(info.step),
-            "name": info.name,
-            "layer_structure": list(arch.layer_structure),
-            "activation_func": arch.activation_func,
-            "is_layer_norm": bool(arch.is_layer_norm),
-            "weight_initialization": arch.weight_initialization,
-            "sd_checkpoint": info.sd_checkpoint,
-            "sd_checkpoint_name": info.sd_checkpoint_name,
-            "activate_output": bool(arch.activate_output),
-            "use_dropout": bool(arch.use_dropout),
-            "dropout_structure": list(arch.dropout_structure),
-            "last_layer_dropout": bool(arch.last_layer_dropout),
-            "optional_info": info.optional_info or None,
-        }
-    )
+    content.update(a1111_metadata(network))
     if info.model_family:
         content["model_family"] = info.model_family
     for key, value in info.extra.items():

@@ -25,7 +25,7 @@ from ..errors import FileFormatError, InvalidConfigError
 from ..hashing import content_hash
 from ..network import Hypernetwork, NetworkInfo, build_from_state
 from ..version import TOOL_NAME, __version__
-from .pt import A1111_KEYS, architecture_from_metadata
+from .pt import A1111_KEYS, a1111_metadata, architecture_from_metadata
 
 FORMAT_VERSION_KEY = "hypernetwork.format_version"
 FORMAT_VERSION = 1
@@ -53,22 +53,9 @@ def safetensors_bytes(network: Hypernetwork) -> bytes:
 
 
 def header_metadata(network: Hypernetwork) -> dict[str, str]:
-    arch = network.architecture
     info = network.info
     values = {
-        "step": int(info.step),
-        "name": info.name,
-        "layer_structure": list(arch.layer_structure),
-        "activation_func": arch.activation_func,
-        "is_layer_norm": bool(arch.is_layer_norm),
-        "weight_initialization": arch.weight_initialization,
-        "sd_checkpoint": info.sd_checkpoint,
-        "sd_checkpoint_name": info.sd_checkpoint_name,
-        "activate_output": bool(arch.activate_output),
-        "use_dropout": bool(arch.use_dropout),
-        "dropout_structure": list(arch.dropout_structure),
-        "last_layer_dropout": bool(arch.last_layer_dropout),
-        "optional_info": info.optional_info or None,
+        **a1111_metadata(network),
         "widths": network.widths,
         "model_family": network.family,
         "model_family_inferred": info.model_family is None,

@@ -29,7 +29,7 @@ from ..errors import HypernetworkError, InvalidConfigError
 from ..formats.optim import read_optimizer_sidecar, write_optimizer_sidecar
 from ..network import Hypernetwork
 from . import data as data_mod
-from . import logs
+from . import distributed, logs
 from .backends.base import ModelGuard, PreviewRequest, TrainingBackend, cat_conditioning
 from .checkpointing import gradient_checkpointing
 from .config import TrainingConfig
@@ -238,7 +238,8 @@ class _Run:
         if note:
             self.callbacks.message(note)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.log_dir = logs.log_folder(config.log_directory, self.name) if config.log_directory else None
+        writes = config.log_directory and distributed.is_main()
+        self.log_dir = logs.log_folder(config.log_directory, self.name) if writes else None
         if config.training_enable_tensorboard:
             logs.tensorboard_writer_class()
         if config.output_name.strip():
@@ -311,6 +312,7 @@ class _Run:
 
     # -- the loop ---------------------------------------------------------------------------
     def batch_for(self, micro_index: int) -> tuple[list[int], int, int]:
+        micro_index = micro_index * distributed.world_size() + distributed.rank()
         epoch, position = divmod(micro_index, self.batches_per_epoch)
         if epoch not in self._epoch_cache:
             self._epoch_cache = {epoch: self.dataset.epoch_batches(epoch)}
@@ -368,14 +370,17 @@ class _Run:
                 optimizer.zero_grad(set_to_none=True)
                 return None
             indices, self.epoch, self.epoch_step = self.batch_for(step * config.gradient_step + j)
+            process = (distributed.rank(),) if distributed.world_size() > 1 else ()
             with _fork_rng(self.backend.device):
-                torch.manual_seed(data_mod.derive_seed(self.seed, "step", step, j))
-                rng = random.Random(data_mod.derive_seed(self.seed, "captions", step, j))
+                torch.manual_seed(data_mod.derive_seed(self.seed, "step", step, j, *process))
+                rng = random.Random(data_mod.derive_seed(self.seed, "captions", step, j, *process))
                 loss = self.loss_for(indices, rng) / config.gradient_step
                 if not torch.isfinite(loss):
                     raise _NonFinite(f"the loss became {loss.item()} at step {step + 1}")
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
+        distributed.average_gradients(self.parameters)
+        total = distributed.average(total, self.backend.device)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         if self.clip_schedule is not None:
@@ -600,6 +605,7 @@ def _execute(run: _Run) -> TrainingResult:
     guard = ModelGuard(backend.host_modules())
     network.to(backend.device)
     run.parameters = list(network.parameters())
+    distributed.broadcast_parameters(run.parameters)
     run.tensorboard = None
     run.skipped = 0
     stopped, message, optimizer = STOP_FINISHED, "", None
@@ -629,7 +635,7 @@ def _execute(run: _Run) -> TrainingResult:
             run.ema = Ema(run.parameters, config.ema_decay) if config.ema_decay > 0 else None
             run.load_resume_state(optimizer)
             end = min(config.steps, run.schedule.end_step)
-            if run.progress_bar:
+            if run.progress_bar and distributed.is_main():
                 import tqdm
 
                 progress_bar = tqdm.tqdm(total=end - step, desc=f"Training hypernetwork {run.name}")
@@ -713,7 +719,9 @@ def _loop(run: _Run, optimizer, step: int, end: int, progress_bar) -> tuple[str,
 def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
     network = run.network
     path = preview_path = None
-    if network.step > run.start_step:
+    if not distributed.is_main():
+        message = f"{message} (process {distributed.rank()}: the main process saves)"
+    elif network.step > run.start_step:
         path = run._write(run._result_path(network.step), optimizer)
         if run.previews:
             preview_path = os.path.splitext(path)[0] + ".preview.png"

@@ -38,3 +38,11 @@ def poll(fn: Callable, inputs: Sequence, outputs: Sequence, seconds: float, *, b
 def enclosing_blocks() -> gr.Blocks | None:
     """The outermost ``gr.Blocks`` being built (a host's tab callback gets no Blocks of its own)."""
     return Context.root_block
+
+
+def launch_kwargs(blocks: gr.Blocks, **wanted) -> dict:
+    """The subset of ``wanted`` this gradio's ``Blocks.launch`` accepts (``show_api`` left in 6.0)."""
+    import inspect
+
+    accepted = inspect.signature(blocks.launch).parameters
+    return {key: value for key, value in wanted.items() if key in accepted}

@@ -78,6 +78,8 @@ def _train_components() -> list[tuple[str, gr.components.Component]]:
     items: list[tuple[str, gr.components.Component]] = []
 
     def add(name, component):
+        if not component.elem_id:  # stable ids for scripts, browser tests and user CSS
+            component.elem_id = f"hnx_train_{name}"
         items.append((name, component))
         return component
 

@@ -1,0 +1,260 @@
+"""The local web app: the extension's tabs without a WebUI, on the current gradio.
+
+    python -m hypernetwork_ext.app                       # the embedded tiny model
+    python -m hypernetwork_ext.app --model sd15-diffusers/ --hypernetwork-dir models/hypernetworks
+
+Tabs: Generate (prompt with ``<hypernet:...>`` tags), Train (create and train, live loss chart and
+previews), Hypernetworks (cards: previews, metadata, click to add a tag). Served on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from .errors import HypernetworkError
+from .generate import GenerationSettings
+from .library import Library
+from .pipelines import ModelSource, load_model
+from .syntax import format_number
+from .training.jobs import TrainingJobs, TrainingServices
+from .ui.compat import launch_kwargs, update
+from .ui.training import build_training_tab
+from .workflows import generate_with_tags, training_backend
+
+CARD_SIZE = 128
+
+
+@dataclass
+class AppState:
+    """The loaded model, the network library, and the lock that keeps generation and training apart."""
+
+    source: ModelSource
+    library: Library
+    output_dir: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run_exclusive(self, work, job=None):
+        with self.lock:
+            return work()
+
+
+# -- generate ---------------------------------------------------------------------------------------
+def generate_images(state: AppState, prompt, negative, steps, cfg, seed, width, height, batch):
+    """The Generate button: images, the infotext, and what went wrong with any tag."""
+    try:
+        settings = GenerationSettings(
+            prompt or "", negative or "", int(steps), float(cfg), int(width), int(height), int(seed), int(batch)
+        )
+        settings.check()
+    except (HypernetworkError, ValueError, TypeError) as exc:
+        return [], "", _messages([str(exc)])
+    if not state.lock.acquire(blocking=False):
+        return [], "", _messages(["the model is busy training; interrupt the training or wait for it to finish"])
+    try:
+        output = generate_with_tags(state.source, state.library, settings)
+    except HypernetworkError as exc:
+        return [], "", _messages([str(exc)])
+    finally:
+        state.lock.release()
+    return output.images, output.infotext, _messages(output.problems, output.notes)
+
+
+def _messages(problems, notes=()) -> str:
+    items = [f"<li class='hnx-problem'>{html.escape(p)}</li>" for p in problems]
+    items += [f"<li class='hnx-note'>{html.escape(n)}</li>" for n in notes]
+    return f"<ul id='hnx_app_message_list'>{''.join(items)}</ul>" if items else ""
+
+
+# -- cards ------------------------------------------------------------------------------------------
+def card_items(state: AppState, search: str = "") -> list[tuple[str, str]]:
+    """(preview image path, caption) for each network whose name, path or cached hash matches."""
+    needle = (search or "").strip().lower()
+    items = []
+    for entry in state.library.entries:
+        sha = state.library.cached_sha256(entry) or ""
+        haystack = f"{entry.name} {entry.relpath} {sha}".lower()
+        if needle and needle not in haystack:
+            continue
+        items.append((_preview_or_tile(state, entry), entry.name))
+    return items
+
+
+def _preview_or_tile(state: AppState, entry) -> str:
+    stem = os.path.splitext(entry.path)[0]
+    for candidate in (f"{stem}.preview.png", f"{stem}.png", f"{stem}.preview.jpg", f"{stem}.jpg"):
+        if os.path.isfile(candidate):
+            return candidate
+    return _placeholder(state, entry.name)
+
+
+def _placeholder(state: AppState, name: str) -> str:
+    from PIL import Image, ImageDraw
+
+    folder = os.path.join(state.output_dir, ".cards")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{abs(hash(name)) % 10**8}.png")
+    if not os.path.exists(path):
+        image = Image.new("RGB", (CARD_SIZE, CARD_SIZE), (60, 64, 80))
+        ImageDraw.Draw(image).text((10, CARD_SIZE // 2 - 6), name[:18], fill="white")
+        image.save(path)
+    return path
+
+
+def card_details(state: AppState, visible_names: list[str], index: int, prompt: str) -> tuple[str, str]:
+    """Selecting a card shows its metadata and adds ``<hypernet:name:preferred multiplier>`` to the prompt."""
+    if index is None or not 0 <= index < len(visible_names):
+        return "", prompt
+    entry = state.library.resolve(visible_names[index]).entry
+    details = state.library.describe(entry)
+    multiplier = state.library.preferred_multiplier(entry)
+    tag = f"<hypernet:{entry.name}:{format_number(1.0 if multiplier is None else multiplier)}>"
+    joined = f"{prompt} {tag}".strip() if tag not in (prompt or "") else prompt
+    return json.dumps(details, indent=2, default=str), joined
+
+
+# -- the app ----------------------------------------------------------------------------------------
+def build_app(state: AppState, *, poll_seconds: float = 1.0) -> gr.Blocks:
+    with gr.Blocks(title="Hypernetworks", analytics_enabled=False) as app:
+        gr.Markdown(
+            f"## Hypernetworks\nModel: **{html.escape(state.source.name)}** · networks from {', '.join(state.library.folders()) or '(none)'}"
+        )
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                prompt = _build_generate(state)
+            with gr.Tab("Train", id="train"):
+                build_training_tab(_training_jobs(state), blocks=app, poll_seconds=poll_seconds)
+            with gr.Tab("Hypernetworks", id="cards"):
+                _build_cards(state, prompt)
+    return app
+
+
+def _build_generate(state: AppState):
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(
+                label="Prompt (with <hypernet:name:multiplier> tags)", lines=2, elem_id="hnx_app_prompt"
+            )
+            negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="hnx_app_negative")
+            with gr.Row():
+                steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="hnx_app_steps")
+                cfg = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale", elem_id="hnx_app_cfg")
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="hnx_app_seed")
+            with gr.Row():
+                size = _default_size(state.source)
+                width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id="hnx_app_width")
+                height = gr.Slider(64, 2048, value=size, step=8, label="Height", elem_id="hnx_app_height")
+                batch = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="hnx_app_batch")
+            button = gr.Button("Generate", variant="primary", elem_id="hnx_app_generate")
+        with gr.Column(scale=2):
+            gallery = gr.Gallery(label="Images", elem_id="hnx_app_gallery", columns=2)
+            info = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="hnx_app_infotext")
+            messages = gr.HTML(elem_id="hnx_app_messages")
+    button.click(
+        lambda *values: generate_images(state, *values),
+        inputs=[prompt, negative, steps, cfg, seed, width, height, batch],
+        outputs=[gallery, info, messages],
+    )
+    return prompt
+
+
+def _default_size(source: ModelSource) -> int:
+    sample = getattr(getattr(source.unet, "config", None), "sample_size", 64)
+    factor = 2 ** (len(getattr(source.pipe.vae.config, "block_out_channels", [0, 0, 0, 0])) - 1)
+    return int(sample) * factor if isinstance(sample, int) else 512
+
+
+def _build_cards(state: AppState, prompt) -> None:
+    with gr.Row():
+        search = gr.Textbox(label="Search (name, path, hash)", elem_id="hnx_app_card_search", scale=4)
+        refresh = gr.Button("Refresh", elem_id="hnx_app_card_refresh", scale=1)
+    names = gr.State([name for _, name in card_items(state)])
+    cards = gr.Gallery(
+        value=card_items(state), label="Hypernetworks", columns=6, elem_id="hnx_app_cards", allow_preview=False
+    )
+    details = gr.Code(label="Metadata", language="json", elem_id="hnx_app_card_details")
+
+    def listing(text, rescan=False):
+        if rescan:
+            state.library.refresh()
+        items = card_items(state, text)
+        return update(value=items), [name for _, name in items]
+
+    search.change(lambda text: listing(text), inputs=[search], outputs=[cards, names])
+    refresh.click(lambda text: listing(text, True), inputs=[search], outputs=[cards, names])
+
+    def select(visible, current_prompt, event: gr.SelectData):
+        return card_details(state, visible, event.index, current_prompt)
+
+    cards.select(select, inputs=[names, prompt], outputs=[details, prompt])
+
+
+def _training_jobs(state: AppState) -> TrainingJobs:
+    folder = state.library.folders()[0] if state.library.folders() else state.output_dir
+    services = TrainingServices(
+        hypernetwork_dir=folder,
+        make_backend=lambda: training_backend(state.source),
+        model_family=lambda: state.source.family,
+        run_exclusive=state.run_exclusive,
+        on_saved=lambda path: state.library.refresh(),
+        presets_dir=os.path.join(state.output_dir, "presets"),
+    )
+    return TrainingJobs(services)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hypernetwork_ext.app", description="The hypernetwork web app (local)."
+    )
+    parser.add_argument("--model", help="single-file checkpoint or diffusers folder (default: the embedded tiny model)")
+    parser.add_argument("--config", help="for a single file: a diffusers folder of the same architecture")
+    parser.add_argument("--allow-download", action="store_true")
+    parser.add_argument(
+        "--hypernetwork-dir",
+        default=os.path.join("models", "hypernetworks"),
+        help="where networks are listed and trained ones go",
+    )
+    parser.add_argument("--output-dir", default="hypernetwork-app", help="presets, logs and card tiles")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7861)
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    try:
+        source = load_model(args.model, config=args.config, allow_download=args.allow_download)
+    except HypernetworkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    source.pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(args.hypernetwork_dir, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+    state = AppState(source, Library([args.hypernetwork_dir]), args.output_dir)
+    app = build_app(state)
+    app.queue()
+    print(f"serving on http://{args.host}:{args.port}", flush=True)
+    app.launch(
+        **launch_kwargs(
+            app,
+            server_name=args.host,
+            server_port=args.port,
+            show_api=False,
+            allowed_paths=[os.path.abspath(args.hypernetwork_dir), os.path.abspath(args.output_dir)],
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The command line on models: generate with tags, headless training (one process and data-parallel), the demo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import hypernetwork_ext as hx
+from hypernetwork_ext.cli import main
+from hypernetwork_ext.tiny import TINY_WIDTHS, procedural_images
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def visible(net, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in net.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0.0, 0.3, generator=generator)
+    return net
+
+
+@pytest.fixture
+def library(tmp_path):
+    folder = tmp_path / "hypernetworks"
+    hx.save(visible(hx.create(TINY_WIDTHS, activation="relu", seed=1, name="inky"), 1), folder / "inky.safetensors")
+    hx.save(hx.create([768, 320, 640, 1280], seed=2, name="sd1net"), folder / "sd1net.pt")
+    return folder
+
+
+def test_generate_with_tags_writes_png_with_infotext(library, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    code = main(
+        [
+            "generate",
+            "a red circle <hypernet:inky:0.8>",
+            "--hypernetwork-dir",
+            str(library),
+            "--steps",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    parameters = Image.open(out).info["parameters"]
+    assert parameters.startswith("a red circle <hypernet:inky:0.8>")
+    assert f'Hypernet hashes: "inky: {hx.file_sha256(library / "inky.safetensors")[:10]}"' in parameters
+    assert "Steps: 3" in parameters and "Seed: 0" in parameters
+    plain = tmp_path / "plain.png"
+    main(["generate", "a red circle", "--steps", "3", "--width", "64", "--height", "64", "-o", str(plain), "--quiet"])
+    assert Image.open(out).tobytes() != Image.open(plain).tobytes()
+
+
+def test_generate_reports_bad_tags_and_still_writes(library, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    code = main(
+        [
+            "generate",
+            "x <hypernet:nosuch:1> <hypernet:sd1net:1> <hypernet:inky:k=zz>",
+            "--hypernetwork-dir",
+            str(library),
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and out.exists()
+    assert "nosuch" in err and "sd1net" in err and "k=zz" in err
+
+
+def test_generate_grid(library, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code = main(
+        [
+            "generate",
+            "a blue square <hypernet:inky>",
+            "--hypernetwork-dir",
+            str(library),
+            "--grid=-1,0,1",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert Image.open(out).size[0] >= 3 * 64
+
+
+def _train_args(tmp_path, *extra):
+    data = tmp_path / "data"
+    if not data.exists():
+        procedural_images(data, 4, seed=1, colour="blue")
+    return [
+        "train", "--data-root", str(data), "--output-dir", str(tmp_path / "nets"), "--log-directory", str(tmp_path / "logs"),
+        "--steps", "3", "--learn-rate", "0.001", "--batch-size", "2", "--training-width", "64", "--training-height", "64",
+        "--create-image-every", "0", "--save-hypernetwork-every", "2", "--template-filename", "filewords.txt", "--seed", "5", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_train_creates_and_trains(tmp_path, capsys):
+    code = main(
+        _train_args(
+            tmp_path,
+            "--create",
+            "blue",
+            "--activation",
+            "relu",
+            "--init-seed",
+            "1",
+            "--save-preset",
+            str(tmp_path / "p.json"),
+        )
+    )
+    assert code == 0
+    assert (tmp_path / "nets" / "blue.safetensors").exists() and (tmp_path / "nets" / "blue-3.safetensors").exists()
+    trained = hx.load(tmp_path / "nets" / "blue-3.safetensors")
+    assert trained.step == 3 and trained.widths == [48, 32, 64] and trained.name == "blue-3"
+    preset = json.loads((tmp_path / "p.json").read_text())
+    assert preset["options"]["learn_rate"] == "0.001" and "data_root" not in preset["options"]
+    code = main(
+        _train_args(
+            tmp_path,
+            "--network",
+            str(tmp_path / "nets" / "blue-3.safetensors"),
+            "--preset",
+            str(tmp_path / "p.json"),
+            "--steps",
+            "5",
+        )
+    )
+    assert (
+        code == 0 and hx.load(tmp_path / "nets" / "blue-5.safetensors").step == 5
+    )  # named by its base name and true step
+
+
+def test_train_explains_bad_options(tmp_path, capsys):
+    code = main(_train_args(tmp_path, "--create", "x", "--learn-rate", "fast", "--batch-size", "0"))
+    err = capsys.readouterr().err
+    assert code == 2 and "learn_rate" in err and "batch_size" in err
+    assert main(_train_args(tmp_path)) == 2  # neither --network nor --create
+
+
+def _data_parallel_worker(rank, world, port, folder, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        from hypernetwork_ext.pipelines import load_model
+        from hypernetwork_ext.training import TrainingConfig, train
+        from hypernetwork_ext.workflows import new_network_for, training_backend
+
+        source = load_model(None)
+        network = new_network_for(source, "dp", activation="relu", seed=None)  # differs per process until broadcast
+        config = TrainingConfig(
+            hypernetwork_name="dp", data_root=str(folder / "data"), log_directory=str(folder / "logs"), learn_rate="0.001",
+            batch_size=1, training_width=64, training_height=64, steps=3, create_image_every=0, save_hypernetwork_every=0,
+            template_filename="filewords.txt", seed=9,
+        )  # fmt: skip
+        result = train(network, training_backend(source), config, output_dir=str(folder / "nets"), progress_bar=False)
+        queue.put((rank, hx.content_hash(result.network), result.path))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_data_parallel_training_keeps_processes_in_step(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    procedural_images(tmp_path / "data", 4, seed=2, colour="green")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    processes = [
+        context.Process(target=_data_parallel_worker, args=(rank, 2, port, tmp_path, queue)) for rank in range(2)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+        assert process.exitcode == 0
+    results = dict((rank, (digest, path)) for rank, digest, path in (queue.get(timeout=5) for _ in range(2)))
+    assert results[0][0] == results[1][0]  # identical weights after broadcast + averaged gradients
+    assert results[0][1] and results[1][1] is None  # only the main process writes
+    assert sorted(p.name for p in (tmp_path / "nets").iterdir()) == ["dp-3.pt"]
+
+
+def test_train_under_accelerate_launch(tmp_path):
+    procedural_images(tmp_path / "data", 4, seed=3)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hypernetwork_ext", "train", "--create", "acc",
+        "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "nets"), "--steps", "2", "--batch-size", "1",
+        "--training-width", "64", "--training-height", "64", "--create-image-every", "0", "--save-hypernetwork-every", "0",
+        "--log-directory", str(tmp_path / "logs"), "--template-filename", "filewords.txt", "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "nets").iterdir()) == ["acc-2.safetensors", "acc.safetensors"]
+    assert finished.stdout.count("wrote") == 1
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    code = main(["demo", "--output", str(tmp_path), "--steps", "6"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    run = next(tmp_path.glob("run-*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["stopped"] == "finished"
+    for name in ("multiplier-grid.png", "loss.png", "networks/demo-trained.safetensors", "networks/demo-trained.pt"):
+        assert (run / name).exists(), name
+    assert hx.load(run / "networks" / "demo-trained.pt").step == 6
+    differences = summary["mean_pixel_difference_from_multiplier_0"]
+    assert differences["0"] == 0 and differences["1"] > 0
+    assert "multiplier grid:" in printed and str(run) in printed
