@@ -136,13 +136,16 @@ def preview_sampler_problem(config: TrainingConfig) -> str | None:
 def render_preview(request: PreviewRequest):
     """A preview through the host's txt2img processing; the caller has the network attached."""
     sd_model = shared.sd_model
+    # A checkpoint chosen while training is loaded after it (its reload waits for the queue); the
+    # preview would load it first, so it then asks for the model being trained. Only then: setting
+    # options back fails under --freeze-settings.
+    title = sd_model.sd_checkpoint_info.title
+    chosen_meanwhile = shared.opts.data.get("sd_model_checkpoint") != title
     p = processing.StableDiffusionProcessingTxt2Img(
         sd_model=sd_model,
         do_not_save_grid=True,
         do_not_save_samples=True,
-        # a checkpoint chosen while training waits (its reload needs the queue); the preview must
-        # not load it either, so it asks for the model being trained
-        override_settings={"sd_model_checkpoint": sd_model.sd_checkpoint_info.title},
+        override_settings={"sd_model_checkpoint": title} if chosen_meanwhile else {},
     )
     p.disable_extra_networks = True
     p.prompt, p.negative_prompt = request.prompt, request.negative_prompt

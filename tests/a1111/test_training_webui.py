@@ -156,12 +156,19 @@ def test_the_tab_is_a_train_sub_tab_and_the_hosts_own_controls_step_aside(host):
     assert props["train_train_hypernetwork"]["visible"] is True and "hnx_moved_note" not in props
 
 
-def test_templates_come_from_the_hosts_folder_first(host):
+def test_templates_and_networks_come_from_the_hosts_folders(host, tmp_path):
     (host.templates_dir / "mine.txt").write_text("a [name] picture of [filewords]\n")
     (host.templates_dir / "filewords.txt").write_text("host's own [filewords]\n")
+    extra = tmp_path / "more-networks" / "inks"
+    extra.mkdir(parents=True)
+    hx.save(hx.create(WIDTHS, seed=3, name="ink"), extra / "ink.safetensors")
+    host.shared.opts.data["hypernetwork_extra_folders"] = str(tmp_path / "more-networks")
+    sys.modules["hypernetwork_ext.hosts.webui"].EXTENSION.library.refresh()
     tab, _interface, _preview = built_tab(host)
-    assert "mine.txt" in tab.template_names()
+    assert "mine.txt" in tab.template_names() and "style_filewords.txt" in tab.template_names()
     assert tab.jobs.services.templates()["filewords.txt"] == str(host.templates_dir / "filewords.txt")
+    assert tab.network_names() == ["ink", "style"]
+    assert tab.jobs.services.network_path("ink") == str(extra / "ink.safetensors")
 
 
 def test_a_run_from_the_tab_on_the_hosts_model(host, data, tmp_path, monkeypatch):
