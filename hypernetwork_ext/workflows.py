@@ -12,37 +12,13 @@ from pathlib import Path
 
 import torch
 
-from .attach import find_attention_sites
 from .generate import GenerationSettings, generate
 from .images import grid, line_chart
 from .library import ActivationPlan, Library
 from .network import Hypernetwork, create
 from .pipelines import ModelSource
-from .strength import attention_block_order
+from .shape import model_shape
 from .syntax import find_tags, format_hashes, format_number, set_multipliers, strip_tags
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    context_width: int | None
-    self_widths: tuple[int, ...]
-    blocks: tuple[str, ...]
-
-    @property
-    def default_widths(self) -> list[int]:
-        """A network for this model: its context width, then its self-attention widths."""
-        return ([self.context_width] if self.context_width else []) + list(self.self_widths)
-
-
-def model_shape(unet: torch.nn.Module) -> ModelShape:
-    sites = find_attention_sites(unet)
-    context = {site.key_projection.in_features for site in sites if site.kind == "cross"}
-    selfs = sorted({site.key_projection.in_features for site in sites if site.kind == "self"})
-    return ModelShape(
-        next(iter(context)) if len(context) == 1 else None,
-        tuple(selfs),
-        tuple(attention_block_order(site.block for site in sites)),
-    )
 
 
 # -- generation -------------------------------------------------------------------------------------

@@ -10,35 +10,10 @@ are the negative (unconditional) pass, from the layout the CFG denoiser reports 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..attach import Attachment, find_attention_sites
-from ..strength import attention_block_order
-
-
-@dataclass
-class ModelShape:
-    """What decides which networks fit a UNet and how block vectors map onto it."""
-
-    context_width: int | None
-    self_widths: tuple[int, ...]
-    blocks: tuple[str, ...]
-
-
-def model_shape(unet: nn.Module | None) -> ModelShape:
-    if unet is None:
-        return ModelShape(None, (), ())
-    sites = find_attention_sites(unet)
-    context = {site.key_projection.in_features for site in sites if site.kind == "cross"}
-    selfs = sorted({site.key_projection.in_features for site in sites if site.kind == "self"})
-    return ModelShape(
-        next(iter(context)) if len(context) == 1 else None,
-        tuple(selfs),
-        tuple(attention_block_order(site.block for site in sites)),
-    )
+from ..attach import Attachment
 
 
 def unet_of(sd_model) -> nn.Module | None:

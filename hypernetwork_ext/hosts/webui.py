@@ -29,6 +29,7 @@ from modules import (
 
 from ..errors import HypernetworkError
 from ..library import ActivationPlan, Library, NetworkEntry, fit_problem
+from ..shape import ModelShape, model_shape
 from ..syntax import TAG_TYPE, find_tags, format_hashes, format_number, parse_hashes, parse_presets, rename_tags
 from ..syntax import set_multipliers as set_prompt_multipliers
 from ..ui import compat
@@ -45,7 +46,7 @@ from ..ui.settings import (
     extra_folders,
 )
 from . import api
-from .a1111 import LdmApplier, ModelShape, model_shape
+from .a1111 import LdmApplier
 from .forge import PatcherApplier, detect_patcher_host
 
 LOG_PREFIX = "[Hypernetworks]"

@@ -162,7 +162,7 @@ def test_site_arguments_match_the_core_strength(host, inputs, args, strength):
 
 
 def test_block_vector_for_the_loaded_model(host, inputs):
-    from hypernetwork_ext.hosts.a1111 import model_shape
+    from hypernetwork_ext.shape import model_shape
 
     blocks = model_shape(unet_of(host)).blocks
     vector = ",".join("0" if i % 2 else "1" for i in range(len(blocks)))
