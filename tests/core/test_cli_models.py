@@ -13,17 +13,9 @@ from PIL import Image
 import hypernetwork_ext as hx
 from hypernetwork_ext.cli import main
 from hypernetwork_ext.tiny import TINY_WIDTHS, procedural_images
+from tests.support.networks import visible
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def visible(net, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in net.modules():
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.normal_(0.0, 0.3, generator=generator)
-    return net
 
 
 @pytest.fixture

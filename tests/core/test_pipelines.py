@@ -10,6 +10,7 @@ from hypernetwork_ext.images import grid, line_chart
 from hypernetwork_ext.pipelines import attention_widths, load_model
 from hypernetwork_ext.tiny import TINY_WIDTHS, build_tiny_components, procedural_images
 from tests.support.ldm_checkpoint import components_to_ldm
+from tests.support.networks import visible
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +73,6 @@ def test_malicious_ckpt_is_refused_before_diffusers_sees_it(tmp_path):
 @pytest.fixture(scope="module")
 def tiny():
     return load_model(None)
-
-
-def visible(net, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in net.modules():
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.normal_(0.0, 0.3, generator=generator)
-    return net
 
 
 def test_generation_is_deterministic_and_networks_change_it(tiny):
