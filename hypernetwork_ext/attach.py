@@ -31,6 +31,7 @@ from .fastpath import (
     fold_dtype,
     fold_weights,
     foldable_projection,
+    foldable_weight,
     is_torch_linear_forward,
     needs_autograd,
 )
@@ -310,7 +311,8 @@ class KVRewriter:
         if taken is not None:
             return taken
         other_path = VALUE if path == KEY else KEY
-        other = self._other_path_active(path, kind, block, x) if engine.pairing else None
+        site = (path, kind, block, x.shape[-1], prefix_only)
+        other = self._other_path_active(path, kind, block, x) if engine.pairs(site) else None
         if other is not None and prefix_only:
             other = _nonaffine_prefix(other) or None
         y_in = x.to(dtype)
@@ -318,7 +320,8 @@ class KVRewriter:
             y = engine.run_stages(y_in, active)
         else:
             y, y_other = engine.run_two_paths(y_in, active, other)
-            engine.offer(x, _pending_key(other_path, kind, block, x, dtype, other, prefix_only), y_other.to(x.dtype))
+            other_key = _pending_key(other_path, kind, block, x, dtype, other, prefix_only)
+            engine.offer(site, x, other_key, y_other.to(x.dtype))
         self.stats["computed_calls"] += 1
         return y.to(x.dtype)
 
@@ -379,9 +382,11 @@ class KVRewriter:
         if not stages:
             return forward(projection, x)
         infos = [self._engine.info(stage.module) for stage in stages]
-        held = [t for t in (projection.weight, projection.bias) if t is not None]
-        if not self.fast or needs_autograd(x, infos, held):
+        weights = [t for t in (projection.weight, projection.bias) if t is not None]
+        if not self.fast or needs_autograd(x, infos, weights):
             self.stats["plain_calls"] += 1
+            return forward(projection, self.rewrite(x, path, kind=kind, block=block))
+        if state.unstable or not foldable_weight(projection.weight):
             return forward(projection, self.rewrite(x, path, kind=kind, block=block))
         active = self._active(stages, infos, x)
         if not active:
@@ -417,7 +422,10 @@ class KVRewriter:
             return True
         probe = rows[:1]
         got = forward(projection, probe)
-        expected = F.linear(probe, projection.weight, projection.bias)
+        try:
+            expected = F.linear(probe, projection.weight, projection.bias)
+        except RuntimeError:  # weights the host casts itself at every call
+            return False
         return (
             isinstance(got, torch.Tensor)
             and got.shape == expected.shape

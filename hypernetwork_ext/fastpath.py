@@ -7,9 +7,9 @@ Every function here gives the same result as the plain per-module computation
   zero (the negative pass with ``uncond=0``) are not computed at all;
 - an affine network (no activation, no layer norm) is one matrix ``A`` and one vector ``a``:
   :meth:`Engine.affine` composes its Linears once, which is cheaper to apply than the layers;
-- the key and value modules of one network receive the same input, so their first Linear runs as
-  one GEMM on concatenated weights (:class:`_PairPlan`), and the elementwise layers after it run
-  once on the joint result;
+- the key and value modules of one network receive the same input, so their first Linears run as
+  one batched GEMM (:class:`_PairPlan`), and the host's second call (``to_v`` after ``to_k``)
+  takes the result computed with the first;
 - the text context does not change during sampling: :class:`ContextCache` keeps the rewritten
   context per (path, stages, multipliers) and recognises the context by value, because samplers
   rebuild the conditioning batch with ``torch.cat`` every step;
@@ -32,33 +32,8 @@ from torch import nn
 
 from .network import HypernetworkModule
 
-# Activations that act on each element alone, so one call on the key and value hidden states
-# side by side equals one call on each. PReLU has per-module weights and the softmax family mixes
-# elements (over the batch for 3-D inputs, A1111's legacy dim rule), so they are not listed.
-ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Hardswish,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Softplus,
-    nn.CELU,
-    nn.SELU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.LogSigmoid,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.Hardsigmoid,
-    nn.Softshrink,
-    nn.Hardshrink,
-    nn.RReLU,
-)
-# These normalise over a dimension that, for the host's 3-D inputs, is the batch: rows interact.
+# These normalise over a dimension that, for the host's 3-D inputs, is the batch (the legacy
+# implicit-dim rule): rows interact, so a subset of rows cannot be computed alone.
 ROW_COUPLING_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
 
 CONTEXTS_KEPT = 8
@@ -115,7 +90,6 @@ class ModuleInfo:
     params: list[torch.Tensor]
     affine: bool
     row_independent: bool
-    elementwise: bool
     mlp_macs_per_row: int
     width: int
 
@@ -129,9 +103,6 @@ class ModuleInfo:
             params=list(module.parameters()),
             affine=all(issubclass(kind, (nn.Linear, nn.Dropout)) for kind in kinds),
             row_independent=not any(issubclass(kind, ROW_COUPLING_ACTIVATIONS) for kind in kinds),
-            elementwise=all(
-                issubclass(kind, (nn.Linear, nn.Dropout, nn.LayerNorm, *ELEMENTWISE_ACTIVATIONS)) for kind in kinds
-            ),
             mlp_macs_per_row=sum(layer.in_features * layer.out_features for layer in linears),
             width=module.width,
         )
@@ -163,6 +134,7 @@ def needs_autograd(x: torch.Tensor, infos: Sequence[ModuleInfo], extra: Sequence
 class _Pending:
     """The other path's output, computed together with this one, waiting for its own call."""
 
+    site: tuple
     source: torch.Tensor
     version: int
     key: tuple
@@ -180,9 +152,9 @@ class Engine:
         self._affine: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pairs: dict[tuple, _PairPlan] = {}
         self._pending: _Pending | None = None
-        self._pair_hits = 0
-        self._pair_misses = 0
-        self.pairing = True
+        self._pair_hits: dict[tuple, int] = {}
+        self._pair_misses: dict[tuple, int] = {}
+        self._unpaired: set[tuple] = set()
 
     def clear(self) -> None:
         self._infos.clear()
@@ -190,8 +162,9 @@ class Engine:
         self._affine.clear()
         self._pairs.clear()
         self._pending = None
-        self._pair_hits = self._pair_misses = 0
-        self.pairing = True
+        self._pair_hits.clear()
+        self._pair_misses.clear()
+        self._unpaired.clear()
         self.contexts.clear()
 
     # -- module facts and copies --------------------------------------------------------------
@@ -292,19 +265,24 @@ class Engine:
         return plan
 
     # -- handing the other path's output to its own hook -------------------------------------------
-    def offer(self, source: torch.Tensor, key: tuple, output: torch.Tensor) -> None:
-        if self._pending is not None:
-            self._pair_misses += 1
-            if self._pair_misses >= 8 and self._pair_misses > 2 * self._pair_hits:
-                self.pairing = False  # this host does not call to_k and to_v with the same tensor
-        self._pending = _Pending(source, source._version, key, output)
+    def pairs(self, site: tuple) -> bool:
+        """Whether computing the other path along is worth it at this kind of site."""
+        return site not in self._unpaired
+
+    def offer(self, site: tuple, source: torch.Tensor, key: tuple, output: torch.Tensor) -> None:
+        left = self._pending
+        if left is not None:  # never asked for: this host calls to_k and to_v with other tensors here
+            misses = self._pair_misses[left.site] = self._pair_misses.get(left.site, 0) + 1
+            if misses >= 4 and not self._pair_hits.get(left.site):
+                self._unpaired.add(left.site)
+        self._pending = _Pending(site, source, source._version, key, output)
 
     def take(self, source: torch.Tensor, key: tuple) -> torch.Tensor | None:
         pending = self._pending
         if pending is None or pending.source is not source or pending.version != source._version or pending.key != key:
             return None
         self._pending = None
-        self._pair_hits += 1
+        self._pair_hits[pending.site] = self._pair_hits.get(pending.site, 0) + 1
         self.stats["paired_calls"] += 1
         return pending.output
 
@@ -317,7 +295,6 @@ def _same_shape_modules(a: ModuleInfo, b: ModuleInfo) -> bool:
     return (
         a.width == b.width
         and a.affine == b.affine
-        and a.elementwise == b.elementwise
         and [type(layer) for layer in a.module.linear] == [type(layer) for layer in b.module.linear]
         and [p.shape for p in a.params] == [p.shape for p in b.params]
     )
@@ -343,62 +320,41 @@ def _on_rows(x: torch.Tensor, rows: tuple[int, ...], compute: Callable[[torch.Te
 
 
 class _PairPlan:
-    """The first block (Linear, then elementwise layers) of two same-shaped modules run as one."""
+    """The first Linear of two same-shaped modules on one input, as one batched GEMM.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, split: int, ops: list, rests: tuple):
-        self.weight, self.bias, self.split = weight, bias, split
-        self.ops = ops  # ("act", module) on the joint tensor, or ("ln", gamma[2, h], beta[2, h], eps)
-        self.rests = rests  # per path: the layers that follow, applied separately
+    The result is laid out path by path (``[2, rows, hidden]``), so each path continues with its
+    own layers on a contiguous tensor: a joint ``[rows, 2 * hidden]`` layout would make every
+    following layer read strided halves or copy them (measured slower on CPU at 2048x320).
+    """
+
+    def __init__(self, weights: torch.Tensor, biases: torch.Tensor, rests: tuple):
+        self.weights = weights  # [2, in, hidden]: transposed first-layer weights, one per path
+        self.biases = biases  # [2, 1, hidden]
+        self.rests = rests  # per path: the layers after the first Linear
 
     @classmethod
     def for_affine(cls, first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]):
-        weight = torch.cat([first[0], second[0]])
-        bias = torch.cat([first[1], second[1]])
-        return cls(weight, bias, first[0].shape[0], [], ((), ()))
+        weights = torch.stack([first[0].t(), second[0].t()]).contiguous()
+        biases = torch.stack([first[1], second[1]]).unsqueeze(1)
+        return cls(weights, biases, ((), ()))
 
     @classmethod
     def for_layers(cls, first: HypernetworkModule, second: HypernetworkModule):
-        layers_a, layers_b = list(first.linear), list(second.linear)
-        linear_a, linear_b = layers_a[0], layers_b[0]
-        weight = torch.cat([linear_a.weight.detach(), linear_b.weight.detach()])
-        bias = torch.cat([linear_a.bias.detach(), linear_b.bias.detach()])
-        ops = []
-        index = 1
-        while index < len(layers_a):
-            layer_a, layer_b = layers_a[index], layers_b[index]
-            if isinstance(layer_a, nn.Dropout):
-                pass
-            elif isinstance(layer_a, ELEMENTWISE_ACTIVATIONS) and _same_settings(layer_a, layer_b):
-                ops.append(("act", layer_a))
-            elif isinstance(layer_a, nn.LayerNorm) and layer_a.eps == layer_b.eps:
-                gamma = torch.stack([layer_a.weight.detach(), layer_b.weight.detach()])
-                beta = torch.stack([layer_a.bias.detach(), layer_b.bias.detach()])
-                ops.append(("ln", gamma, beta, layer_a.eps))
-            else:
-                break
-            index += 1
-        rests = (tuple(layers_a[index:]), tuple(layers_b[index:]))
-        return cls(weight, bias, linear_a.out_features, ops, rests)
+        layers = list(first.linear), list(second.linear)
+        weights = torch.stack([layers[0][0].weight.detach().t(), layers[1][0].weight.detach().t()]).contiguous()
+        biases = torch.stack([layers[0][0].bias.detach(), layers[1][0].bias.detach()]).unsqueeze(1)
+        return cls(weights, biases, (tuple(layers[0][1:]), tuple(layers[1][1:])))
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        joint = F.linear(x, self.weight, self.bias)
-        for op in self.ops:
-            if op[0] == "act":
-                joint = op[1](joint)
-            else:
-                _, gamma, beta, eps = op
-                halves = joint.unflatten(-1, (2, self.split))
-                joint = torch.addcmul(beta, F.layer_norm(halves, (self.split,), eps=eps), gamma).flatten(-2)
-        first, second = joint[..., : self.split], joint[..., self.split :]
-        for layer in self.rests[0]:
-            first = layer(first)
-        for layer in self.rests[1]:
-            second = layer(second)
-        return first, second
-
-
-def _same_settings(a: nn.Module, b: nn.Module) -> bool:
-    return type(a) is type(b) and a.extra_repr() == b.extra_repr()
+        rows = x.reshape(-1, x.shape[-1])
+        joint = torch.baddbmm(self.biases, rows.expand(2, -1, -1), self.weights)
+        outputs = []
+        for half, rest in zip(joint, self.rests, strict=True):
+            y = half.view(*x.shape[:-1], half.shape[-1])  # the input's dimensions: softmax's legacy dim
+            for layer in rest:
+                y = layer(y)
+            outputs.append(y)
+        return outputs[0], outputs[1]
 
 
 def copy_module(module: HypernetworkModule) -> HypernetworkModule:
@@ -496,15 +452,25 @@ def is_torch_linear_forward(function: object) -> bool:
     )
 
 
+# float8 storage (A1111's and Forge's fp8 option) is cast at every call by the host; a fold stored
+# in float8 would round the networks away.
+FOLDABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def foldable_projection(projection: nn.Module) -> bool:
     """A plain Linear whose forward nobody has replaced on the instance."""
-    weight = getattr(projection, "weight", None)
     return (
         isinstance(projection, nn.Linear)
         and "forward" not in projection.__dict__
-        and isinstance(weight, torch.Tensor)
+        and foldable_weight(getattr(projection, "weight", None))
+    )
+
+
+def foldable_weight(weight: object) -> bool:
+    return (
+        isinstance(weight, torch.Tensor)
         and weight.dim() == 2
-        and weight.is_floating_point()
+        and weight.dtype in FOLDABLE_DTYPES
         and weight.device.type != "meta"
     )
 
@@ -572,7 +538,10 @@ class FoldState:
             if self.refolds_in_a_row >= UNSTABLE_AFTER_REFOLDS:
                 # The weights change before every call (offloading that moves them between
                 # devices): a fold would cost a matrix product per call, more than the networks.
+                # Hold nothing from now on, or offloaded weights would stay on the device.
+                self.clear()
                 self.unstable = True
+                return
         self.projection_token, self.network_token, self.held = projection_token, network_token, held
         self.folds.clear()
         self.first_seen.clear()

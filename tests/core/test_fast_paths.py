@@ -207,13 +207,17 @@ def test_rewrite_pair_of_one_tensor_equals_two_plain_rewrites():
     assert fast.stats["paired_calls"] == 1 and fast.stats["paired_first_layers"] == 2
 
 
-def test_pairing_stops_when_the_host_never_reuses_the_tensor():
-    net = make((8,), activation="relu")
+def test_pairing_stops_where_the_host_never_reuses_the_tensor():
+    net = make((8, 16), activation="relu")
     rewriter = KVRewriter([(net, Strength())])
-    for _ in range(12):
+    for _ in range(6):
         rewriter.rewrite(torch.randn(2, 3, 8), "key", kind="self")
-        rewriter.rewrite(torch.randn(2, 3, 8), "value", kind="self")
-    assert not rewriter._engine.pairing
+        rewriter.rewrite(torch.randn(2, 3, 8), "value", kind="self")  # another tensor: no use
+        x = torch.randn(2, 3, 16)
+        rewriter.rewrite(x, "key", kind="self")
+        rewriter.rewrite(x, "value", kind="self")
+    assert not rewriter._engine.pairs(("key", "self", None, 8, False))
+    assert rewriter._engine.pairs(("key", "self", None, 16, False)) and rewriter.stats["paired_calls"] == 6
 
 
 # -- multipliers that change: schedules, negative pass, zero ---------------------------------------
@@ -382,7 +386,41 @@ def test_weights_that_move_before_every_call_stop_the_folding(ldm_inputs):
             projection.weight.data = projection.weight.data.clone()  # like offloading between devices
             torch.testing.assert_close(run_fresh(model, ldm_inputs), expected, **TOLERANCE)
         assert handle.stats["folds"] == 2 * 7 + 2  # that projection refolded twice, then gave up
-        assert handle.stats["composite_calls"] == 3
+        assert handle.stats["composite_calls"] == 1 and handle.stats["computed_calls"] == 2
+
+
+def test_float8_weights_cast_by_the_host_are_never_folded():
+    from ldm.modules.attention import CrossAttention
+
+    torch.manual_seed(0)
+    attention = M.randomise(CrossAttention(query_dim=32, heads=4, dim_head=8), 1)  # self-attention
+    x = torch.randn(2, 16, 32)
+    net = make((32,))
+    original_forward = torch.nn.Linear.forward
+
+    def manual_cast_forward(self, input):  # how hosts run float8-stored weights
+        return torch.nn.functional.linear(input, self.weight.to(input.dtype), self.bias)
+
+    with torch.no_grad():
+        expected = reference_model(attention, [(net, 0.8)])(x)
+        handle = hx.apply(attention, [(net, 0.8)])
+        assert "forward" in attention.to_k.__dict__  # bound for folding while still float32
+        for projection in (attention.to_q, attention.to_k, attention.to_v):
+            projection.weight.data = projection.weight.data.to(torch.float8_e4m3fn)
+        torch.nn.Linear.forward = manual_cast_forward
+        try:
+            got = [attention(x) for _ in range(2)]
+            handle.remove()
+            rounded = reference_model(attention, [(net, 0.8)])(x)
+            with hx.apply(attention, [(net, 0.8)]):  # bound while float8: a plain hook from the start
+                assert "forward" not in attention.to_k.__dict__
+                got.append(attention(x))
+        finally:
+            torch.nn.Linear.forward = original_forward
+        assert handle.stats.get("folds", 0) == 0
+    assert not torch.allclose(rounded, expected)  # float8 really rounds
+    for output in got:
+        torch.testing.assert_close(output, rounded, **TOLERANCE)
 
 
 # -- A1111's Lora on the same layers -----------------------------------------------------------------
