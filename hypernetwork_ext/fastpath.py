@@ -23,6 +23,7 @@ plain path, which is differentiable and ignores multipliers in training mode as 
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -151,6 +152,7 @@ class Engine:
         self._converted: dict[tuple, HypernetworkModule] = {}
         self._affine: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pairs: dict[tuple, _PairPlan] = {}
+        self._pairable: dict[tuple, tuple] = {}
         self._pending: _Pending | None = None
         self._pair_hits: dict[tuple, int] = {}
         self._pair_misses: dict[tuple, int] = {}
@@ -161,6 +163,7 @@ class Engine:
         self._converted.clear()
         self._affine.clear()
         self._pairs.clear()
+        self._pairable.clear()
         self._pending = None
         self._pair_hits.clear()
         self._pair_misses.clear()
@@ -191,7 +194,7 @@ class Engine:
         key = (id(info.module), info.token(), device, dtype)
         found = self._affine.get(key)
         if found is None:
-            with torch.no_grad():
+            with torch.no_grad(), exact(device):
                 matrix = vector = None
                 for layer in info.module.linear:
                     if not isinstance(layer, nn.Linear):
@@ -210,10 +213,16 @@ class Engine:
         if info.composite_is_cheaper:
             matrix, vector = self.affine(info, x.device, x.dtype)
             return F.linear(x, matrix, vector)
-        return self.module_on(info, x.device, x.dtype).linear(x)
+        for layer in self.module_on(info, x.device, x.dtype).linear:
+            x = layer.forward(x)  # not layer(x): no hooks on our own modules, less call overhead
+        return x
 
     def can_pair(self, first: ModuleInfo, second: ModuleInfo) -> bool:
-        return _same_shape_modules(first, second)
+        key = (id(first.module), id(second.module))
+        found = self._pairable.get(key)
+        if found is None or found[0] is not first or found[1] is not second:
+            found = self._pairable[key] = (first, second, _same_shape_modules(first, second))
+        return found[2]
 
     def run_stage(self, x: torch.Tensor, info: ModuleInfo, mult: Mult) -> torch.Tensor:
         """One stage on one path: ``x + m * mlp(x)``; rows with a zero multiplier are skipped."""
@@ -242,7 +251,7 @@ class Engine:
         """Both paths from one input; their first stages share one GEMM when they come from the
         same network (the key and value modules of one width)."""
         (info_a, mult_a), (info_b, mult_b) = first[0], second[0]
-        if not (_same_shape_modules(info_a, info_b) and mult_a.rows_key == mult_b.rows_key):
+        if not (self.can_pair(info_a, info_b) and mult_a.rows_key == mult_b.rows_key):
             return self.run_stages(x, first), self.run_stages(x, second)
         if _zero_row_subset([info_a, info_b], [mult_a, mult_b], x) is not None:
             return self.run_stages(x, first), self.run_stages(x, second)
@@ -343,18 +352,19 @@ class _PairPlan:
         layers = list(first.linear), list(second.linear)
         weights = torch.stack([layers[0][0].weight.detach().t(), layers[1][0].weight.detach().t()]).contiguous()
         biases = torch.stack([layers[0][0].bias.detach(), layers[1][0].bias.detach()]).unsqueeze(1)
-        return cls(weights, biases, (tuple(layers[0][1:]), tuple(layers[1][1:])))
+        rests = tuple(tuple(layer.forward for layer in path_layers[1:]) for path_layers in layers)
+        return cls(weights, biases, rests)
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.reshape(-1, x.shape[-1])
         joint = torch.baddbmm(self.biases, rows.expand(2, -1, -1), self.weights)
-        outputs = []
-        for half, rest in zip(joint, self.rests, strict=True):
-            y = half.view(*x.shape[:-1], half.shape[-1])  # the input's dimensions: softmax's legacy dim
-            for layer in rest:
-                y = layer(y)
-            outputs.append(y)
-        return outputs[0], outputs[1]
+        shape = (*x.shape[:-1], joint.shape[-1])  # the input's dimensions: softmax's legacy dim
+        first, second = joint[0].view(shape), joint[1].view(shape)
+        for forward in self.rests[0]:
+            first = forward(first)
+        for forward in self.rests[1]:
+            second = forward(second)
+        return first, second
 
 
 def copy_module(module: HypernetworkModule) -> HypernetworkModule:
@@ -487,6 +497,11 @@ def fold_weights(
     every product at ``out x width`` (never ``width x width`` chains).
     """
     dtype = affines[0][0].dtype
+    with torch.no_grad(), exact(weight.device):
+        return _fold(weight, bias, affines, multipliers, dtype)
+
+
+def _fold(weight, bias, affines, multipliers, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     folded = weight.detach().to(dtype)
     folded_bias = (
         bias.detach().to(dtype) if bias is not None else torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
@@ -495,6 +510,25 @@ def fold_weights(
         folded_bias = torch.addmv(folded_bias, folded, vector, alpha=m)
         folded = torch.addmm(folded, folded, matrix, alpha=m)
     return folded.to(weight.dtype).contiguous(), folded_bias.to(weight.dtype)
+
+
+def exact(device: torch.device):
+    """No autocast: hosts sample under ``torch.autocast``, which would compute these products,
+    made once and reused for the whole generation, in half precision."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know has no autocast to turn off
+        return contextlib.nullcontext()
+
+
+def autocast_state(device: torch.device) -> tuple:
+    """Whether, and in which dtype, autocast computes on this device now (part of cache keys)."""
+    try:
+        return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+    except (TypeError, AttributeError, RuntimeError):  # torch before 2.4: one function per device
+        if device.type == "cpu":
+            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
 
 
 def fold_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -83,6 +83,15 @@ def test_affine_network_is_folded_and_exact(ldm, ldm_inputs):
     assert stats["context_computed"] == 2 and stats["context_hits"] == 3 * 2 * 7 - 2
 
 
+def test_fold_false_keeps_the_weights_unfolded(ldm, ldm_inputs):
+    net = make()
+    expected = reference(ldm, ldm_inputs, [(net, 0.8)])
+    with hx.apply(ldm, [(net, 0.8)], fold=False) as handle:
+        assert all("forward" not in projection.__dict__ for projection in _projections(ldm))
+        assert_all_close(steps(ldm, ldm_inputs, 2), expected)
+        assert handle.stats.get("folds", 0) == 0 and handle.stats["paired_calls"] == 2 * 7
+
+
 @pytest.mark.parametrize("model_name", ["diffusers-sd1", "diffusers-sdxl"])
 def test_affine_folding_on_diffusers(model_name):
     if model_name == "diffusers-sd1":
@@ -149,6 +158,18 @@ def test_fold_math_equals_projection_of_rewritten_input():
     torch.testing.assert_close(x.double() @ folded.T + folded_bias, y @ weight.T + bias)
     folded, folded_bias = fold_weights(weight, None, affines, multipliers)
     torch.testing.assert_close(x.double() @ folded.T + folded_bias, y @ weight.T)
+
+
+def test_folds_and_contexts_are_exact_under_the_hosts_autocast(ldm, ldm_inputs):
+    net = make(activation="linear")
+    expected = reference(ldm, ldm_inputs, [(net, 0.8)])
+    with hx.apply(ldm, [(net, 0.8)]) as handle:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run_fresh(ldm, ldm_inputs)  # folds and composes inside the host's autocast
+        outputs = steps(ldm, ldm_inputs, 2)  # then runs without it
+        assert handle.stats["folds"] == 2 * 7 and handle.stats["folded_calls"] == 3 * 2 * 7
+        assert handle.stats["context_computed"] == 2 * 2  # a bfloat16 context does not serve float32
+    assert_all_close(outputs, expected)
 
 
 # -- nonlinear networks: context once, key and value together --------------------------------------
