@@ -1,6 +1,6 @@
 """Per-step cost of hypernetworks: A1111's way against ours, on SD-shaped ldm UNets.
 
-    python benchmarks/inference.py            # SD1.5 at 256 and 512, SDXL-shaped at 256 (~10 min, 2 cores)
+    python benchmarks/inference.py            # SD1.5 at 256 and 512, SDXL-shaped at 256 (10-16 min, 2 cores)
     python benchmarks/inference.py --quick    # SD1.5 at 256, two networks (~2 min)
     python benchmarks/inference.py --threads 1 --clock cpu   # on a machine shared with other jobs
 
@@ -24,7 +24,8 @@ where all the added work happens (timed in every variant, ``base`` included; on 
 other jobs keep busy the whole-step figures carry their noise, these far less). Both are
 fractions of the base step. ``max diff`` compares our output with the naive one, relative to
 the output's largest magnitude. ``first step`` is the extra time of the first step after
-attaching (folding weights, rewriting the context): once per generation at most.
+attaching (folding weights, rewriting the context): once per generation at most; ``folding`` is
+the part of it spent folding, timed inside the library (``handle.stats["fold_seconds"]``).
 """
 
 from __future__ import annotations
@@ -340,6 +341,7 @@ def bench_config(key: str, names: list[str], rounds: int, args) -> list[dict]:
                 "naive_kv": _projection_overhead(naive, base) if timer.enabled else None,
                 "ours_kv": _projection_overhead(ours, base) if timer.enabled else None,
                 "first_step_extra_s": first - statistics.median(ours.times),
+                "fold_s": handle.stats.get("fold_seconds", 0.0),
                 "max_diff": diff,
                 "stats": dict(handle.stats),
             }
@@ -360,7 +362,7 @@ def print_header() -> None:
     print(
         f"{'':22} {'':18} {'':>11} {'whole steps':^26} {'inside to_k/to_v':^26}\n"
         f"{'configuration':22} {'networks':18} {'step (base)':>11} {'naive':>7} {'ours':>7} {'ours/naive':>10} "
-        f"{'naive':>7} {'ours':>7} {'ours/naive':>10} {'first step':>10} {'max diff':>9}"
+        f"{'naive':>7} {'ours':>7} {'ours/naive':>10} {'first step':>10} {'folding':>8} {'max diff':>9}"
     )
 
 
@@ -369,7 +371,7 @@ def print_row(row: dict) -> None:
     print(
         f"{row['config']:22} {row['scenario']:18} {row['base_s']:10.2f}s {row['naive']:+7.1%} "
         f"{row['ours']:+7.1%} {_ratio(row['ours'], row['naive']):10.2f} {_inside(row)} "
-        f"{row['first_step_extra_s']:+9.2f}s {diff:>9}",
+        f"{row['first_step_extra_s']:+9.2f}s {row['fold_s']:7.2f}s {diff:>9}",
         flush=True,
     )
 

@@ -13,6 +13,7 @@ exactly; both run under every attention kernel because every kernel calls ``to_k
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -475,9 +476,11 @@ class KVRewriter:
                 continue
             fold = state.lookup(multipliers)
             if fold is None and state.worth_folding(multipliers, progress):
+                started = time.perf_counter()
                 affines = [self._engine.affine(info, weight.device, folding) for info, _ in suffix]
                 fold = state.store(multipliers, *fold_weights(weight, bias, affines, multipliers))
                 self.stats["folds"] += 1
+                self.stats["fold_seconds"] += time.perf_counter() - started  # host time (GPU: queued)
             if fold is not None:
                 self.stats["folded_calls"] += 1
                 outputs.append((rows, F.linear(part, fold.weight, fold.bias)))
