@@ -1,0 +1,606 @@
+"""Fast ways to compute what :class:`~hypernetwork_ext.attach.KVRewriter` computes.
+
+Every function here gives the same result as the plain per-module computation
+``y = x + m * mlp(x)`` (stage after stage) up to float rounding; they only do less work:
+
+- multipliers are kept apart per batch row group (:class:`Mult`), so rows whose multiplier is
+  zero (the negative pass with ``uncond=0``) are not computed at all;
+- an affine network (no activation, no layer norm) is one matrix ``A`` and one vector ``a``:
+  :meth:`Engine.affine` composes its Linears once, which is cheaper to apply than the layers;
+- the key and value modules of one network receive the same input, so their first Linears run as
+  one batched GEMM (:class:`_PairPlan`), and the host's second call (``to_v`` after ``to_k``)
+  takes the result computed with the first;
+- the text context does not change during sampling: :class:`ContextCache` keeps the rewritten
+  context per (path, stages, multipliers) and recognises the context by value, because samplers
+  rebuild the conditioning batch with ``torch.cat`` every step;
+- on ``to_k``/``to_v`` Linears of self-attention, a trailing run of affine networks is folded into
+  the projection itself (:class:`FoldedProjection`): ``W (M x + c) + b = (W M) x + (W c + b)``.
+
+Nothing here runs while gradients are needed: :func:`needs_autograd` sends those calls to the
+plain path, which is differentiable and ignores multipliers in training mode as the host does.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .network import HypernetworkModule
+
+# These normalise over a dimension that, for the host's 3-D inputs, is the batch (the legacy
+# implicit-dim rule): rows interact, so a subset of rows cannot be computed alone.
+ROW_COUPLING_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
+
+CONTEXTS_KEPT = 8
+OUTPUTS_PER_CONTEXT = 64
+MISSES_BEFORE_BYPASS = 16
+FOLDS_PER_PROJECTION = 2
+UNSTABLE_AFTER_REFOLDS = 3
+
+
+# -- multipliers ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mult:
+    """The multiplier of one stage for one call: ``cond`` for most rows, ``uncond`` for the rows
+    flagged in ``rows`` (the negative pass). ``rows`` is None when every row has ``cond``."""
+
+    cond: float
+    uncond: float
+    rows: torch.Tensor | None = None
+    rows_key: tuple[bool, ...] | None = None
+
+    @property
+    def is_zero(self) -> bool:
+        return self.cond == 0.0 and (self.rows is None or self.uncond == 0.0)
+
+    @property
+    def key(self) -> tuple:
+        return (self.cond,) if self.rows is None else (self.cond, self.uncond, self.rows_key)
+
+    def value_for(self, y: torch.Tensor) -> float | torch.Tensor:
+        """A float, or a per-row tensor shaped to broadcast over ``y``."""
+        if self.rows is None:
+            return self.cond
+        per_row = torch.where(self.rows.to(y.device), self.uncond, self.cond).to(y.dtype)
+        return per_row.reshape(-1, *([1] * (y.dim() - 1)))
+
+    def only_cond(self) -> Mult:
+        return Mult(self.cond, self.cond)
+
+
+def combine(x: torch.Tensor, g: torch.Tensor, mult: Mult) -> torch.Tensor:
+    """``x + m * g`` in one kernel."""
+    value = mult.value_for(x)
+    if isinstance(value, float):
+        return torch.add(x, g, alpha=value)
+    return torch.addcmul(x, g, value)
+
+
+# -- what a module is made of ---------------------------------------------------------------------
+@dataclass(eq=False)
+class ModuleInfo:
+    """Facts about one hypernetwork module that decide which fast path may serve it."""
+
+    module: HypernetworkModule
+    params: list[torch.Tensor]
+    affine: bool
+    row_independent: bool
+    mlp_macs_per_row: int
+    width: int
+
+    @classmethod
+    def of(cls, module: HypernetworkModule) -> ModuleInfo:
+        layers = list(module.linear)
+        kinds = [type(layer) for layer in layers]
+        linears = [layer for layer in layers if isinstance(layer, nn.Linear)]
+        return cls(
+            module=module,
+            params=list(module.parameters()),
+            affine=all(issubclass(kind, (nn.Linear, nn.Dropout)) for kind in kinds),
+            row_independent=not any(issubclass(kind, ROW_COUPLING_ACTIVATIONS) for kind in kinds),
+            mlp_macs_per_row=sum(layer.in_features * layer.out_features for layer in linears),
+            width=module.width,
+        )
+
+    def token(self) -> tuple:
+        """Changes whenever a parameter is replaced or modified in place."""
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.params)
+
+    def needs_grad(self) -> bool:
+        return self.module.training or any(p.requires_grad for p in self.params)
+
+    @property
+    def composite_is_cheaper(self) -> bool:
+        """Applying the composed matrix costs width² per row; the layers cost their MACs."""
+        return self.affine and self.width * self.width < self.mlp_macs_per_row
+
+
+def needs_autograd(x: torch.Tensor, infos: Sequence[ModuleInfo], extra: Sequence[torch.Tensor] = ()) -> bool:
+    """Whether this call must keep the plain, differentiable computation."""
+    if any(info.module.training for info in infos):
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(info.needs_grad() for info in infos) or any(t.requires_grad for t in extra)
+
+
+# -- the engine -------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Pending:
+    """The other path's output, computed together with this one, waiting for its own call."""
+
+    site: tuple
+    source: torch.Tensor
+    version: int
+    key: tuple
+    output: torch.Tensor
+
+
+class Engine:
+    """Computes stage lists quickly and keeps what can be reused (all caches die with ``clear``)."""
+
+    def __init__(self) -> None:
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.contexts = ContextCache(self.stats)
+        self._infos: dict[int, ModuleInfo] = {}
+        self._converted: dict[tuple, HypernetworkModule] = {}
+        self._affine: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pairs: dict[tuple, _PairPlan] = {}
+        self._pairable: dict[tuple, tuple] = {}
+        self._pending: _Pending | None = None
+        self._pair_hits: dict[tuple, int] = {}
+        self._pair_misses: dict[tuple, int] = {}
+        self._unpaired: set[tuple] = set()
+
+    def clear(self) -> None:
+        self._infos.clear()
+        self._converted.clear()
+        self._affine.clear()
+        self._pairs.clear()
+        self._pairable.clear()
+        self._pending = None
+        self._pair_hits.clear()
+        self._pair_misses.clear()
+        self._unpaired.clear()
+        self.contexts.clear()
+
+    # -- module facts and copies --------------------------------------------------------------
+    def info(self, module: HypernetworkModule) -> ModuleInfo:
+        info = self._infos.get(id(module))
+        if info is None or info.module is not module:
+            info = self._infos[id(module)] = ModuleInfo.of(module)
+        return info
+
+    def module_on(self, info: ModuleInfo, device: torch.device, dtype: torch.dtype) -> HypernetworkModule:
+        """The module itself, or a cached eval-mode copy on another device/dtype."""
+        reference = info.params[0] if info.params else None
+        if reference is None or (reference.device == device and reference.dtype == dtype):
+            return info.module
+        key = (id(info.module), info.token(), device, dtype)
+        copy = self._converted.get(key)
+        if copy is None:
+            copy = copy_module(info.module).to(device=device, dtype=dtype)
+            self._converted[key] = copy
+        return copy
+
+    def affine(self, info: ModuleInfo, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, a)`` with ``mlp(x) = x @ A.T + a`` for an affine module (Dropout is off at inference)."""
+        key = (id(info.module), info.token(), device, dtype)
+        found = self._affine.get(key)
+        if found is None:
+            with torch.no_grad(), exact(device):
+                matrix = vector = None
+                for layer in info.module.linear:
+                    if not isinstance(layer, nn.Linear):
+                        continue
+                    weight = layer.weight.to(device=device, dtype=dtype)
+                    bias = layer.bias.to(device=device, dtype=dtype)
+                    matrix = weight if matrix is None else weight @ matrix
+                    vector = bias if vector is None else torch.addmv(bias, weight, vector)
+                found = (matrix.contiguous(), vector.contiguous())
+            self._affine[key] = found
+        return found
+
+    # -- running stages ---------------------------------------------------------------------------
+    def mlp(self, x: torch.Tensor, info: ModuleInfo) -> torch.Tensor:
+        """The module's network output before its multiplier and residual."""
+        if info.composite_is_cheaper:
+            matrix, vector = self.affine(info, x.device, x.dtype)
+            return F.linear(x, matrix, vector)
+        for layer in self.module_on(info, x.device, x.dtype).linear:
+            x = layer.forward(x)  # not layer(x): no hooks on our own modules, less call overhead
+        return x
+
+    def can_pair(self, first: ModuleInfo, second: ModuleInfo) -> bool:
+        key = (id(first.module), id(second.module))
+        found = self._pairable.get(key)
+        if found is None or found[0] is not first or found[1] is not second:
+            found = self._pairable[key] = (first, second, _same_shape_modules(first, second))
+        return found[2]
+
+    def run_stage(self, x: torch.Tensor, info: ModuleInfo, mult: Mult) -> torch.Tensor:
+        """One stage on one path: ``x + m * mlp(x)``; rows with a zero multiplier are skipped."""
+        subset = _zero_row_subset([info], [mult], x)
+        if subset is not None:
+            return _on_rows(x, subset, lambda part: self.run_stage(part, info, mult.only_cond()))
+        return combine(x, self.mlp(x, info), mult)
+
+    def run_stages(self, x: torch.Tensor, stages: Sequence[tuple[ModuleInfo, Mult]]) -> torch.Tensor:
+        if not stages:
+            return x
+        infos = [info for info, _ in stages]
+        mults = [mult for _, mult in stages]
+        subset = _zero_row_subset(infos, mults, x)
+        if subset is not None:
+            self.stats["zero_rows_skipped"] += 1
+            cond_only = [(info, mult.only_cond()) for info, mult in stages]
+            return _on_rows(x, subset, lambda part: self.run_stages(part, cond_only))
+        for info, mult in stages:
+            x = self.run_stage(x, info, mult)
+        return x
+
+    def run_two_paths(
+        self, x: torch.Tensor, first: Sequence[tuple[ModuleInfo, Mult]], second: Sequence[tuple[ModuleInfo, Mult]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both paths from one input; their first stages share one GEMM when they come from the
+        same network (the key and value modules of one width)."""
+        (info_a, mult_a), (info_b, mult_b) = first[0], second[0]
+        if not (self.can_pair(info_a, info_b) and mult_a.rows_key == mult_b.rows_key):
+            return self.run_stages(x, first), self.run_stages(x, second)
+        if _zero_row_subset([info_a, info_b], [mult_a, mult_b], x) is not None:
+            return self.run_stages(x, first), self.run_stages(x, second)
+        self.stats["paired_first_layers"] += 1
+        g_a, g_b = self.pair_plan(info_a, info_b, x.device, x.dtype).run(x)
+        y_a, y_b = combine(x, g_a, mult_a), combine(x, g_b, mult_b)
+        return self.run_stages(y_a, first[1:]), self.run_stages(y_b, second[1:])
+
+    def pair_plan(self, info_a: ModuleInfo, info_b: ModuleInfo, device: torch.device, dtype: torch.dtype) -> _PairPlan:
+        key = (id(info_a.module), id(info_b.module), info_a.token(), info_b.token(), device, dtype)
+        plan = self._pairs.get(key)
+        if plan is None:
+            if info_a.composite_is_cheaper and info_b.composite_is_cheaper:
+                plan = _PairPlan.for_affine(self.affine(info_a, device, dtype), self.affine(info_b, device, dtype))
+            else:
+                plan = _PairPlan.for_layers(
+                    self.module_on(info_a, device, dtype), self.module_on(info_b, device, dtype)
+                )
+            self._pairs[key] = plan
+        return plan
+
+    # -- handing the other path's output to its own hook -------------------------------------------
+    def pairs(self, site: tuple) -> bool:
+        """Whether computing the other path along is worth it at this kind of site."""
+        return site not in self._unpaired
+
+    def offer(self, site: tuple, source: torch.Tensor, key: tuple, output: torch.Tensor) -> None:
+        left = self._pending
+        if left is not None:  # never asked for: this host calls to_k and to_v with other tensors here
+            misses = self._pair_misses[left.site] = self._pair_misses.get(left.site, 0) + 1
+            if misses >= 4 and not self._pair_hits.get(left.site):
+                self._unpaired.add(left.site)
+        self._pending = _Pending(site, source, source._version, key, output)
+
+    def take(self, source: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        pending = self._pending
+        if pending is None or pending.source is not source or pending.version != source._version or pending.key != key:
+            return None
+        self._pending = None
+        self._pair_hits[pending.site] = self._pair_hits.get(pending.site, 0) + 1
+        self.stats["paired_calls"] += 1
+        return pending.output
+
+    def drop_pending(self) -> None:
+        self._pending = None
+
+
+def _same_shape_modules(a: ModuleInfo, b: ModuleInfo) -> bool:
+    """The key and value modules of one network and width: built from the same architecture."""
+    return (
+        a.width == b.width
+        and a.affine == b.affine
+        and [type(layer) for layer in a.module.linear] == [type(layer) for layer in b.module.linear]
+        and [p.shape for p in a.params] == [p.shape for p in b.params]
+    )
+
+
+def _zero_row_subset(infos: Sequence[ModuleInfo], mults: Sequence[Mult], x: torch.Tensor) -> tuple[int, ...] | None:
+    """The rows to compute when every stage leaves the flagged rows alone (``uncond=0``)."""
+    first = mults[0]
+    if first.rows_key is None or any(m.rows_key != first.rows_key or m.uncond != 0.0 for m in mults):
+        return None
+    if not all(info.row_independent for info in infos):
+        return None
+    return tuple(index for index, flagged in enumerate(first.rows_key) if not flagged)
+
+
+def _on_rows(x: torch.Tensor, rows: tuple[int, ...], compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``compute`` on some batch rows, the others unchanged; index tensors, not masks, so that a
+    GPU never has to report how many rows a mask selects."""
+    if not rows:
+        return x
+    index = torch.tensor(rows, dtype=torch.long).to(x.device, non_blocking=True)
+    return x.index_copy(0, index, compute(x.index_select(0, index)))
+
+
+class _PairPlan:
+    """The first Linear of two same-shaped modules on one input, as one batched GEMM.
+
+    The result is laid out path by path (``[2, rows, hidden]``), so each path continues with its
+    own layers on a contiguous tensor: a joint ``[rows, 2 * hidden]`` layout would make every
+    following layer read strided halves or copy them (measured slower on CPU at 2048x320).
+    """
+
+    def __init__(self, weights: torch.Tensor, biases: torch.Tensor, rests: tuple):
+        self.weights = weights  # [2, in, hidden]: transposed first-layer weights, one per path
+        self.biases = biases  # [2, 1, hidden]
+        self.rests = rests  # per path: the layers after the first Linear
+
+    @classmethod
+    def for_affine(cls, first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]):
+        weights = torch.stack([first[0].t(), second[0].t()]).contiguous()
+        biases = torch.stack([first[1], second[1]]).unsqueeze(1)
+        return cls(weights, biases, ((), ()))
+
+    @classmethod
+    def for_layers(cls, first: HypernetworkModule, second: HypernetworkModule):
+        layers = list(first.linear), list(second.linear)
+        weights = torch.stack([layers[0][0].weight.detach().t(), layers[1][0].weight.detach().t()]).contiguous()
+        biases = torch.stack([layers[0][0].bias.detach(), layers[1][0].bias.detach()]).unsqueeze(1)
+        rests = tuple(tuple(layer.forward for layer in path_layers[1:]) for path_layers in layers)
+        return cls(weights, biases, rests)
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = x.reshape(-1, x.shape[-1])
+        joint = torch.baddbmm(self.biases, rows.expand(2, -1, -1), self.weights)
+        shape = (*x.shape[:-1], joint.shape[-1])  # the input's dimensions: softmax's legacy dim
+        first, second = joint[0].view(shape), joint[1].view(shape)
+        for forward in self.rests[0]:
+            first = forward(first)
+        for forward in self.rests[1]:
+            second = forward(second)
+        return first, second
+
+
+def copy_module(module: HypernetworkModule) -> HypernetworkModule:
+    import copy
+
+    twin = copy.deepcopy(module)
+    twin.eval()
+    for parameter in twin.parameters():
+        parameter.requires_grad_(False)
+    return twin
+
+
+# -- the text context, recognised by value ---------------------------------------------------------
+@dataclass(eq=False)
+class _ContextEntry:
+    copy: torch.Tensor
+    seen: torch.Tensor
+    seen_version: int
+    outputs: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+
+    def matches(self, x: torch.Tensor) -> bool:
+        return (
+            self.copy.shape == x.shape
+            and self.copy.dtype == x.dtype
+            and self.copy.device == x.device
+            and torch.equal(self.copy, x)
+        )
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        found = self.outputs.get(key)
+        if found is not None:
+            self.outputs.move_to_end(key)
+        return found
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        self.outputs[key] = value
+        self.outputs.move_to_end(key)
+        while len(self.outputs) > OUTPUTS_PER_CONTEXT:
+            self.outputs.popitem(last=False)
+
+
+class ContextCache:
+    """Rewritten contexts, per context value; a few contexts are kept (cond/uncond run apart,
+    regional prompts). The same tensor object is recognised without reading it; a new object is
+    compared by value with the kept copy, once."""
+
+    def __init__(self, stats: collections.Counter) -> None:
+        self.stats = stats
+        self._entries: list[_ContextEntry] = []
+        self._misses_in_a_row = 0
+        self.bypass = False
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._misses_in_a_row = 0
+        self.bypass = False
+
+    def entry_for(self, x: torch.Tensor) -> _ContextEntry | None:
+        if self.bypass:
+            return None
+        for index, entry in enumerate(self._entries):
+            if entry.seen is x and entry.seen_version == x._version:
+                return self._found(index)
+        for index, entry in enumerate(self._entries):
+            if entry.matches(x):
+                entry.seen, entry.seen_version = x, x._version
+                return self._found(index)
+        self._misses_in_a_row += 1
+        self.stats["context_misses"] += 1
+        if self._misses_in_a_row > MISSES_BEFORE_BYPASS:
+            # The input changes at every call: this is not a text context; stop paying for copies.
+            self.bypass = True
+            self._entries.clear()
+            return None
+        entry = _ContextEntry(x.detach().clone(), x, x._version)
+        self._entries.insert(0, entry)
+        del self._entries[CONTEXTS_KEPT:]
+        return entry
+
+    def _found(self, index: int) -> _ContextEntry:
+        self._misses_in_a_row = 0
+        entry = self._entries[index]
+        if index:
+            self._entries.insert(0, self._entries.pop(index))
+        return entry
+
+
+# -- folding into to_k / to_v -----------------------------------------------------------------------
+def is_torch_linear_forward(function: object) -> bool:
+    """torch's own ``nn.Linear.forward``, recognised by name because a host may have replaced the
+    class attribute before this module was imported (A1111's Lora does at start-up)."""
+    return (
+        getattr(function, "__module__", None) == "torch.nn.modules.linear"
+        and getattr(function, "__qualname__", None) == "Linear.forward"
+    )
+
+
+# float8 storage (A1111's and Forge's fp8 option) is cast at every call by the host; a fold stored
+# in float8 would round the networks away.
+FOLDABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def foldable_projection(projection: nn.Module) -> bool:
+    """A plain Linear whose forward nobody has replaced on the instance."""
+    return (
+        isinstance(projection, nn.Linear)
+        and "forward" not in projection.__dict__
+        and foldable_weight(getattr(projection, "weight", None))
+    )
+
+
+def foldable_weight(weight: object) -> bool:
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and weight.dtype in FOLDABLE_DTYPES
+        and weight.device.type != "meta"
+    )
+
+
+def fold_weights(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    affines: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    multipliers: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W' = W (I + m_n A_n) ... (I + m_1 A_1)`` and the matching bias, in the affines' dtype.
+
+    Stage i maps ``x -> x + m_i (A_i x + a_i)``; walking from the last stage to the first keeps
+    every product at ``out x width`` (never ``width x width`` chains).
+    """
+    dtype = affines[0][0].dtype
+    with torch.no_grad(), exact(weight.device):
+        return _fold(weight, bias, affines, multipliers, dtype)
+
+
+def _fold(weight, bias, affines, multipliers, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    folded = weight.detach().to(dtype)
+    folded_bias = (
+        bias.detach().to(dtype) if bias is not None else torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
+    )
+    for (matrix, vector), m in zip(reversed(affines), reversed(multipliers), strict=True):
+        folded_bias = torch.addmv(folded_bias, folded, vector, alpha=m)
+        folded = torch.addmm(folded, folded, matrix, alpha=m)
+    return folded.to(weight.dtype).contiguous(), folded_bias.to(weight.dtype)
+
+
+def exact(device: torch.device):
+    """No autocast: hosts sample under ``torch.autocast``, which would compute these products,
+    made once and reused for the whole generation, in half precision."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know has no autocast to turn off
+        return contextlib.nullcontext()
+
+
+def autocast_state(device: torch.device) -> tuple:
+    """Whether, and in which dtype, autocast computes on this device now (part of cache keys)."""
+    try:
+        return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+    except (TypeError, AttributeError, RuntimeError):  # torch before 2.4: one function per device
+        if device.type == "cpu":
+            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
+def fold_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Fold in at least float32: half-precision products would round where the plain path does not."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+@dataclass(eq=False)
+class _Fold:
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+class FoldState:
+    """The folded weights of one projection, valid while its weight and the networks are unchanged."""
+
+    def __init__(self) -> None:
+        self.projection_token: tuple | None = None
+        self.network_token: tuple | None = None
+        self.held: tuple[torch.Tensor, ...] = ()
+        self.folds: collections.OrderedDict[tuple, _Fold] = collections.OrderedDict()
+        self.first_seen: dict[tuple, float] = {}
+        self.refolds_in_a_row = 0
+        self.unstable = False
+
+    def clear(self) -> None:
+        self.projection_token = self.network_token = None
+        self.held = ()
+        self.folds.clear()
+        self.first_seen.clear()
+        self.refolds_in_a_row = 0
+        self.unstable = False
+
+    def revalidate(self, projection_token: tuple, network_token: tuple, held: tuple[torch.Tensor, ...]) -> None:
+        """Forget folds made from other weights. ``held`` keeps the projection's tensors alive so
+        that their addresses, part of the token, cannot be taken by new weights meanwhile."""
+        if projection_token == self.projection_token and network_token == self.network_token:
+            return
+        if projection_token != self.projection_token and self.folds:
+            self.refolds_in_a_row += 1
+            if self.refolds_in_a_row >= UNSTABLE_AFTER_REFOLDS:
+                # The weights change before every call (offloading that moves them between
+                # devices): a fold would cost a matrix product per call, more than the networks.
+                # Hold nothing from now on, or offloaded weights would stay on the device.
+                self.clear()
+                self.unstable = True
+                return
+        self.projection_token, self.network_token, self.held = projection_token, network_token, held
+        self.folds.clear()
+        self.first_seen.clear()
+
+    def lookup(self, signature: tuple) -> _Fold | None:
+        fold = self.folds.get(signature)
+        if fold is not None:
+            self.folds.move_to_end(signature)
+            self.refolds_in_a_row = 0
+        return fold
+
+    def worth_folding(self, signature: tuple, progress: float | None) -> bool:
+        """Fold at once when nothing varies the multipliers over the steps (``progress`` None);
+        otherwise when the same signature comes back at a later step: a plateau, not a fade, where
+        every step has new multipliers and a fold would serve one call."""
+        if self.unstable:
+            return False
+        if progress is None:
+            return True
+        if len(self.first_seen) > 64:
+            self.first_seen.clear()
+        return self.first_seen.setdefault(signature, progress) != progress
+
+    def store(self, signature: tuple, weight: torch.Tensor, bias: torch.Tensor) -> _Fold:
+        fold = self.folds[signature] = _Fold(weight, bias)
+        while len(self.folds) > FOLDS_PER_PROJECTION:
+            self.folds.popitem(last=False)
+        return fold

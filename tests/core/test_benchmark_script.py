@@ -1,0 +1,47 @@
+"""The benchmark script runs end to end and its two variants agree (tiny model: seconds, not timing)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "inference.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_inference", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 5e-2)])
+def test_every_scenario_runs_and_agrees_with_the_naive_loop(bench, capsys, dtype, tolerance):
+    threads = torch.get_num_threads()
+    arguments = ["--configs", "tiny", "--scenarios", ",".join(bench.SCENARIOS), "--rounds", "2", "--no-load"]
+    try:
+        rows = bench.main([*arguments, "--dtype", dtype, "--threads", str(threads)])
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["scenario"] for row in rows] == list(bench.SCENARIOS)
+    for row in rows:
+        if row["max_diff"] is not None:
+            assert row["max_diff"] < tolerance, row
+        assert row["naive_kv"] is not None and row["ours_kv"] is not None
+    stats = {row["scenario"]: row["stats"] for row in rows}
+    assert stats["linear"]["folded_calls"] > 0 and stats["linear (fading)"]["composite_calls"] > 0
+    assert stats["relu+LN"]["paired_calls"] > 0 and stats["relu+LN (uncond 0)"]["zero_rows_skipped"] > 0
+    printed = capsys.readouterr().out
+    assert "tiny (script check)" in printed and "ours/naive" in printed
+
+
+def test_unknown_names_are_refused(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--configs", "sd99"])
