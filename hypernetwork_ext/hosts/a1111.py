@@ -23,6 +23,22 @@ def unet_of(sd_model) -> nn.Module | None:
     return unet if isinstance(unet, nn.Module) else None
 
 
+def linear_projection_hint(lora_functional: bool) -> bool | None:
+    """Whether the process-wide ``nn.Linear.forward`` ends in ``F.linear`` with the module's weights.
+
+    Torch's own forward does; A1111's Lora forward (``networks.network_Linear_forward``) does after
+    merging its deltas into the weights, except in its functional mode, which adds them on the fly
+    (folding a network into the weights would then lose them). Another extension's forward is
+    unknown: the fast path then checks it on one row.
+    """
+    forward = torch.nn.Linear.forward
+    if getattr(forward, "__module__", "") == "torch.nn.modules.linear":
+        return True
+    if getattr(forward, "__name__", "") == "network_Linear_forward":
+        return not lora_functional
+    return None
+
+
 class RowLayout:
     """Which rows of the batched UNet calls of one CFG step belong to the negative prompt.
 
@@ -70,7 +86,9 @@ class LdmApplier:
     def attached_unet(self) -> nn.Module | None:
         return self.attachment.model if self.attachment is not None else None
 
-    def apply(self, sd_model, entries: list, compute_dtype: torch.dtype | None) -> None:
+    def apply(
+        self, sd_model, entries: list, compute_dtype: torch.dtype | None, *, lora_functional: bool = False
+    ) -> None:
         self.entries = list(entries)
         self.compute_dtype = compute_dtype
         unet = self.unet(sd_model)
@@ -82,6 +100,7 @@ class LdmApplier:
         if self.attachment is None:
             self.attachment = Attachment(unet, compute_dtype=compute_dtype)
             self._unet_hook = unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+        self.attachment.runtime.linear_projections = linear_projection_hint(lora_functional)
         self.attachment.update(self.entries)
 
     def _dtype_changed(self, compute_dtype) -> bool:

@@ -86,7 +86,10 @@ class PatcherApplier:
         unet = getattr(model, "diffusion_model", None)
         return unet if isinstance(unet, nn.Module) else None
 
-    def apply(self, sd_model, entries: list, compute_dtype: torch.dtype | None) -> None:
+    def apply(
+        self, sd_model, entries: list, compute_dtype: torch.dtype | None, *, lora_functional: bool = False
+    ) -> None:
+        # Forge merges LoRA through its patcher and we act through attention patches: nothing to fold, nothing to tell.
         self.entries = list(entries)
         self.rewriter.compute_dtype = compute_dtype
         self.rewriter.reset(self.entries)

@@ -103,7 +103,12 @@ class Extension:
         plan = self.plan(p.sd_model, tags)
         self.last_plan = plan
         self._report(p, plan)
-        self.applier.apply(p.sd_model, plan.entries, compute_dtype(option("hypernetwork_compute_dtype")))
+        self.applier.apply(
+            p.sd_model,
+            plan.entries,
+            compute_dtype(option("hypernetwork_compute_dtype")),
+            lora_functional=bool((getattr(shared.opts, "data", {}) or {}).get("lora_functional", False)),
+        )
         self._record_hashes(p, plan)
 
     def plan(self, sd_model, tags: list[list[str]]) -> ActivationPlan:

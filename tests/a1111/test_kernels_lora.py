@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+import hypernetwork_ext as hx
 from tests.a1111.test_generation import expected, load, p_for, run_model
+from tests.support import models as M
+from tests.support.a1111_lora import A1111Lora, LoraNetwork
 from tests.support.reference import reference_model
 from tests.support.webui_generation import generate, sample
 
@@ -99,3 +102,41 @@ def test_lora_style_weight_patch_on_the_same_layers(host, inputs, monkeypatch):
     monkeypatch.setattr(torch.nn.Linear, "forward", original_forward)
     without_lora = generate(host, p_for(host, "<hypernet:anime:0.8>"), inputs, run_model)[0]
     assert not torch.allclose(got, without_lora, atol=1e-4) and not torch.allclose(got, plain_lora, atol=1e-4)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_lora_mode_reaches_the_fast_path(host, inputs, functional):
+    """The host's ``lora_functional`` option decides whether folds may follow Lora's merged weights;
+    in either mode the generation equals the reference with Lora's deltas."""
+    unet = host.shared.sd_model.model.diffusion_model
+    lora = A1111Lora()
+    lora.functional = functional
+    lora.assign_names(unet)
+    network = LoraNetwork("style")
+    for name, module in unet.named_modules():
+        if name.endswith(("to_k", "to_v")):
+            network.add(
+                name.replace(".", "_"), module.out_features, module.in_features, rank=2, seed=len(network.modules)
+            )
+    lora.loaded_networks = [network]
+    host.shared.opts.data["lora_functional"] = functional
+    hx.save(
+        hx.create((M.LDM_CONTEXT, *M.LDM_WIDTHS), (1, 2, 1), "linear", "XavierNormal", seed=4),
+        host.hypernetwork_dir / "flat.pt",
+    )
+    host.extension.library.refresh()
+    lora.apply()
+    try:
+        (got,) = generate(host, p_for(host, "<hypernet:flat:0.8>"), inputs, run_model)
+        host.extension.activate(p_for(host, ""), [["flat", "0.8"]])
+        assert host.extension.applier.attachment.runtime.linear_projections is (not functional)
+        host.extension.finish()
+        twin = reference_model(unet, [(load(host, "flat.pt"), 0.8)])
+        lora.assign_names(twin)
+        for name, module in twin.named_modules():  # the twin's projections sit one level deeper
+            if name.endswith(("to_k.projection", "to_v.projection")):
+                module.network_layer_name = name.removesuffix(".projection").replace(".", "_")
+        want = sample(host, p_for(host, ""), inputs, 4, lambda x, t, c: twin(x, t, context=c))
+    finally:
+        lora.undo()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
