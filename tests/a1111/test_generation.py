@@ -6,8 +6,8 @@ import torch
 
 import hypernetwork_ext as hx
 from hypernetwork_ext.strength import Strength
-from tests.a1111.conftest import network
 from tests.support import models as M
+from tests.support.networks import webui_network as network
 from tests.support.reference import reference_model
 from tests.support.webui_generation import LatentDiffusion, SamplingInputs, generate, sample
 from tests.support.webui_standin import StableDiffusionProcessing

@@ -8,6 +8,7 @@ import hypernetwork_ext as hx
 from hypernetwork_ext.attach import KVRewriter, find_attention_sites
 from hypernetwork_ext.strength import Strength
 from tests.support import models as M
+from tests.support.networks import perturbed as visible
 from tests.support.reference import FUNCTIONS, reference_model
 
 MODELS = {
@@ -47,19 +48,6 @@ def built():
         return cache[name]
 
     return get
-
-
-def visible(net, seed=0):
-    """Make a network's effect large enough that a wrong formula cannot hide in rounding."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1.0, 0.3, generator=generator)
-                module.bias.normal_(0.0, 0.3, generator=generator)
-            elif isinstance(module, torch.nn.Linear):
-                module.bias.normal_(0.0, 0.1, generator=generator)
-    return net
 
 
 def make(widths, activation="relu", structure=(1, 2, 1), seed=0, **kwargs):

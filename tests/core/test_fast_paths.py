@@ -17,23 +17,11 @@ from hypernetwork_ext.fastpath import fold_weights
 from hypernetwork_ext.strength import Strength
 from tests.support import models as M
 from tests.support.a1111_lora import A1111Lora, LoraNetwork
+from tests.support.networks import perturbed as visible
 from tests.support.reference import reference_model
 
 WIDTHS = (M.LDM_CONTEXT, *M.LDM_WIDTHS)
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
-
-
-def visible(net, seed=0):
-    """Biases and layer norms away from their neutral initial values, so errors cannot hide."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1.0, 0.3, generator=generator)
-                module.bias.normal_(0.0, 0.3, generator=generator)
-            elif isinstance(module, torch.nn.Linear):
-                module.bias.normal_(0.0, 0.1, generator=generator)
-    return net
 
 
 def make(widths=WIDTHS, activation="linear", seed=0, **kwargs):

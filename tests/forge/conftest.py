@@ -4,36 +4,17 @@ import torch
 import hypernetwork_ext as hx
 from tests.support import forge_standin
 from tests.support import models as M
+from tests.support.networks import one_torch_thread, webui_network  # noqa: F401 (autouse fixture)
 from tests.support.webui_generation import SamplingInputs
 from tests.support.webui_standin import Host
-
-
-def network(widths=(M.LDM_CONTEXT, *M.LDM_WIDTHS), seed=0, activation="relu"):
-    net = hx.create(widths, (1, 2, 1), activation, "XavierNormal", seed=seed, name=f"net{seed}")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.bias.normal_(0.0, 0.1, generator=generator)
-    return net
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The small models of these tests run several times faster on one thread than on two busy
-    cores (the 2-core machine runs other work too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
 def forge(monkeypatch, tmp_path):
     host = Host(monkeypatch, tmp_path, forge=True)
     forge_standin.install(monkeypatch)
-    hx.save(network(seed=1), host.hypernetwork_dir / "anime.pt")
-    hx.save(network(seed=2, activation="tanh"), host.hypernetwork_dir / "ink.safetensors")
+    hx.save(webui_network(seed=1), host.hypernetwork_dir / "anime.pt")
+    hx.save(webui_network(seed=2, activation="tanh"), host.hypernetwork_dir / "ink.safetensors")
     host.start()
     unet = M.ldm_unet(0)
     host.runner = forge_standin.ForgeUnetRunner(unet)

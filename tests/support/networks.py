@@ -1,5 +1,6 @@
 """Helpers for test networks."""
 
+import pytest
 import torch
 
 
@@ -12,3 +13,37 @@ def visible(net, seed: int = 0, std: float = 0.3):
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.normal_(0.0, std, generator=generator)
     return net
+
+
+def webui_network(widths: tuple | None = None, seed: int = 0, activation: str = "relu"):
+    """A network for the small ldm UNet of the WebUI tests, with biases drawn so that the key and
+    value paths differ visibly from the identity."""
+    import hypernetwork_ext as hx
+    from tests.support import models as M
+
+    widths = widths or (M.LDM_CONTEXT, *M.LDM_WIDTHS)
+    return perturbed(hx.create(widths, (1, 2, 1), activation, "XavierNormal", seed=seed, name=f"net{seed}"), seed)
+
+
+def perturbed(net, seed: int = 0):
+    """Biases and layer norms away from their neutral initial values, so that a wrong formula
+    cannot hide in rounding."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.3, generator=generator)
+                module.bias.normal_(0.0, 0.3, generator=generator)
+            elif isinstance(module, torch.nn.Linear):
+                module.bias.normal_(0.0, 0.1, generator=generator)
+    return net
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The small models of the WebUI tests run several times faster on one thread than on two busy
+    cores (the 2-core machine runs other work too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
