@@ -38,6 +38,21 @@ class GenerationSettings:
                 raise InvalidConfigError(f"{name} must be a multiple of 8, found {value}")
 
 
+def run_txt2img(pipe, request, generator: torch.Generator, **extra):
+    """One diffusers txt2img call from a request with A1111's field names (``prompt``,
+    ``negative_prompt``, ``steps``, ``cfg_scale``, ``width``, ``height``)."""
+    return pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        num_inference_steps=request.steps,
+        guidance_scale=request.cfg_scale,
+        width=request.width,
+        height=request.height,
+        generator=generator,
+        **extra,
+    )
+
+
 def generate(
     source,
     settings: GenerationSettings,
@@ -67,17 +82,7 @@ def generate(
 
     generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
     try:
-        result = pipe(
-            prompt=settings.prompt,
-            negative_prompt=settings.negative_prompt or None,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.cfg_scale,
-            width=settings.width,
-            height=settings.height,
-            num_images_per_prompt=rows,
-            generator=generator,
-            callback_on_step_end=step_end,
-        )
+        result = run_txt2img(pipe, settings, generator, num_images_per_prompt=rows, callback_on_step_end=step_end)
     finally:
         attachment.remove()
     return list(result.images)

@@ -1,10 +1,10 @@
 import pytest
-import torch
 
 import hypernetwork_ext as hx
 from tests.support import models as M
 from tests.support.networks import one_torch_thread, webui_network  # noqa: F401 (autouse fixture)
-from tests.support.webui_generation import LatentDiffusion, SamplingInputs
+from tests.support.webui_generation import LatentDiffusion
+from tests.support.webui_generation import sampling_inputs as inputs  # noqa: F401 (fixture)
 from tests.support.webui_standin import Host
 
 
@@ -19,13 +19,3 @@ def host(monkeypatch, tmp_path):
     host.set_model(LatentDiffusion(M.ldm_unet(0)))
     yield host
     assert host.errors.reported == []
-
-
-@pytest.fixture
-def inputs():
-    generator = torch.Generator().manual_seed(5)
-    return SamplingInputs(
-        cond=torch.randn(1, 7, M.LDM_CONTEXT, generator=generator),
-        uncond=torch.randn(1, 7, M.LDM_CONTEXT, generator=generator),
-        x=torch.randn(1, 4, 8, 8, generator=generator),
-    )

@@ -1,11 +1,10 @@
 import pytest
-import torch
 
 import hypernetwork_ext as hx
 from tests.support import forge_standin
 from tests.support import models as M
 from tests.support.networks import one_torch_thread, webui_network  # noqa: F401 (autouse fixture)
-from tests.support.webui_generation import SamplingInputs
+from tests.support.webui_generation import sampling_inputs as inputs  # noqa: F401 (fixture)
 from tests.support.webui_standin import Host
 
 
@@ -22,13 +21,3 @@ def forge(monkeypatch, tmp_path):
     host.set_model(forge_standin.ForgeModel(unet))
     yield host
     assert host.errors.reported == []
-
-
-@pytest.fixture
-def inputs():
-    generator = torch.Generator().manual_seed(5)
-    return SamplingInputs(
-        cond=torch.randn(1, 7, M.LDM_CONTEXT, generator=generator),
-        uncond=torch.randn(1, 7, M.LDM_CONTEXT, generator=generator),
-        x=torch.randn(1, 4, 8, 8, generator=generator),
-    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import nn
 
@@ -102,3 +103,16 @@ def generate(host, p, inputs: SamplingInputs, run_unet, *, hires_inputs: Samplin
     for script in host.script_instances:
         script.postprocess(p, None)
     return results
+
+
+@pytest.fixture
+def sampling_inputs() -> SamplingInputs:
+    """Conditioning and latents for the small ldm UNet of the WebUI tests."""
+    from tests.support import models as M
+
+    generator = torch.Generator().manual_seed(5)
+    return SamplingInputs(
+        cond=torch.randn(1, 7, M.LDM_CONTEXT, generator=generator),
+        uncond=torch.randn(1, 7, M.LDM_CONTEXT, generator=generator),
+        x=torch.randn(1, 4, 8, 8, generator=generator),
+    )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ...generate import run_txt2img
 from .base import Conditioning, PreviewGenerator, PreviewRequest, TrainingBackend, first_parameter
 
 
@@ -151,13 +152,4 @@ class PipelinePreviews:
         pipeline = self.pipeline()
         seed = request.seed if request.seed >= 0 else int(torch.randint(0, 2**31 - 1, (1,)).item())
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        result = pipeline(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
-            guidance_scale=request.cfg_scale,
-            width=request.width,
-            height=request.height,
-            generator=generator,
-        )
-        return result.images[0]
+        return run_txt2img(pipeline, request, generator).images[0]
