@@ -83,6 +83,12 @@ def _load_folder(path: str) -> ModelSource:
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise FileFormatError(f"diffusers could not load the folder ({exc})", path) from None
+    if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        raise FileFormatError(
+            f"a {class_name or type(pipe).__name__} pipeline has no UNet; hypernetworks act on the attention "
+            "of SD1, SD2 and SDXL UNets (SD3, Flux and other transformer models are not supported)",
+            path,
+        )
     return ModelSource(pipe, Path(path).name, path, class_name in _XL_PIPELINES)
 
 

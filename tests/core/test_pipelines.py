@@ -59,6 +59,34 @@ def test_bad_model_sources(tmp_path):
         load_model(tmp_path / "lora.safetensors")
 
 
+def test_a_pipeline_without_unet_is_refused_by_name(tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "dit")
+    with pytest.raises(hx.FileFormatError, match="DiTPipeline pipeline has no UNet") as raised:
+        load_model(tmp_path / "dit")
+    assert str(tmp_path / "dit") in str(raised.value)
+
+
 def test_malicious_ckpt_is_refused_before_diffusers_sees_it(tmp_path):
     from tests.support.files import hostile_torch_file
 
