@@ -384,7 +384,8 @@ class KVRewriter:
             if other is not None:
                 other_info = other[0][0]
                 g_key = ("mlp", id(other_info.module), other_info.token(), precision, ())
-                if entry.get(g_key) is None and self._engine.can_pair(info, other_info):
+                pairs = self._engine.batches_first_layers(y) and self._engine.can_pair(info, other_info)
+                if pairs and entry.get(g_key) is None:
                     g, g_other = self._engine.pair_plan(info, other_info, y.device, y.dtype).run(y)
                     entry.put(g_key, g_other)
                     self.stats["paired_first_layers"] += 1
