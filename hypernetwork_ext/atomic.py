@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     os.makedirs(directory, exist_ok=True)
     fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
     try:
+        os.chmod(temp_path, _mode_for(path))  # mkstemp makes 0600; a user's files get their usual mode
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
@@ -47,3 +49,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[BinaryIO], None], *, overwrite: bool = False) -> None:
     with atomic_output(path, overwrite=overwrite) as handle:
         writer(handle)
+
+
+def _mode_for(path: str) -> int:
+    """The permissions the file would get from a plain ``open``: an overwritten file keeps its own."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+@functools.cache
+def _umask() -> int:
+    # Reading the umask means setting it; done once, at the first write.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

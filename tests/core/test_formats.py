@@ -1,6 +1,7 @@
 """Every file layout users have loads as the host loads it; our files load in the host; round trips."""
 
 import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -310,3 +311,16 @@ def test_unknown_suffix_is_refused(tmp_path):
 def test_arch_helpers_agree_with_reference():
     net = hx.create([8], (1, 2, 1), "relu", layer_norm=True)
     assert arch_of(net)["is_layer_norm"] is True
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result must not stay private."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    net = hx.create([8], (1, 2, 1), "relu", seed=0)
+    for name in ("net.pt", "net.safetensors"):
+        hx.save(net, tmp_path / name)
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~mask
+    os.chmod(tmp_path / "net.pt", 0o640)
+    hx.save(net, tmp_path / "net.pt", overwrite=True)
+    assert stat.S_IMODE(os.stat(tmp_path / "net.pt").st_mode) == 0o640  # an overwritten file keeps its mode
