@@ -14,7 +14,7 @@ routes, both on the host's loaded model, GPU queue, progress bar and Interrupt b
   ``DiffusionEngine`` for SDXL): nothing is copied; the engine's ``ModelGuard`` puts every module
   back as found. Previews are rendered by the host's own ``StableDiffusionProcessingTxt2Img`` with
   the network in the trainer's to_k/to_v hooks (not the host's ``loaded_hypernetworks``).
-- Forge and reForge register nothing here (see ``docs/readme/webui-training.md``).
+- Forge and reForge register nothing here (see the README, *Forge and reForge* under training).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Forge and reForge get no training (see docs/readme/webui-training.md): nothing of it registers,
+"""Forge and reForge get no training (see README, "Forge and reForge" under training): nothing of it registers,
 and the generation side and its routes stay as they are. The tab's host hooks build on gradio 4.40."""
 
 from fastapi import FastAPI
