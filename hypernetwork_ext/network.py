@@ -13,7 +13,7 @@ import copy
 import inspect
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -217,6 +217,24 @@ def _build_layers(width: int, arch: Architecture, device) -> list[nn.Module]:
     return layers
 
 
+_INIT_TAKES_GENERATOR = "generator" in inspect.signature(nn.init.normal_).parameters
+
+
+def _draw(initialiser: Callable, tensor: torch.Tensor, generator: torch.Generator | None, **kwargs) -> None:
+    """``initialiser(tensor, generator=generator, **kwargs)``, also on torch before 2.2 (A1111 1.10
+    ships 2.1.2), whose ``nn.init`` functions take no generator: there the same stream is drawn from
+    the default generator, which is restored afterwards."""
+    if generator is None:
+        initialiser(tensor, **kwargs)
+    elif _INIT_TAKES_GENERATOR:
+        initialiser(tensor, generator=generator, **kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.set_state(generator.get_state())
+            initialiser(tensor, **kwargs)
+            generator.set_state(torch.random.default_generator.get_state())
+
+
 def _initialise(module: HypernetworkModule, arch: Architecture, generator: torch.Generator | None) -> None:
     """A1111's initialisation, LayerNorm quirk included: its weight is drawn like a Linear's
     under "Normal", whatever option was chosen."""
@@ -228,17 +246,17 @@ def _initialise(module: HypernetworkModule, arch: Architecture, generator: torch
         weight, bias = layer.weight.data, layer.bias.data
         scheme = "Normal" if type(layer) is nn.LayerNorm else arch.weight_initialization
         if scheme == "Normal":
-            init.normal_(weight, mean=0.0, std=0.01, generator=generator)
+            _draw(init.normal_, weight, generator, mean=0.0, std=0.01)
             init.zeros_(bias)
             continue
         if scheme == "XavierUniform":
-            init.xavier_uniform_(weight, generator=generator)
+            _draw(init.xavier_uniform_, weight, generator)
         elif scheme == "XavierNormal":
-            init.xavier_normal_(weight, generator=generator)
+            _draw(init.xavier_normal_, weight, generator)
         elif scheme == "KaimingUniform":
-            init.kaiming_uniform_(weight, nonlinearity=nonlinearity, generator=generator)
+            _draw(init.kaiming_uniform_, weight, generator, nonlinearity=nonlinearity)
         elif scheme == "KaimingNormal":
-            init.kaiming_normal_(weight, nonlinearity=nonlinearity, generator=generator)
+            _draw(init.kaiming_normal_, weight, generator, nonlinearity=nonlinearity)
         init.zeros_(bias)
 
 

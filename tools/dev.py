@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / ".venvs"
 REQUIREMENTS = ROOT / "tools" / "requirements"
-TORCH = "torch==2.13.0"
+DEFAULT_TORCH = "torch==2.13.0"
 # stable-diffusion-sdkit ships the ldm classes A1111 runs; its own pins are from 2022, so no deps.
 NO_DEPS = ["stable-diffusion-sdkit==2.1.5"]
 
@@ -49,10 +49,18 @@ def venv_python(profile: str) -> Path:
     return VENVS / profile / "bin" / "python"
 
 
+def torch_pin(profile: str) -> str:
+    """The profile's ``torch==`` line: the host's own torch where it matters (A1111 1.10 ships 2.1.2)."""
+    for line in (REQUIREMENTS / f"{profile}.txt").read_text().splitlines():
+        if line.strip().startswith("torch=="):
+            return line.strip()
+    return DEFAULT_TORCH
+
+
 def _stamp(profile: str) -> str:
     digest = hashlib.sha256()
     digest.update((REQUIREMENTS / f"{profile}.txt").read_bytes())
-    digest.update(" ".join([TORCH, *NO_DEPS]).encode())
+    digest.update(" ".join([torch_pin(profile), *NO_DEPS]).encode())
     digest.update((ROOT / "pyproject.toml").read_bytes())
     return digest.hexdigest()
 
@@ -69,10 +77,11 @@ def ensure_env(profile: str) -> Path:
         shutil.rmtree(VENVS / profile)
     run([sys.executable, "-m", "venv", str(VENVS / profile)])
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    # torch alone first: with it in place, nothing later can pull a multi-GB CUDA build.
-    run([*pip, TORCH])
+    # torch alone first, pinned: with it in place, no resolver can pull another build later.
+    torch = torch_pin(profile)
+    run([*pip, torch])
     constraints = VENVS / profile / "constraints.txt"
-    constraints.write_text(f"{TORCH}\n")
+    constraints.write_text(f"{torch}\n")
     run([*pip, "-c", str(constraints), "-r", str(REQUIREMENTS / f"{profile}.txt")])
     run([*pip, "--no-deps", *NO_DEPS])
     stamp_file.write_text(stamp)

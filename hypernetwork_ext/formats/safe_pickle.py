@@ -3,8 +3,8 @@
 A ``.pt`` file is a pickle, and a pickle can name any importable function and call it. Before
 anything is unpickled, every pickle in the file is read opcode by opcode (nothing is executed)
 and every global it names is checked against a short list of plain-data constructors; a single
-other name refuses the file. Only then is it loaded, with torch's ``weights_only`` unpickler as a
-second, independent guard. Both torch layouts are covered: the zip archive (torch >= 1.6) and the
+other name refuses the file. Only then is it loaded, with torch's ``weights_only`` unpickler (or,
+on torch before 2.5, an unpickler that resolves only the same list) as a second, independent guard. Both torch layouts are covered: the zip archive (torch >= 1.6) and the
 legacy sequence of raw pickles.
 """
 
@@ -16,6 +16,7 @@ import os
 import pickle
 import pickletools
 import re
+import types
 import zipfile
 from collections.abc import Iterator
 
@@ -180,12 +181,41 @@ def _numpy_multiarray():
     raise ImportError("numpy's multiarray module was not found")
 
 
+class _AllowListUnpickler(pickle.Unpickler):
+    """Resolves only the plain-data constructors of ``SAFE_GLOBALS``."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"the global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def _allow_list_pickle_module() -> types.ModuleType:
+    """What ``torch.load(pickle_module=...)`` needs: ``Unpickler`` (torch subclasses it to map
+    storages) and ``load`` (the legacy format's header pickles)."""
+    module = types.ModuleType("hypernetwork_ext_allow_list_pickle")
+    module.Unpickler = _AllowListUnpickler
+    module.load = lambda file, **kwargs: _AllowListUnpickler(file, **kwargs).load()
+    return module
+
+
+def _second_guard_load(data: bytes) -> object:
+    """torch's ``weights_only`` unpickler with numpy's plain types allowed (torch >= 2.5); on older
+    torch (A1111 1.10 ships 2.1.2, which has no ``safe_globals``), an unpickler that resolves only
+    our allow-list."""
+    if hasattr(torch.serialization, "safe_globals"):
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return torch.load(
+        io.BytesIO(data), map_location="cpu", pickle_module=_allow_list_pickle_module(), weights_only=False
+    )
+
+
 def load_torch_bytes(data: bytes, path: str) -> object:
     """Check, then load, a torch pickle file held in memory."""
     check_torch_bytes(data, path)
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return _second_guard_load(data)
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(f"refused by torch's weights-only loader: {exc}", path) from None
     except Exception as exc:

@@ -237,7 +237,7 @@ class _Run:
         self.autocast_dtype, use_scaler, note = resolve_precision(config, self.backend)
         if note:
             self.callbacks.message(note)
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = _cuda_grad_scaler() if use_scaler else None
         writes = config.log_directory and distributed.is_main()
         self.log_dir = logs.log_folder(config.log_directory, self.name) if writes else None
         if config.training_enable_tensorboard:
@@ -754,3 +754,9 @@ def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
     if error is not None:
         raise HypernetworkError(message) from error
     return result
+
+
+def _cuda_grad_scaler():
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()  # torch before 2.3 (A1111 1.10 ships 2.1.2)

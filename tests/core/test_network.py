@@ -202,3 +202,27 @@ def test_describe_lists_the_facts():
     text = net.describe()
     assert "widths: 2048, 640, 1280" in text and "SDXL" in text and "activation: relu" in text
     assert f"parameters: {net.parameter_count():,}" in text
+
+
+@pytest.mark.parametrize("scheme", ["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"])
+def test_seeded_creation_is_the_same_on_torch_without_init_generators(monkeypatch, scheme):
+    """torch before 2.2 (A1111 1.10 ships 2.1.2) has no ``generator`` in ``nn.init``: the fallback
+    draws the same numbers and leaves the global generator as it was."""
+    import hypernetwork_ext.network as network_module
+
+    with_generators = hx.create([16, 8], (1, 2, 1), "relu", scheme, layer_norm=True, seed=7)
+    monkeypatch.setattr(network_module, "_INIT_TAKES_GENERATOR", False)
+    for name in ("normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_"):
+        original = getattr(torch.nn.init, name)
+
+        def old_signature(tensor, _f=original, **kwargs):
+            assert "generator" not in kwargs, "torch 2.1's nn.init has no generator argument"
+            return _f(tensor, **kwargs)
+
+        monkeypatch.setattr(torch.nn.init, name, old_signature)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    without = hx.create([16, 8], (1, 2, 1), "relu", scheme, layer_norm=True, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for a, b in zip(with_generators.state_dict().values(), without.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -40,7 +40,16 @@ def test_other_pickle_constructs_are_refused(tmp_path, make):
     assert not marker.exists()
 
 
-def test_torch_weights_only_is_a_second_guard(tmp_path, monkeypatch):
+@pytest.fixture(params=["weights_only", "allow_list"])
+def second_guard(request, monkeypatch):
+    """Both second guards: torch's weights_only unpickler, and the allow-list unpickler used on
+    torch before 2.5 (A1111 1.10 ships torch 2.1.2, which has no ``safe_globals``)."""
+    if request.param == "allow_list":
+        monkeypatch.delattr(torch.serialization, "safe_globals")
+    return request.param
+
+
+def test_torch_weights_only_is_a_second_guard(tmp_path, monkeypatch, second_guard):
     marker = tmp_path / "pwned"
     data = files.hostile_torch_file(str(marker))
     monkeypatch.setattr(safe_pickle, "check_torch_bytes", lambda data, path: None)
@@ -197,7 +206,22 @@ def test_safetensors_without_our_header(tmp_path):
         hx.load(path)
 
 
-def test_numpy_scalars_and_arrays_load():
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_every_layout_loads_the_same_through_either_guard(tmp_path, monkeypatch, legacy):
+    net = hx.create([16, 8], (1, 2, 1), "relu", layer_norm=True, seed=3)
+    content = {**network_to_dict(net), "novelai": files.novelai_dict(widths=(16,), seed=1)}
+    data = files.torch_bytes(content, legacy=legacy)
+    expected = safe_pickle.load_torch_bytes(data, "net.pt")
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    got = safe_pickle.load_torch_bytes(data, "net.pt")
+    assert got.keys() == expected.keys()
+    for key in (16, 8):
+        for a, b in zip(got[key], expected[key], strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert got["layer_structure"] == expected["layer_structure"] and got["novelai"].keys() == expected["novelai"].keys()
+
+
+def test_numpy_scalars_and_arrays_load(second_guard):
     import numpy
 
     data = files.torch_bytes({"step": numpy.int64(7), "beta": numpy.float64(0.9), "table": numpy.arange(3)})
