@@ -384,9 +384,13 @@ class KVRewriter:
             if other is not None:
                 other_info = other[0][0]
                 g_key = ("mlp", id(other_info.module), other_info.token(), precision, ())
-                pairs = self._engine.batches_first_layers(y) and self._engine.can_pair(info, other_info)
-                if pairs and entry.get(g_key) is None:
-                    g, g_other = self._engine.pair_plan(info, other_info, y.device, y.dtype).run(y)
+                plan = (
+                    self._engine.pair_plan(info, other_info, y.device, y.dtype)
+                    if self._engine.can_pair(info, other_info)
+                    else None
+                )
+                if plan is not None and self._engine.batches_first_layers(y, plan) and entry.get(g_key) is None:
+                    g, g_other = plan.run(y)
                     entry.put(g_key, g_other)
                     self.stats["paired_first_layers"] += 1
                     return g

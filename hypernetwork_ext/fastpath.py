@@ -142,13 +142,13 @@ class _Pending:
     output: torch.Tensor
 
 
+CPU_BATCHED_OUTPUT_LIMIT = 1 << 22  # elements (16 MiB in float32); see Engine.batches_first_layers
+
+
 class Engine:
     """Computes stage lists quickly and keeps what can be reused (all caches die with ``clear``)."""
 
-    # Whether the first layers of a key/value pair run as one batched GEMM; None: on GPUs only.
-    # On CPU the GEMMs are compute bound and one batched GEMM measured no faster than two, and up
-    # to 25% slower on the largest SD layers (8192 rows x 320, benchmarks/README): a GPU saves a
-    # kernel launch per pair instead.
+    # Whether the first layers of a key/value pair run as one batched GEMM; None: decide per call.
     batch_first_layers: bool | None = None
 
     def __init__(self) -> None:
@@ -259,15 +259,27 @@ class Engine:
         (info_a, mult_a), (info_b, mult_b) = first[0], second[0]
         if not (self.can_pair(info_a, info_b) and mult_a.rows_key == mult_b.rows_key):
             return self.run_stages(x, first), self.run_stages(x, second)
-        if _zero_row_subset([info_a, info_b], [mult_a, mult_b], x) is not None or not self.batches_first_layers(x):
+        if _zero_row_subset([info_a, info_b], [mult_a, mult_b], x) is not None:
+            return self.run_stages(x, first), self.run_stages(x, second)
+        plan = self.pair_plan(info_a, info_b, x.device, x.dtype)
+        if not self.batches_first_layers(x, plan):
             return self.run_stages(x, first), self.run_stages(x, second)
         self.stats["paired_first_layers"] += 1
-        g_a, g_b = self.pair_plan(info_a, info_b, x.device, x.dtype).run(x)
+        g_a, g_b = plan.run(x)
         y_a, y_b = combine(x, g_a, mult_a), combine(x, g_b, mult_b)
         return self.run_stages(y_a, first[1:]), self.run_stages(y_b, second[1:])
 
-    def batches_first_layers(self, x: torch.Tensor) -> bool:
-        return self.batch_first_layers if self.batch_first_layers is not None else x.device.type != "cpu"
+    def batches_first_layers(self, x: torch.Tensor, plan: _PairPlan) -> bool:
+        """One batched GEMM saves a launch on a GPU. On CPU, where the GEMMs are compute bound, it
+        paid only while its output stays cache-sized: measured interleaved on SD1.5's UNet, it was
+        4% of A1111's overhead better at 256x256 (2 threads) and 9% worse at 512x512 (1 thread),
+        whose largest layers give 10.5 M-element outputs."""
+        if self.batch_first_layers is not None:
+            return self.batch_first_layers
+        if x.device.type != "cpu":
+            return True
+        rows = x.numel() // max(x.shape[-1], 1)
+        return 2 * rows * plan.weights.shape[-1] <= CPU_BATCHED_OUTPUT_LIMIT
 
     def pair_plan(self, info_a: ModuleInfo, info_b: ModuleInfo, device: torch.device, dtype: torch.dtype) -> _PairPlan:
         key = (id(info_a.module), id(info_b.module), info_a.token(), info_b.token(), device, dtype)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import hypernetwork_ext as hx
+from hypernetwork_ext import fastpath
 from hypernetwork_ext.attach import KVRewriter, find_attention_sites
 from hypernetwork_ext.fastpath import fold_weights
 from hypernetwork_ext.strength import Strength
@@ -204,10 +205,15 @@ def test_context_cache_follows_context_values(ldm, ldm_inputs):
         torch.testing.assert_close(M.run_ldm(ldm, {**ldm_inputs, "context": mutable}), expected_other, **TOLERANCE)
 
 
-@pytest.mark.parametrize("batched", [None, True, False])
-def test_rewrite_pair_of_one_tensor_equals_two_plain_rewrites(batched):
+@pytest.mark.parametrize(
+    ("batched", "limit", "expected"),
+    [(None, fastpath.CPU_BATCHED_OUTPUT_LIMIT, 2), (None, 10, 0), (True, 10, 2), (False, 1 << 30, 0)],
+    ids=["auto-small", "auto-large", "forced", "off"],
+)
+def test_rewrite_pair_of_one_tensor_equals_two_plain_rewrites(monkeypatch, batched, limit, expected):
     """The value path is computed along with the key path; its first layer shares one batched GEMM
-    where that pays (GPUs; forced here to check the arithmetic on CPU)."""
+    where that pays (GPUs; on CPU while the joint output stays cache-sized)."""
+    monkeypatch.setattr(fastpath, "CPU_BATCHED_OUTPUT_LIMIT", limit)
     net = make((8,), activation="relu", layer_norm=True)
     strength = Strength(key=0.5, value=2.0)
     fast, plain = KVRewriter([(net, strength)]), KVRewriter([(net, strength)], fast=False)
@@ -218,7 +224,7 @@ def test_rewrite_pair_of_one_tensor_equals_two_plain_rewrites(batched):
         torch.testing.assert_close(k, plain.rewrite(x, "key", kind=kind))
         torch.testing.assert_close(v, plain.rewrite(x, "value", kind=kind))
     assert fast.stats["paired_calls"] == 1
-    assert fast.stats["paired_first_layers"] == (2 if batched else 0)  # None: not on CPU
+    assert fast.stats["paired_first_layers"] == expected
 
 
 def test_pairing_stops_where_the_host_never_reuses_the_tensor():
