@@ -384,12 +384,8 @@ class KVRewriter:
             if other is not None:
                 other_info = other[0][0]
                 g_key = ("mlp", id(other_info.module), other_info.token(), precision, ())
-                plan = (
-                    self._engine.pair_plan(info, other_info, y.device, y.dtype)
-                    if self._engine.can_pair(info, other_info)
-                    else None
-                )
-                if plan is not None and self._engine.batches_first_layers(y, plan) and entry.get(g_key) is None:
+                plan = self._engine.batched_pair(info, other_info, y) if entry.get(g_key) is None else None
+                if plan is not None:
                     g, g_other = plan.run(y)
                     entry.put(g_key, g_other)
                     self.stats["paired_first_layers"] += 1

@@ -142,7 +142,7 @@ class _Pending:
     output: torch.Tensor
 
 
-CPU_BATCHED_OUTPUT_LIMIT = 1 << 22  # elements (16 MiB in float32); see Engine.batches_first_layers
+CPU_BATCHED_OUTPUT_LIMIT = 1 << 22  # elements (16 MiB in float32); see Engine._batches_first_layers
 
 
 class Engine:
@@ -257,19 +257,24 @@ class Engine:
         """Both paths from one input; their first stages share one GEMM when they come from the
         same network (the key and value modules of one width)."""
         (info_a, mult_a), (info_b, mult_b) = first[0], second[0]
-        if not (self.can_pair(info_a, info_b) and mult_a.rows_key == mult_b.rows_key):
-            return self.run_stages(x, first), self.run_stages(x, second)
-        if _zero_row_subset([info_a, info_b], [mult_a, mult_b], x) is not None:
-            return self.run_stages(x, first), self.run_stages(x, second)
-        plan = self.pair_plan(info_a, info_b, x.device, x.dtype)
-        if not self.batches_first_layers(x, plan):
+        plan = None
+        if mult_a.rows_key == mult_b.rows_key and _zero_row_subset([info_a, info_b], [mult_a, mult_b], x) is None:
+            plan = self.batched_pair(info_a, info_b, x)
+        if plan is None:
             return self.run_stages(x, first), self.run_stages(x, second)
         self.stats["paired_first_layers"] += 1
         g_a, g_b = plan.run(x)
         y_a, y_b = combine(x, g_a, mult_a), combine(x, g_b, mult_b)
         return self.run_stages(y_a, first[1:]), self.run_stages(y_b, second[1:])
 
-    def batches_first_layers(self, x: torch.Tensor, plan: _PairPlan) -> bool:
+    def batched_pair(self, info_a: ModuleInfo, info_b: ModuleInfo, x: torch.Tensor) -> _PairPlan | None:
+        """The plan that runs both modules' first layers as one GEMM on ``x``, where that pays."""
+        if not self.can_pair(info_a, info_b):
+            return None
+        plan = self.pair_plan(info_a, info_b, x.device, x.dtype)
+        return plan if self._batches_first_layers(x, plan) else None
+
+    def _batches_first_layers(self, x: torch.Tensor, plan: _PairPlan) -> bool:
         """One batched GEMM saves a launch on a GPU. On CPU, where the GEMMs are compute bound, it
         paid only while its output stays cache-sized: measured interleaved on SD1.5's UNet, it was
         4% of A1111's overhead better at 256x256 (2 threads) and 9% worse at 512x512 (1 thread),
