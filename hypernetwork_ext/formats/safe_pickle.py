@@ -4,8 +4,9 @@ A ``.pt`` file is a pickle, and a pickle can name any importable function and ca
 anything is unpickled, every pickle in the file is read opcode by opcode (nothing is executed)
 and every global it names is checked against a short list of plain-data constructors; a single
 other name refuses the file. Only then is it loaded, with torch's ``weights_only`` unpickler (or,
-on torch before 2.5, an unpickler that resolves only the same list) as a second, independent guard. Both torch layouts are covered: the zip archive (torch >= 1.6) and the
-legacy sequence of raw pickles.
+on torch before 2.5, an unpickler that resolves only the same list) as a second, independent
+guard. Both torch layouts are covered: the zip archive (torch >= 1.6) and the legacy sequence of
+raw pickles.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def load_torch_bytes(data: bytes, path: str) -> object:
     try:
         return _second_guard_load(data)
     except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(f"refused by torch's weights-only loader: {exc}", path) from None
+        raise UnsafeFileError(f"refused by the restricted unpickler: {exc}", path) from None
     except Exception as exc:
         raise FileFormatError(f"the torch file could not be read; it is truncated or damaged ({exc})", path) from None
 
