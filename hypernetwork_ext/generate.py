@@ -38,6 +38,23 @@ class GenerationSettings:
                 raise InvalidConfigError(f"{name} must be a multiple of 8, found {value}")
 
 
+def pipeline_from_components(components):
+    """A diffusers ``StableDiffusionPipeline`` over objects carrying ``vae``, ``text_encoder``,
+    ``tokenizer``, ``unet`` and ``scheduler`` (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=components.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def run_txt2img(pipe, request, generator: torch.Generator, **extra):
     """One diffusers txt2img call from a request with A1111's field names (``prompt``,
     ``negative_prompt``, ``steps``, ``cfg_scale``, ``width``, ``height``)."""

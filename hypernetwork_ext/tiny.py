@@ -45,18 +45,9 @@ class TinyComponents:
 
     def pipeline(self):
         """A diffusers StableDiffusionPipeline over these components (no safety checker)."""
-        from diffusers import StableDiffusionPipeline
+        from .generate import pipeline_from_components
 
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return pipeline_from_components(self)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

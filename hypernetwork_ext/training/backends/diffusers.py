@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ...generate import run_txt2img
+from ...generate import pipeline_from_components, run_txt2img
 from .base import Conditioning, PreviewGenerator, PreviewRequest, TrainingBackend, first_parameter
 
 
@@ -132,19 +132,7 @@ class PipelinePreviews:
             elif callable(self.components) and hasattr(self.components, "unet"):
                 self._pipeline = self.components
             else:
-                from diffusers import StableDiffusionPipeline
-
-                c = self.components
-                self._pipeline = StableDiffusionPipeline(
-                    vae=c.vae,
-                    text_encoder=c.text_encoder,
-                    tokenizer=c.tokenizer,
-                    unet=c.unet,
-                    scheduler=c.scheduler,
-                    safety_checker=None,
-                    feature_extractor=None,
-                    requires_safety_checker=False,
-                )
+                self._pipeline = pipeline_from_components(self.components)
             self._pipeline.set_progress_bar_config(disable=True)
         return self._pipeline
 
