@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -14,15 +13,8 @@ from hypernetwork_ext.tiny import TINY_WIDTHS, build_tiny_components
 from hypernetwork_ext.training import DiffusersBackend
 from hypernetwork_ext.training.api import build_training_router
 from hypernetwork_ext.training.jobs import CreateRequest, TrainingJobs, TrainingServices, default_widths
+from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.support.training_models import dataset_folder
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from hypernetwork_ext.training import (
     TrainingConfig,
     train,
 )
+from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.support.models import LDM_WIDTHS
 from tests.support.training_models import (
     LDM_CONTEXT,
@@ -31,15 +32,6 @@ from tests.support.training_models import (
 )
 
 WIDTHS = (LDM_CONTEXT, *LDM_WIDTHS)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These small models train several times faster on one thread than on two busy ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

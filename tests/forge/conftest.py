@@ -3,7 +3,8 @@ import pytest
 import hypernetwork_ext as hx
 from tests.support import forge_standin
 from tests.support import models as M
-from tests.support.networks import one_torch_thread, webui_network  # noqa: F401 (autouse fixture)
+from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
+from tests.support.networks import webui_network
 from tests.support.webui_generation import sampling_inputs as inputs  # noqa: F401 (fixture)
 from tests.support.webui_standin import Host
 

@@ -1,6 +1,5 @@
 """Helpers for test networks."""
 
-import pytest
 import torch
 
 
@@ -37,13 +36,3 @@ def perturbed(net, seed: int = 0):
             elif isinstance(module, torch.nn.Linear):
                 module.bias.normal_(0.0, 0.1, generator=generator)
     return net
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The small models of the WebUI tests run several times faster on one thread than on two busy
-    cores (the 2-core machine runs other work too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
