@@ -10,6 +10,8 @@ sampling that follows; the shared patcher itself is never modified.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -46,13 +48,19 @@ def block_id(block) -> str | None:
 
 
 def uncond_rows(extra_options: dict, rows: int) -> torch.Tensor | None:
-    """Per row, whether it belongs to the negative prompt (chunks listed in ``cond_or_uncond``)."""
+    """Per row, whether it belongs to the negative prompt (chunks listed in ``cond_or_uncond``).
+
+    The same layout gives the same tensor object: the rewriter keeps what it derives from the
+    rows per object, and the patch runs at every attention call of every step."""
     chunks = extra_options.get("cond_or_uncond")
     if not chunks or rows % len(chunks):
         return None
-    per_chunk = rows // len(chunks)
-    flags = torch.tensor([int(chunk) == 1 for chunk in chunks])
-    return flags.repeat_interleave(per_chunk)
+    return _row_flags(tuple(int(chunk) == 1 for chunk in chunks), rows // len(chunks))
+
+
+@functools.lru_cache(maxsize=16)
+def _row_flags(flags: tuple[bool, ...], per_chunk: int) -> torch.Tensor:
+    return torch.tensor(flags).repeat_interleave(per_chunk)
 
 
 class PatcherApplier:

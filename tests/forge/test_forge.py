@@ -127,3 +127,15 @@ def test_editor_and_api_on_gradio_4(forge):
     client = TestClient(app)
     assert {n["name"] for n in client.get("/hypernetworks/v1/networks").json()} == {"anime", "ink"}
     assert client.get("/hypernetworks/v1/networks/anime").json()["metadata"]["activation"] == "relu"
+
+
+def test_the_same_row_layout_is_the_same_tensor():
+    """The patch runs at every attention call; one tensor per layout lets the rewriter's per-step
+    caches (row flags, active stages) hit instead of being rebuilt at every layer."""
+    from hypernetwork_ext.hosts.forge import uncond_rows
+
+    first = uncond_rows({"cond_or_uncond": [1, 0]}, 4)
+    assert first is uncond_rows({"cond_or_uncond": [1, 0]}, 4)
+    assert first.tolist() == [True, True, False, False]
+    assert uncond_rows({"cond_or_uncond": [0, 1]}, 4).tolist() == [False, False, True, True]
+    assert uncond_rows({"cond_or_uncond": [0, 1]}, 3) is None and uncond_rows({}, 4) is None
