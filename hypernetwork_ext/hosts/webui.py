@@ -112,7 +112,7 @@ class Extension:
         self._record_hashes(p, plan)
 
     def plan(self, sd_model, tags: list[list[str]]) -> ActivationPlan:
-        shape = model_shape(self.applier.unet(sd_model))
+        shape = self.shape_of(self.applier.unet(sd_model))
         try:
             presets = parse_presets(str(option("hypernetwork_block_presets") or ""))
             preset_problem = None
@@ -192,7 +192,7 @@ class Extension:
             return
         entries, dtype = self.applier.entries, self.applier.compute_dtype
         self.applier.clear()
-        shape = model_shape(unet)
+        shape = self.shape_of(unet)
         kept = []
         for network, strength in entries:
             problem = fit_problem(network, shape.context_width, shape.self_widths)
@@ -209,6 +209,8 @@ class Extension:
     # -- names -----------------------------------------------------------------------------------
     def shape_of(self, unet) -> ModelShape:
         """The attention widths and blocks of a UNet, remembered for the last UNet asked about."""
+        if unet is None:
+            return model_shape(None)
         cached = self._shape[0]() if self._shape[0] is not None else None
         if cached is not unet:  # a weak reference: a switched-away model must not stay alive here
             self._shape = (weakref.ref(unet), model_shape(unet))
