@@ -217,6 +217,7 @@ class _Run:
         self.last_loss: float | None = None
         self.last_validation: float | None = None
         self.last_prompt = ""
+        self.last_batch: list[int] = []
         self.started = time.monotonic()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -323,12 +324,12 @@ class _Run:
             return contextlib.nullcontext()
         return torch.autocast(self.backend.device.type, dtype=self.autocast_dtype)
 
-    def loss_for(self, indices, captions_rng: random.Random, generator=None, *, fixed_noise=False) -> torch.Tensor:
+    def captions_for(self, indices, captions_rng: random.Random) -> list[str]:
+        return [self.captions.build(self.dataset.entries[i].filewords, captions_rng) for i in indices]
+
+    def loss_for(self, indices, texts: list[str], generator=None, *, fixed_noise=False) -> torch.Tensor:
         backend = self.backend
-        entries = [self.dataset.entries[i] for i in indices]
-        size = entries[0].size
-        texts = [self.captions.build(entry.filewords, captions_rng) for entry in entries]
-        self.last_prompt = texts[0]
+        size = self.dataset.entries[indices[0]].size
         cond = self.conditioning.get(texts, size)
         latents = self.dataset.latents(indices, generator, backend.device)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
@@ -374,7 +375,9 @@ class _Run:
             with _fork_rng(self.backend.device):
                 torch.manual_seed(data_mod.derive_seed(self.seed, "step", step, j, *process))
                 rng = random.Random(data_mod.derive_seed(self.seed, "captions", step, j, *process))
-                loss = self.loss_for(indices, rng) / config.gradient_step
+                texts = self.captions_for(indices, rng)
+                self.last_prompt, self.last_batch = texts[0], indices  # what a preview without txt2img settings shows
+                loss = self.loss_for(indices, texts) / config.gradient_step
                 if not torch.isfinite(loss):
                     raise _NonFinite(f"the loss became {loss.item()} at step {step + 1}")
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -424,7 +427,7 @@ class _Run:
                 generator.manual_seed(data_mod.derive_seed(self.seed, "validation", position))
                 rng = random.Random(data_mod.derive_seed(self.seed, "validation-captions", position))
                 with _fork_rng(self.backend.device):
-                    total += float(self.loss_for([index], rng, generator))
+                    total += float(self.loss_for([index], self.captions_for([index], rng), generator))
             return total / len(self.dataset.validation)
         finally:
             for module, mode in modes:
@@ -471,7 +474,7 @@ class _Run:
         self.copies.append(path)
         return path
 
-    def preview(self, step: int, indices) -> str | None:
+    def preview(self, step: int) -> str | None:
         generator = self.backend.preview_generator
         if generator is None:
             return None
@@ -488,7 +491,7 @@ class _Run:
                 height=config.preview_height,
             )
         else:
-            entry = self.dataset.entries[indices[0]]
+            entry = self.dataset.entries[self.last_batch[0]]
             request = PreviewRequest(prompt=self.last_prompt, width=entry.size[0], height=entry.size[1])
         multipliers = {id(m): m.multiplier for pair in self.network.layers.values() for m in pair}
         self.network.eval()
@@ -691,8 +694,7 @@ def _loop(run: _Run, optimizer, step: int, end: int, progress_bar) -> tuple[str,
             last_copy = run.save_copy(step, optimizer)
         last_preview = None
         if run.log_dir and config.create_image_every and step % config.create_image_every == 0:
-            indices, _epoch, _position = run.batch_for(step * config.gradient_step - 1)
-            last_preview = run.preview(step, indices)
+            last_preview = run.preview(step)
         if progress_bar is not None:
             progress_bar.update(1)
             progress_bar.set_postfix_str(f"loss: {loss:.7f}")

@@ -355,3 +355,27 @@ def test_an_atomic_save_survives_a_kill_between_write_and_rename(tmp_path):
     assert hx.load(path).step == 0
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "keep.pt"]
     assert all(name.endswith(".partial") for name in leftovers) and leftovers
+
+
+def test_previews_show_the_training_batch_not_the_validation_caption(tmp_path, ldm_model, data):
+    """Without txt2img settings a preview shows the last training batch's first caption; a
+    validation pass in between must not replace it."""
+    from PIL import Image
+
+    from hypernetwork_ext.training.data import scan_images, split_validation
+
+    captions = [words for _path, words, _size in scan_images(str(data))]
+    _train, held_out = split_validation(len(captions), 0.25, 11)
+    requests, progress = [], []
+
+    def capture(request):
+        requests.append(request)
+        return Image.new("RGB", (request.width, request.height))
+
+    backend = LdmBackend(ldm_model, preview_generator=capture)
+    settings = config(tmp_path, data, steps=3, validation_split=0.25, validation_every=1, create_image_every=1)
+    train(new_network(tmp_path), backend, settings, TrainingCallbacks(on_progress=progress.append), progress_bar=False)
+    assert len(requests) == 3 and len(progress) == 3
+    assert {captions[i] for i in held_out}.isdisjoint(r.prompt for r in requests)
+    assert [r.prompt for r in requests] == [p.last_prompt for p in progress]
+    assert all(r.prompt in captions for r in requests)
