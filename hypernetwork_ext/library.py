@@ -28,7 +28,6 @@ from .strength import Strength
 from .syntax import TagSpec, parse_tag
 
 SUFFIXES = (".safetensors", ".pt")
-USER_METADATA_FIELDS = ("description", "notes", "alias", "preferred weight", "activation text")
 _HASH_LIKE = re.compile(r"[0-9a-fA-F]{8,64}")
 _ALIAS_FORBIDDEN = re.compile(r"[:<>,/\\]")
 _CACHE_VERSION = 1

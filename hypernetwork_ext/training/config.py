@@ -217,10 +217,6 @@ class TrainingConfig:
     def clip_enabled(self) -> bool:
         return self.clip_grad_mode != "disabled"
 
-    @property
-    def uses_varying_captions(self) -> bool:
-        return self.shuffle_tags or self.tag_drop_out > 0
-
     # -- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

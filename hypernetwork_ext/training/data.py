@@ -28,7 +28,6 @@ from ..errors import HypernetworkError, InvalidConfigError
 TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
 _LEADING_NUMBERS = re.compile(r"^[-\d]+\s*")
 _NOT_IMAGES = {".txt", ".json", ".csv", ".npz", ".pt", ".safetensors", ".caption", ".toml", ".yaml", ".md"}
-LATENT_FACTOR = 8
 
 
 class PreparationInterrupted(HypernetworkError):
@@ -87,10 +86,6 @@ class CaptionBuilder:
     shuffle_tags: bool = False
     tag_drop_out: float = 0.0
     keep_tags: int = 0
-
-    @property
-    def varies(self) -> bool:
-        return len(self.lines) > 1 or self.shuffle_tags or self.tag_drop_out > 0
 
     def build(self, filewords: str, rng: random.Random) -> str:
         line = self.lines[rng.randrange(len(self.lines))] if len(self.lines) > 1 else self.lines[0]

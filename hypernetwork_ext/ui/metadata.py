@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import html
-
 from ..families import FAMILIES
 from ..syntax import format_number
-
-EDITOR_FIELDS = ("description", "notes", "alias", "preferred weight", "activation text")
 
 
 def pretty_bytes(size: int) -> str:
@@ -61,8 +57,3 @@ def _trained_on(info: dict) -> str:
     if name and short:
         return f"{name} [{short}]"
     return name or short or "unknown"
-
-
-def metadata_table_html(rows: list[tuple[str, str]]) -> str:
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
-    return f'<table class="file-metadata hnx-metadata">{body}</table>'

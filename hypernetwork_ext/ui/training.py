@@ -20,6 +20,7 @@ from ..training.config import (
     CLIP_GRAD_MODES,
     LATENT_SAMPLING_METHODS,
     MIXED_PRECISION,
+    PREVIEW_FIELDS,
     TrainingConfig,
     load_preset,
     save_preset,
@@ -45,17 +46,8 @@ CREATE_FIELDS = (
 )
 ALL_WIDTHS = [768, 1024, 2048, 320, 640, 1280]
 _DEFAULTS = TrainingConfig()
-# What A1111 hands to Train tabs (UiTrainTabParams.txt2img_preview_params), in its order.
-TXT2IMG_PREVIEW_FIELDS = (
-    "preview_prompt",
-    "preview_negative_prompt",
-    "preview_steps",
-    "preview_sampler_name",
-    "preview_cfg_scale",
-    "preview_seed",
-    "preview_width",
-    "preview_height",
-)
+# What A1111 hands to Train tabs (UiTrainTabParams.txt2img_preview_params): the preview options, in their order.
+TXT2IMG_PREVIEW_FIELDS = PREVIEW_FIELDS
 
 
 @dataclasses.dataclass

@@ -70,12 +70,6 @@ def cat_conditioning(parts: Sequence[Conditioning]) -> Conditioning:
     return torch.cat(list(parts))
 
 
-def conditioning_to(cond: Conditioning, device) -> Conditioning:
-    if isinstance(cond, dict):
-        return {key: value.to(device) for key, value in cond.items()}
-    return cond.to(device)
-
-
 def first_parameter(module: nn.Module) -> torch.Tensor | None:
     return next(module.parameters(), None)
 
