@@ -13,6 +13,7 @@ comes from the run's seed and the step, so a resumed run continues exactly as an
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import re
@@ -32,7 +33,7 @@ from . import data as data_mod
 from . import distributed, logs
 from .backends.base import ModelGuard, PreviewRequest, TrainingBackend, cat_conditioning
 from .checkpointing import gradient_checkpointing
-from .config import TrainingConfig
+from .config import PREVIEW_FIELDS, TrainingConfig
 from .optimizers import build_optimizer
 from .schedules import RateShape, StepSchedule
 
@@ -378,10 +379,11 @@ class _Run:
                 texts = self.captions_for(indices, rng)
                 self.last_prompt, self.last_batch = texts[0], indices  # what a preview without txt2img settings shows
                 loss = self.loss_for(indices, texts) / config.gradient_step
-                if not torch.isfinite(loss):
-                    raise _NonFinite(f"the loss became {loss.item()} at step {step + 1}")
+                value = loss.item()  # one device sync per micro-batch
+                if not math.isfinite(value):
+                    raise _NonFinite(f"the loss became {value} at step {step + 1}")
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
+            total += value
         distributed.average_gradients(self.parameters)
         total = distributed.average(total, self.backend.device)
         if self.scaler is not None:
@@ -395,7 +397,7 @@ class _Run:
                     torch.nn.utils.clip_grad_norm_(self.parameters, limit)
         before = [p.detach().clone() for p in self.parameters]
         if self.scaler is None:
-            if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self.parameters):
+            if not _all_finite([p.grad for p in self.parameters if p.grad is not None]):
                 raise _NonFinite(f"a gradient became non-finite at step {step + 1}")
             optimizer.step()
         else:
@@ -406,7 +408,7 @@ class _Run:
             if self.skipped >= config.max_consecutive_skipped_steps:
                 raise _NonFinite(f"{self.skipped} consecutive steps had non-finite gradients (last at step {step + 1})")
         optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in self.parameters):
+        if not _all_finite(self.parameters):
             with torch.no_grad():
                 for parameter, value in zip(self.parameters, before, strict=True):
                     parameter.copy_(value)
@@ -481,14 +483,7 @@ class _Run:
         config = self.config
         if config.preview_from_txt2img:
             request = PreviewRequest(
-                prompt=config.preview_prompt,
-                negative_prompt=config.preview_negative_prompt,
-                steps=config.preview_steps,
-                sampler_name=config.preview_sampler_name,
-                cfg_scale=config.preview_cfg_scale,
-                seed=config.preview_seed,
-                width=config.preview_width,
-                height=config.preview_height,
+                **{name.removeprefix("preview_"): getattr(config, name) for name in PREVIEW_FIELDS}
             )
         else:
             entry = self.dataset.entries[self.last_batch[0]]
@@ -762,3 +757,8 @@ def _cuda_grad_scaler():
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler("cuda")
     return torch.cuda.amp.GradScaler()  # torch before 2.3 (A1111 1.10 ships 2.1.2)
+
+
+def _all_finite(tensors) -> bool:
+    """One device sync for all of them, not one per tensor."""
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
