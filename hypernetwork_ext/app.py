@@ -10,6 +10,7 @@ previews), Hypernetworks (cards: previews, metadata, click to add a tag). Served
 from __future__ import annotations
 
 import argparse
+import hashlib
 import html
 import json
 import os
@@ -100,7 +101,8 @@ def _placeholder(state: AppState, name: str) -> str:
 
     folder = os.path.join(state.output_dir, ".cards")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{abs(hash(name)) % 10**8}.png")
+    # A stable file name: str hashes change from run to run, which left a new set of tiles each launch.
+    path = os.path.join(folder, f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.png")
     if not os.path.exists(path):
         image = Image.new("RGB", (CARD_SIZE, CARD_SIZE), (60, 64, 80))
         ImageDraw.Draw(image).text((10, CARD_SIZE // 2 - 6), name[:18], fill="white")
@@ -175,10 +177,9 @@ def _build_cards(state: AppState, prompt) -> None:
     with gr.Row():
         search = gr.Textbox(label="Search (name, path, hash)", elem_id="hnx_app_card_search", scale=4)
         refresh = gr.Button("Refresh", elem_id="hnx_app_card_refresh", scale=1)
-    names = gr.State([name for _, name in card_items(state)])
-    cards = gr.Gallery(
-        value=card_items(state), label="Hypernetworks", columns=6, elem_id="hnx_app_cards", allow_preview=False
-    )
+    items = card_items(state)
+    names = gr.State([name for _, name in items])
+    cards = gr.Gallery(value=items, label="Hypernetworks", columns=6, elem_id="hnx_app_cards", allow_preview=False)
     details = gr.Code(label="Metadata", language="json", elem_id="hnx_app_card_details")
 
     def listing(text, rescan=False):

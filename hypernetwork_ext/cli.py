@@ -148,7 +148,7 @@ def _convert(args) -> int:
             print(f"error: {exc}", file=sys.stderr)
     if not pairs:
         print("nothing to convert", file=sys.stderr)
-    return _batch_exit(failed, max(len(pairs), 1)) if pairs else EXIT_OK
+    return _batch_exit(failed, len(pairs)) if pairs else EXIT_OK
 
 
 def _progress(items: list, label: str):
@@ -165,13 +165,11 @@ def _progress(items: list, label: str):
 def _width_overrides(values: list[str] | None) -> dict[int, list[float]]:
     overrides = {}
     for item in values or []:
-        width, sep, numbers = item.partition("=")
-        try:
+        width, _sep, numbers = item.partition("=")
+        try:  # without "=", numbers is "" and float("") refuses it too
             overrides[int(width)] = [float(x) for x in numbers.split(",")]
         except ValueError:
             raise InvalidConfigError(f"--width {item!r}: expected WIDTH=VALUE[,VALUE...], e.g. 768=0.8,0.2") from None
-        if not sep:
-            raise InvalidConfigError(f"--width {item!r}: expected WIDTH=VALUE[,VALUE...]")
     return overrides
 
 
@@ -463,11 +461,9 @@ def _setup_processes(args) -> str:
 
 
 def _demo(args) -> int:
-    from .pipelines import load_model
     from .workflows import run_demo
 
-    source = load_model(args.model, config=args.config, allow_download=args.allow_download)
-    source.pipe.to(_device(args))
+    source = _load_source(args)
     result = run_demo(args.output, source, steps=args.steps, seed=args.seed, log=lambda text: print(text, flush=True))
     summary = result.summary
     print()

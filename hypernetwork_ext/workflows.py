@@ -3,6 +3,7 @@ training on a model source, and the end-to-end demo. Host-free: no WebUI, any gr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -54,7 +55,7 @@ def generate_with_tags(
 ) -> GenerationOutput:
     """Generate from a prompt with ``<hypernet:...>`` tags; a bad tag is reported, the rest applies."""
     plan = plan_tags(library, source, settings.prompt, force_mismatch=force_mismatch)
-    clean = GenerationSettings(**{**settings.__dict__, "prompt": " ".join(strip_tags(settings.prompt).split())})
+    clean = dataclasses.replace(settings, prompt=" ".join(strip_tags(settings.prompt).split()))
     images = generate(
         source, clean, plan.entries, compute_dtype=compute_dtype, on_step=on_step, should_stop=should_stop
     )
@@ -105,7 +106,7 @@ def multiplier_grid(
     for prompt in prompts:
         for multiplier in multipliers:
             tagged = set_multipliers(prompt, multiplier)
-            output = generate_with_tags(source, library, GenerationSettings(**{**settings.__dict__, "prompt": tagged}))
+            output = generate_with_tags(source, library, dataclasses.replace(settings, prompt=tagged))
             outputs.append(output)
             tiles.append(output.images[0])
     labels = [f"x{format_number(m)}" for m in multipliers]

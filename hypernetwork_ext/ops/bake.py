@@ -52,16 +52,12 @@ class FoldReport:
         return "\n".join(lines)
 
 
-def _stack(entries: Sequence[tuple[Hypernetwork, float]], approximate: bool, seed: int) -> StackAffines:
-    return stack_affines(entries, approximate=approximate, seed=seed)
-
-
 def bake(
     weights: UnetWeights, entries: Sequence[tuple[Hypernetwork, float]], *, approximate: bool = False, seed: int = 0
 ) -> tuple[dict[str, torch.Tensor], FoldReport]:
     """New UNet tensors with the networks folded in, and a report (errors are those of the affine
     fit of nonlinear networks; the fold itself is exact)."""
-    maps = _stack(entries, approximate, seed)
+    maps = stack_affines(entries, approximate=approximate, seed=seed)
     changed: dict[str, torch.Tensor] = {}
     report = FoldReport(fit_errors=maps.fit_errors)
     for path in weights.attention_paths():
@@ -111,7 +107,7 @@ def export_lora(
     """The weight delta of the networks as a LoRA in kohya's layout (``lora_unet_<module>``), which
     A1111, Forge, ComfyUI and diffusers load. Full rank is exact up to the value shift (which a
     LoRA cannot carry); a lower rank truncates the SVD. Errors are measured on Gaussian inputs."""
-    maps = _stack(entries, approximate, seed)
+    maps = stack_affines(entries, approximate=approximate, seed=seed)
     lora: dict[str, torch.Tensor] = {}
     report = FoldReport(fit_errors=maps.fit_errors)
     generator = torch.Generator().manual_seed(seed)

@@ -38,16 +38,17 @@ def _check_same_structure(networks: Sequence[Hypernetwork]) -> None:
 def _combine(networks: Sequence[Hypernetwork], coefficients_for_width, name: str, notes: str) -> Hypernetwork:
     _check_same_structure(networks)
     base = networks[0]
+    sources = [network.module_state_dicts() for network in networks]
     states = {}
     for width in base.widths:
         coefficients = coefficients_for_width(width)
         pair = []
         for index in (0, 1):
             merged = {}
-            for key, tensor in base.layers[width][index].state_dict().items():
+            for key, tensor in sources[0][width][index].items():
                 total = torch.zeros_like(tensor, dtype=torch.float32)
-                for coefficient, network in zip(coefficients, networks, strict=True):
-                    total += coefficient * network.layers[width][index].state_dict()[key].to(torch.float32)
+                for coefficient, source in zip(coefficients, sources, strict=True):
+                    total += coefficient * source[width][index][key].to(torch.float32)
                 merged[key] = total.to(tensor.dtype)
             pair.append(merged)
         states[width] = tuple(pair)
