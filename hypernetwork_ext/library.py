@@ -9,6 +9,7 @@ absolute paths and symlinks leading out are refused.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -107,6 +108,15 @@ def fit_problem(network: Hypernetwork, context_width: int | None, self_widths: I
     )
 
 
+def preferred_multiplier_of(user_metadata: dict) -> float | None:
+    """The card's "preferred weight" (A1111's name), None when unset, zero or not a number."""
+    try:
+        value = float(user_metadata.get("preferred weight"))
+    except (TypeError, ValueError):
+        return None
+    return value if value != 0 else None
+
+
 class _Cache:
     """sha256 and summary of each file, keyed by path and checked against size and mtime; kept on disk."""
 
@@ -114,6 +124,7 @@ class _Cache:
         self.path = path
         self.files: dict[str, dict] = {}
         self._dirty = False
+        self.deferring = 0  # > 0: saves wait for the end of a listing (Library.deferred_cache_writes)
         if path and os.path.isfile(path):
             try:
                 with open(path, encoding="utf-8") as handle:
@@ -138,7 +149,7 @@ class _Cache:
         self._dirty = True
 
     def save(self) -> None:
-        if not self.path or not self._dirty:
+        if not self.path or not self._dirty or self.deferring:
             return
         data = json.dumps({"version": _CACHE_VERSION, "files": self.files}, indent=1, sort_keys=True)
         try:
@@ -300,7 +311,20 @@ class Library:
 
     def find_by_hash(self, prefix: str) -> list[NetworkEntry]:
         wanted = prefix.lower()
-        return [e for e in self.entries if self.sha256(e).startswith(wanted)]
+        with self.deferred_cache_writes():
+            return [e for e in self.entries if self.sha256(e).startswith(wanted)]
+
+    @contextlib.contextmanager
+    def deferred_cache_writes(self):
+        """Write the disk cache once at the end of a loop over many files, not once per file."""
+        with self._lock:
+            self._cache.deferring += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._cache.deferring -= 1
+                self._cache.save()
 
     # -- user metadata -------------------------------------------------------------------------
     def user_metadata(self, entry: NetworkEntry) -> dict:
@@ -328,12 +352,7 @@ class Library:
         return data
 
     def preferred_multiplier(self, entry: NetworkEntry) -> float | None:
-        value = self.user_metadata(entry).get("preferred weight")
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            return None
-        return value if value != 0 else None
+        return preferred_multiplier_of(self.user_metadata(entry))
 
     # -- loading -------------------------------------------------------------------------------
     def load(self, entry: NetworkEntry) -> Hypernetwork:

@@ -28,7 +28,7 @@ from modules import (
 )
 
 from ..errors import HypernetworkError
-from ..library import ActivationPlan, Library, NetworkEntry, fit_problem
+from ..library import ActivationPlan, Library, NetworkEntry, fit_problem, preferred_multiplier_of
 from ..shape import ModelShape, model_shape
 from ..syntax import TAG_TYPE, find_tags, format_hashes, format_number, parse_hashes, parse_presets, rename_tags
 from ..syntax import set_multipliers as set_prompt_multipliers
@@ -300,7 +300,7 @@ class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):
         path, _ = os.path.splitext(entry.path)
         user = library.user_metadata(entry)
         sha = library.cached_sha256(entry)
-        preferred = library.preferred_multiplier(entry)
+        preferred = preferred_multiplier_of(user)
         multiplier = format_number(preferred) if preferred is not None else "opts.hypernetwork_default_multiplier"
         prompt = ui_extra_networks.quote_js(f"<{TAG_TYPE}:{prompt_name}:") + " + " + str(multiplier) + " + "
         prompt += ui_extra_networks.quote_js(">")
@@ -334,10 +334,11 @@ class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):
         return fit_problem(_Widths(info["widths"], info.get("family")), shape.context_width, shape.self_widths) is None
 
     def list_items(self):
-        for index, (name, entry) in enumerate(EXTENSION.prompt_names().items()):
-            item = self._item(name, entry, index)
-            if item is not None:
-                yield item
+        with EXTENSION.library.deferred_cache_writes():
+            for index, (name, entry) in enumerate(EXTENSION.prompt_names().items()):
+                item = self._item(name, entry, index)
+                if item is not None:
+                    yield item
 
     def allowed_directories_for_previews(self):
         return EXTENSION.library.folders()

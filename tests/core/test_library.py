@@ -236,3 +236,18 @@ def test_family_mismatch_is_skipped_unless_forced(tmp_path):
     assert [item.entry.name for item in forced.networks] == ["sd1"] and "applied although" in forced.notes[0]
     assert fit_problem(hx.load(root / "sd1.pt"), 768, (320, 640, 1280)) is None
     assert fit_problem(hx.load(root / "sd1.pt"), None, ()) is None
+
+
+def test_a_lookup_over_every_file_writes_the_cache_once(library, tmp_path, monkeypatch):
+    import hypernetwork_ext.library as library_module
+
+    writes = []
+    real_write = library_module.atomic_write_bytes
+    monkeypatch.setattr(
+        library_module, "atomic_write_bytes", lambda *a, **k: (writes.append(a[0]), real_write(*a, **k))
+    )
+    assert len(library.entries) > 2
+    assert library.find_by_hash("f" * 64) == []  # hashes every file
+    assert len(writes) == 1
+    reopened = Library(library.folders(), cache_file=str(tmp_path / "cache" / "hashes.json"))
+    assert all(reopened.cached_sha256(entry) for entry in reopened.entries)
