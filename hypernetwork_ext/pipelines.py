@@ -102,7 +102,9 @@ def _load_single_file(path: str, config: str | None, allow_download: bool) -> Mo
         except Exception as exc:
             raise FileFormatError(f"not a readable safetensors file ({exc})", path) from None
     else:
-        keys = list(_safe_checkpoint_keys(path))
+        from .ops.checkpoints import pickled_state_dict
+
+        keys = list(pickled_state_dict(path))
     is_sdxl = any(key.startswith("conditioner.embedders.1") for key in keys)
     if not any(key.startswith("model.diffusion_model.") for key in keys):
         raise FileFormatError("not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)", path)
@@ -125,15 +127,3 @@ def _load_single_file(path: str, config: str | None, allow_download: bool) -> Mo
         )
         raise HypernetworkError(f"diffusers could not load the checkpoint ({exc}){hint}", path) from None
     return ModelSource(pipe, Path(path).stem, path, is_sdxl)
-
-
-def _safe_checkpoint_keys(path: str):
-    """Keys of a pickled checkpoint, read through the safe loader (refuses code-running files)."""
-    from .formats.safe_pickle import load_torch_file
-
-    content = load_torch_file(path)
-    if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
-        content = content["state_dict"]
-    if not isinstance(content, dict):
-        raise FileFormatError("the checkpoint does not hold a state dict", path)
-    return content.keys()

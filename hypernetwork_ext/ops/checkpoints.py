@@ -78,12 +78,19 @@ def _read_state_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
                 return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
         except Exception as exc:
             raise FileFormatError(f"not a readable safetensors file ({exc})", path) from None
+    content = pickled_state_dict(path)
+    return {key: value for key, value in content.items() if isinstance(value, torch.Tensor)}, {}
+
+
+def pickled_state_dict(path: str) -> dict:
+    """The state dict of a ``.ckpt``/``.pt`` checkpoint (also under ``state_dict``), read through the
+    safe loader, which refuses files that would run code."""
     content = load_torch_file(path)
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         content = content["state_dict"]
     if not isinstance(content, dict):
         raise FileFormatError(f"the checkpoint holds a {type(content).__name__}, not a state dict", path)
-    return {key: value for key, value in content.items() if isinstance(value, torch.Tensor)}, {}
+    return content
 
 
 def _read_diffusers_unet(folder: str) -> UnetWeights:
