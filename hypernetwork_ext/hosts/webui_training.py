@@ -42,7 +42,8 @@ from modules import (
 from ..errors import HypernetworkError
 from ..training import LdmBackend, PreviewRequest, SgmBackend, TrainingCallbacks, TrainingConfig, TrainingProgress
 from ..training.api import build_training_router
-from ..training.jobs import FieldProblems, JobStatus, TrainingJobs, TrainingServices
+from ..training.config import FieldProblems
+from ..training.jobs import JobStatus, TrainingJobs, TrainingServices
 from ..ui import compat
 from ..ui.training import HostHooks, build_training_tab
 from . import api, webui

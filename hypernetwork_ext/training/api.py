@@ -19,7 +19,8 @@ from fastapi import APIRouter, Body, HTTPException
 from fastapi.responses import FileResponse
 
 from ..errors import HypernetworkError, InvalidConfigError
-from .jobs import FieldProblems, JobBusyError, TrainingJobs
+from .config import FieldProblems
+from .jobs import JobBusyError, TrainingJobs
 
 PREFIX = "/hypernetworks/v1"
 _JSON_BODY = Body(...)

@@ -18,6 +18,15 @@ from ..atomic import atomic_write_bytes
 from ..errors import HypernetworkError, InvalidConfigError
 from .schedules import LR_SCHEDULERS, parse_schedule
 
+
+class FieldProblems(InvalidConfigError):
+    """Invalid input, with the problem of each field (for showing next to it)."""
+
+    def __init__(self, problems: dict[str, str]):
+        self.problems = problems
+        super().__init__("; ".join(f"{name}: {problem}" for name, problem in problems.items()))
+
+
 CLIP_GRAD_MODES = ("disabled", "value", "norm")
 LATENT_SAMPLING_METHODS = ("once", "deterministic", "random")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -209,7 +218,7 @@ class TrainingConfig:
     def check(self) -> TrainingConfig:
         found = self.problems()
         if found:
-            raise InvalidConfigError("; ".join(f"{name}: {problem}" for name, problem in found.items()))
+            raise FieldProblems(found)
         return self
 
     # -- derived values --------------------------------------------------------------------------

@@ -21,17 +21,9 @@ from .. import formats
 from ..errors import HypernetworkError, InvalidConfigError
 from ..families import FAMILIES
 from ..network import WEIGHT_INITS, create, usable_activation_names
-from .config import TrainingConfig
+from .config import FieldProblems, TrainingConfig
 from .data import list_templates
 from .engine import TrainingCallbacks, TrainingProgress, train
-
-
-class FieldProblems(InvalidConfigError):
-    """Invalid input, with the problem of each field (for showing next to it)."""
-
-    def __init__(self, problems: dict[str, str]):
-        self.problems = problems
-        super().__init__("; ".join(f"{name}: {problem}" for name, problem in problems.items()))
 
 
 class JobBusyError(HypernetworkError):

@@ -21,11 +21,12 @@ from ..training.config import (
     LATENT_SAMPLING_METHODS,
     MIXED_PRECISION,
     PREVIEW_FIELDS,
+    FieldProblems,
     TrainingConfig,
     load_preset,
     save_preset,
 )
-from ..training.jobs import CreateRequest, FieldProblems, TrainingJobs, default_widths
+from ..training.jobs import CreateRequest, TrainingJobs, default_widths
 from ..training.optimizers import OPTIMIZERS
 from ..training.schedules import LR_SCHEDULERS
 from .compat import js_kwargs, poll, update
