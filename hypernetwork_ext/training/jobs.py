@@ -20,6 +20,7 @@ from typing import Any
 from .. import formats
 from ..errors import HypernetworkError, InvalidConfigError
 from ..families import FAMILIES
+from ..library import Library
 from ..network import WEIGHT_INITS, create, usable_activation_names
 from .config import FieldProblems, TrainingConfig
 from .data import list_templates
@@ -172,13 +173,11 @@ class TrainingServices:
 
 
 def list_networks(directory: str) -> dict[str, str]:
-    """Network name (file stem) -> path, searching ``directory`` recursively."""
+    """Network name (file stem) -> path, searching ``directory`` recursively as the library does
+    (shallowest first; links leading out of the folder are not followed)."""
     found: dict[str, str] = {}
-    for root, _dirs, files in sorted(os.walk(directory)) if os.path.isdir(directory) else []:
-        for file in sorted(files):
-            stem, suffix = os.path.splitext(file)
-            if suffix.lower() in formats.SUPPORTED_SUFFIXES:
-                found.setdefault(stem, os.path.join(root, file))
+    for entry in Library([directory]).entries:
+        found.setdefault(entry.name, entry.path)
     return found
 
 
