@@ -103,12 +103,7 @@ class Extension:
         plan = self.plan(p.sd_model, tags)
         self.last_plan = plan
         self._report(p, plan)
-        self.applier.apply(
-            p.sd_model,
-            plan.entries,
-            compute_dtype(option("hypernetwork_compute_dtype")),
-            lora_functional=bool((getattr(shared.opts, "data", {}) or {}).get("lora_functional", False)),
-        )
+        self._apply(p.sd_model, plan.entries, compute_dtype(option("hypernetwork_compute_dtype")))
         self._record_hashes(p, plan)
 
     def plan(self, sd_model, tags: list[list[str]]) -> ActivationPlan:
@@ -201,7 +196,12 @@ class Extension:
                 continue
             kept.append((network, strength))
         if kept and unet is not None:
-            self.applier.apply(sd_model, kept, dtype)
+            self._apply(sd_model, kept, dtype)
+
+    def _apply(self, sd_model, entries: list, dtype) -> None:
+        # The built-in Lora's functional mode decides whether folds may follow its merged weights.
+        lora_functional = bool((getattr(shared.opts, "data", {}) or {}).get("lora_functional", False))
+        self.applier.apply(sd_model, entries, dtype, lora_functional=lora_functional)
 
     def finish(self) -> None:
         self.applier.clear()

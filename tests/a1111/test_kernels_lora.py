@@ -18,7 +18,7 @@ from tests.a1111.test_generation import expected, load, p_for, run_model
 from tests.support import models as M
 from tests.support.a1111_lora import A1111Lora, LoraNetwork
 from tests.support.reference import reference_model
-from tests.support.webui_generation import generate, sample
+from tests.support.webui_generation import LatentDiffusion, generate, sample
 
 
 def _project(self, x, context):
@@ -129,6 +129,8 @@ def test_lora_mode_reaches_the_fast_path(host, inputs, functional):
     try:
         (got,) = generate(host, p_for(host, "<hypernet:flat:0.8>"), inputs, run_model)
         host.extension.activate(p_for(host, ""), [["flat", "0.8"]])
+        assert host.extension.applier.attachment.runtime.linear_projections is (not functional)
+        host.set_model(LatentDiffusion(M.ldm_unet(4)))  # a checkpoint switch re-applies the networks
         assert host.extension.applier.attachment.runtime.linear_projections is (not functional)
         host.extension.finish()
         twin = reference_model(unet, [(load(host, "flat.pt"), 0.8)])
