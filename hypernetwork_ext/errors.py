@@ -46,5 +46,9 @@ class UnknownNetworkError(HypernetworkError, LookupError):
     """A name in a prompt matches no hypernetwork file in the configured folders."""
 
 
+class NoSuchNetworkError(UnknownNetworkError):
+    """No file answers to the name at all (one added since the last listing, perhaps)."""
+
+
 class PathEscapeError(HypernetworkError, PermissionError):
     """A name would resolve to a file outside the configured folders."""

@@ -20,7 +20,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .atomic import atomic_write_bytes
-from .errors import FileFormatError, HypernetworkError, InvalidConfigError, PathEscapeError, UnknownNetworkError
+from .errors import (
+    FileFormatError,
+    HypernetworkError,
+    InvalidConfigError,
+    NoSuchNetworkError,
+    PathEscapeError,
+    UnknownNetworkError,
+)
 from .families import CONTEXT_WIDTHS, FAMILIES, widths_fit
 from .formats import load as load_file
 from .hashing import file_sha256, short_hash
@@ -81,6 +88,7 @@ class ActivationPlan:
     networks: list[PlannedNetwork] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    names_not_found: bool = False  # a tag named no file: a refreshed listing may find it
 
     @property
     def entries(self) -> list[tuple[Hypernetwork, Strength]]:
@@ -245,7 +253,7 @@ class Library:
                 return Resolution(by_hash[0], "hash")
             if len(by_hash) > 1:
                 raise UnknownNetworkError(f"hash {text!r} matches {_listing(by_hash)}; give more characters")
-        raise UnknownNetworkError(self._unknown_message(text, entries))
+        raise NoSuchNetworkError(self._unknown_message(text, entries))
 
     def _resolve_alias(self, text: str, entries: list[NetworkEntry]) -> Resolution | None:
         aliases = [(e, str(self.user_metadata(e).get("alias") or "").strip()) for e in entries]
@@ -275,7 +283,7 @@ class Library:
                 if not _inside(os.path.realpath(candidate), real_root):
                     raise PathEscapeError(f"{text!r} is a link that leads outside the hypernetwork folders")
                 return self._entry_for(candidate, root)
-        raise UnknownNetworkError(self._unknown_message(text, self.entries))
+        raise NoSuchNetworkError(self._unknown_message(text, self.entries))
 
     def _entry_for(self, path: str, root: str) -> NetworkEntry:
         absolute = os.path.abspath(path)
@@ -445,6 +453,7 @@ class Library:
                 planned, note = self._plan_one(spec, with_hashes)
             except HypernetworkError as exc:
                 plan.problems.append(str(exc))
+                plan.names_not_found |= isinstance(exc, NoSuchNetworkError)
                 continue
             if note:
                 plan.notes.append(f"{spec.text}: {note}")

@@ -127,7 +127,7 @@ class Extension:
             )
 
         plan = make()
-        if any("no hypernetwork named" in problem for problem in plan.problems):
+        if plan.names_not_found:
             self.library.refresh()  # a file added since the last listing
             plan = make()
         if preset_problem:
