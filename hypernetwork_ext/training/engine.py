@@ -219,6 +219,10 @@ class _Run:
         self.last_validation: float | None = None
         self.last_prompt = ""
         self.last_batch: list[int] = []
+        self.parameters: list[torch.nn.Parameter] = []
+        self.ema: Ema | None = None
+        self.settings_path: str | None = None
+        self.error: Exception | None = None  # a failure after some steps: reported, the steps kept
         self.started = time.monotonic()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -587,7 +591,6 @@ def train(
         progress_bar=progress_bar,
     )
     run.sidecar = sidecar
-    run.seed = config.seed
     run.prepare()
     if run.start_step >= config.steps:
         return TrainingResult(
@@ -743,11 +746,11 @@ def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
         previews=run.previews,
         preview_path=preview_path,
         log_dir=run.log_dir,
-        settings_path=getattr(run, "settings_path", None),
+        settings_path=run.settings_path,
         losses=run.losses,
         validation_losses=run.validation_losses,
     )
-    error = getattr(run, "error", None)
+    error = run.error
     if error is not None:
         raise HypernetworkError(message) from error
     return result
