@@ -36,6 +36,7 @@ from .fastpath import (
     foldable_weight,
     is_torch_linear_forward,
     needs_autograd,
+    version_of,
 )
 from .network import Hypernetwork, HypernetworkModule
 from .strength import CROSS, KEY, SELF, VALUE, Strength
@@ -293,10 +294,11 @@ class KVRewriter:
         if rows is None or rows.dim() != 1 or rows.shape[0] != x.shape[0]:
             return None, None
         memo_rows, memo_version, as_bool, key = self._rows_memo
-        if memo_rows is not rows or memo_version != rows._version:
+        version = version_of(rows)
+        if memo_rows is not rows or memo_version != version:
             as_bool = rows.to(torch.bool)
             key = tuple(as_bool.tolist())
-            self._rows_memo = (rows, rows._version, as_bool, key)
+            self._rows_memo = (rows, version, as_bool, key)
         return as_bool, key
 
     def _other_path_active(self, path: str, kind: str, block: str | None, x: torch.Tensor) -> Active | None:
@@ -540,7 +542,7 @@ def _index(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
 def _tensor_token(tensor: torch.Tensor | None) -> tuple:
     if tensor is None:
         return (None,)
-    return (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device, tuple(tensor.shape))
+    return (tensor.data_ptr(), version_of(tensor), tensor.dtype, tensor.device, tuple(tensor.shape))
 
 
 def normalise_networks(networks: Iterable[NetworkSpec]) -> list[tuple[Hypernetwork, Strength]]:

@@ -110,7 +110,7 @@ class ModuleInfo:
 
     def token(self) -> tuple:
         """Changes whenever a parameter is replaced or modified in place."""
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.params)
+        return tuple((p.data_ptr(), version_of(p), p.dtype, p.device) for p in self.params)
 
     def needs_grad(self) -> bool:
         return self.module.training or any(p.requires_grad for p in self.params)
@@ -130,6 +130,18 @@ def needs_autograd(x: torch.Tensor, infos: Sequence[ModuleInfo], extra: Sequence
     return x.requires_grad or any(info.needs_grad() for info in infos) or any(t.requires_grad for t in extra)
 
 
+def version_of(tensor: torch.Tensor) -> int | None:
+    """``tensor._version``, or None for an inference tensor, which has no version counter.
+
+    Forge and reForge sample inside ``torch.inference_mode()``, where every new tensor (row flags,
+    hidden states, copies of networks moved there) is one; reading ``_version`` raises. Such a
+    tensor can be changed in place only inside inference mode, which nothing of ours does to the
+    tensors keyed here (our own copies, row flags, the input of one attention call); the text
+    context cache compares them by value instead.
+    """
+    return None if tensor.is_inference() else tensor._version
+
+
 # -- the engine -------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class _Pending:
@@ -137,7 +149,7 @@ class _Pending:
 
     site: tuple
     source: torch.Tensor
-    version: int
+    version: int | None
     key: tuple
     output: torch.Tensor
 
@@ -310,11 +322,16 @@ class Engine:
             misses = self._pair_misses[left.site] = self._pair_misses.get(left.site, 0) + 1
             if misses >= 4 and not self._pair_hits.get(left.site):
                 self._unpaired.add(left.site)
-        self._pending = _Pending(site, source, source._version, key, output)
+        self._pending = _Pending(site, source, version_of(source), key, output)
 
     def take(self, source: torch.Tensor, key: tuple) -> torch.Tensor | None:
         pending = self._pending
-        if pending is None or pending.source is not source or pending.version != source._version or pending.key != key:
+        if (
+            pending is None
+            or pending.source is not source
+            or pending.version != version_of(source)
+            or pending.key != key
+        ):
             return None
         self._pending = None
         self._pair_hits[pending.site] = self._pair_hits.get(pending.site, 0) + 1
@@ -408,7 +425,7 @@ def copy_module(module: HypernetworkModule) -> HypernetworkModule:
 class _ContextEntry:
     copy: torch.Tensor
     seen: torch.Tensor
-    seen_version: int
+    seen_version: int | None
     outputs: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
     def matches(self, x: torch.Tensor) -> bool:
@@ -451,12 +468,14 @@ class ContextCache:
     def entry_for(self, x: torch.Tensor) -> _ContextEntry | None:
         if self.bypass:
             return None
-        for index, entry in enumerate(self._entries):
-            if entry.seen is x and entry.seen_version == x._version:
-                return self._found(index)
+        version = version_of(x)
+        if version is not None:  # an inference tensor is recognised by value only
+            for index, entry in enumerate(self._entries):
+                if entry.seen is x and entry.seen_version == version:
+                    return self._found(index)
         for index, entry in enumerate(self._entries):
             if entry.matches(x):
-                entry.seen, entry.seen_version = x, x._version
+                entry.seen, entry.seen_version = x, version
                 return self._found(index)
         self._misses_in_a_row += 1
         self.stats["context_misses"] += 1
@@ -465,7 +484,7 @@ class ContextCache:
             self.bypass = True
             self._entries.clear()
             return None
-        entry = _ContextEntry(x.detach().clone(), x, x._version)
+        entry = _ContextEntry(x.detach().clone(), x, version)
         self._entries.insert(0, entry)
         del self._entries[CONTEXTS_KEPT:]
         return entry
@@ -503,11 +522,14 @@ def foldable_projection(projection: nn.Module) -> bool:
 
 
 def foldable_weight(weight: object) -> bool:
+    """A weight a fold can follow: an inference tensor is not, because changes to it in place
+    cannot be seen (see :func:`version_of`)."""
     return (
         isinstance(weight, torch.Tensor)
         and weight.dim() == 2
         and weight.dtype in FOLDABLE_DTYPES
         and weight.device.type != "meta"
+        and not weight.is_inference()
     )
 
 

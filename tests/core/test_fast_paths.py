@@ -544,3 +544,46 @@ def _projections(model):
     for site in find_attention_sites(model):
         yield site.key_projection
         yield site.value_projection
+
+
+# -- Forge and reForge sample inside torch.inference_mode() -------------------------------------------
+# Every tensor made there is an inference tensor, which has no version counter: reading
+# ``_version`` raises. Found in the real Forge and reForge, where every tagged generation failed.
+INFERENCE_CASES = {
+    "affine-folded": lambda: [(make(seed=30), 0.8)],
+    "nonlinear-paired": lambda: [(make(activation="relu", layer_norm=True, seed=31), 0.8)],
+    "stacked": lambda: [(make(activation="relu", seed=32), 0.7), (make(seed=33), -0.5), (make(seed=34), 0.3)],
+    "negative-pass": lambda: [(make(activation="relu", seed=35), Strength(multiplier=0.9, uncond=0.0))],
+    "negative-pass-affine": lambda: [(make(seed=36), Strength(multiplier=0.9, uncond=0.5))],
+}
+
+
+@pytest.mark.parametrize("case", sorted(INFERENCE_CASES))
+@pytest.mark.parametrize("compute_dtype", [None, torch.float64], ids=["same-dtype", "converted-copies"])
+def test_every_fast_path_runs_under_inference_mode(ldm, ldm_inputs, case, compute_dtype):
+    entries = INFERENCE_CASES[case]()
+    with hx.apply(ldm, entries, compute_dtype=compute_dtype, fast=False) as plain:
+        plain.runtime.uncond_rows = torch.tensor([True, False])
+        expected = run_fresh(ldm, ldm_inputs)
+    with hx.apply(ldm, entries, compute_dtype=compute_dtype) as handle:
+        outputs = []
+        for _ in range(3):
+            with torch.inference_mode():
+                handle.runtime.uncond_rows = torch.tensor([True, False])  # made while sampling, as Forge does
+                outputs.append(run_fresh(ldm, ldm_inputs))
+        outputs.append(run_fresh(ldm, ldm_inputs))  # and outside it again, with what was kept
+    assert_all_close(outputs, expected)
+
+
+def test_network_moved_and_cached_inside_inference_mode(ldm, ldm_inputs):
+    """A network first used (moved, copied, composed, folded) inside inference mode, then outside."""
+    net = make(seed=37)
+    expected = reference(ldm, ldm_inputs, [(net, 0.6)])
+    with torch.inference_mode():
+        moved = net.to(torch.float64).to(torch.float32)  # parameters replaced by inference tensors
+    with hx.apply(ldm, [(moved, 0.6)]) as handle:
+        with torch.inference_mode():
+            outputs = steps(ldm, ldm_inputs, 2)
+        outputs += steps(ldm, ldm_inputs, 1)
+        assert handle.stats["folded_calls"] > 0 or handle.stats["composite_calls"] > 0
+    assert_all_close(outputs, expected)
