@@ -13,7 +13,7 @@ import copy
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -217,47 +217,37 @@ def _build_layers(width: int, arch: Architecture, device) -> list[nn.Module]:
     return layers
 
 
-_INIT_TAKES_GENERATOR = "generator" in inspect.signature(nn.init.normal_).parameters
-
-
-def _draw(initialiser: Callable, tensor: torch.Tensor, generator: torch.Generator | None, **kwargs) -> None:
-    """``initialiser(tensor, generator=generator, **kwargs)``, also on torch before 2.2 (A1111 1.10
-    ships 2.1.2), whose ``nn.init`` functions take no generator: there the same stream is drawn from
-    the default generator, which is restored afterwards."""
-    if generator is None:
-        initialiser(tensor, **kwargs)
-    elif _INIT_TAKES_GENERATOR:
-        initialiser(tensor, generator=generator, **kwargs)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.set_state(generator.get_state())
-            initialiser(tensor, **kwargs)
-            generator.set_state(torch.random.default_generator.get_state())
-
-
 def _initialise(module: HypernetworkModule, arch: Architecture, generator: torch.Generator | None) -> None:
     """A1111's initialisation, LayerNorm quirk included: its weight is drawn like a Linear's
-    under "Normal", whatever option was chosen."""
-    nonlinearity = "leaky_relu" if arch.activation_func == "leakyrelu" else "relu"
-    init = nn.init
-    for layer in module.linear:
-        if type(layer) not in (nn.Linear, nn.LayerNorm):
-            continue
-        weight, bias = layer.weight.data, layer.bias.data
-        scheme = "Normal" if type(layer) is nn.LayerNorm else arch.weight_initialization
-        if scheme == "Normal":
-            _draw(init.normal_, weight, generator, mean=0.0, std=0.01)
-            init.zeros_(bias)
-            continue
-        if scheme == "XavierUniform":
-            _draw(init.xavier_uniform_, weight, generator)
-        elif scheme == "XavierNormal":
-            _draw(init.xavier_normal_, weight, generator)
-        elif scheme == "KaimingUniform":
-            _draw(init.kaiming_uniform_, weight, generator, nonlinearity=nonlinearity)
-        elif scheme == "KaimingNormal":
-            _draw(init.kaiming_normal_, weight, generator, nonlinearity=nonlinearity)
-        init.zeros_(bias)
+    under "Normal", whatever option was chosen.
+
+    The numbers are drawn with the tensors' own ``normal_``/``uniform_``, exactly as the
+    ``torch.nn.init`` function of each scheme draws them, not through ``nn.init``: A1111 replaces
+    those functions with no-ops process-wide while it loads a checkpoint (at start and at every
+    switch), and a network created meanwhile would keep uninitialised memory. This also gives a
+    seeded stream on torch before 2.2 (A1111 1.10 ships 2.1.2), whose ``nn.init`` takes no generator.
+    """
+    gain = nn.init.calculate_gain("leaky_relu" if arch.activation_func == "leakyrelu" else "relu", 0)
+    with torch.no_grad():
+        for layer in module.linear:
+            if type(layer) not in (nn.Linear, nn.LayerNorm):
+                continue
+            scheme = "Normal" if type(layer) is nn.LayerNorm else arch.weight_initialization
+            _draw_weight(layer.weight, scheme, gain, generator)
+            layer.bias.zero_()
+
+
+def _draw_weight(weight: torch.Tensor, scheme: str, gain: float, generator: torch.Generator | None) -> None:
+    if scheme == "Normal":
+        weight.normal_(0.0, 0.01, generator=generator)
+        return
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+    std = math.sqrt(2.0 / (fan_in + fan_out)) if scheme.startswith("Xavier") else gain / math.sqrt(fan_in)
+    if scheme.endswith("Uniform"):
+        bound = math.sqrt(3.0) * std
+        weight.uniform_(-bound, bound, generator=generator)
+    else:
+        weight.normal_(0.0, std, generator=generator)
 
 
 @dataclass
@@ -444,8 +434,10 @@ def create(
     if not widths:
         raise InvalidConfigError("a hypernetwork needs at least one width")
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-    with torch.random.fork_rng(devices=[]):  # torch's own default init must not move the caller's RNG
-        network = Hypernetwork(arch, widths, NetworkInfo(name=name, model_family=model_family))
+    # On the meta device and materialised here: torch's default init must not move the caller's
+    # RNG, and a host may force new Linears onto meta anyway (A1111's InitializeOnMeta).
+    network = Hypernetwork(arch, widths, NetworkInfo(name=name, model_family=model_family), device="meta")
+    network.to_empty(device="cpu")
     for key_module, value_module in network.layers.values():
         _initialise(key_module, arch, generator)
         _initialise(value_module, arch, generator)
@@ -466,9 +458,25 @@ def build_from_state(
     for width, (key_module, value_module) in network.layers.items():
         for role, module, state in (("key", key_module, states[width][0]), ("value", value_module, states[width][1])):
             _check_state(module, state, f"width {width}, {role} module")
-            module.load_state_dict(dict(state), strict=True, assign=True)
+            _assign(module, state)
     network.eval()
     return network
+
+
+def _assign(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Make the checked tensors the module's parameters, as ``load_state_dict(assign=True)`` would.
+
+    Not through ``load_state_dict``: A1111 replaces ``nn.Module.load_state_dict`` and
+    ``_load_from_state_dict`` process-wide while it loads a checkpoint, with wrappers that take no
+    ``assign`` and draw tensors from the checkpoint being loaded.
+    """
+    for key, tensor in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=owner._parameters[leaf].requires_grad)
+        else:
+            owner._buffers[leaf] = tensor
 
 
 def _check_state(module: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:

@@ -204,25 +204,52 @@ def test_describe_lists_the_facts():
     assert f"parameters: {net.parameter_count():,}" in text
 
 
-@pytest.mark.parametrize("scheme", ["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"])
-def test_seeded_creation_is_the_same_on_torch_without_init_generators(monkeypatch, scheme):
-    """torch before 2.2 (A1111 1.10 ships 2.1.2) has no ``generator`` in ``nn.init``: the fallback
-    draws the same numbers and leaves the global generator as it was."""
-    import hypernetwork_ext.network as network_module
+SCHEMES = ["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"]
+NN_INIT = {
+    "Normal": lambda w, g: torch.nn.init.normal_(w, 0.0, 0.01, generator=g),
+    "XavierUniform": lambda w, g: torch.nn.init.xavier_uniform_(w, generator=g),
+    "XavierNormal": lambda w, g: torch.nn.init.xavier_normal_(w, generator=g),
+    "KaimingUniform": lambda w, g: torch.nn.init.kaiming_uniform_(w, nonlinearity="relu", generator=g),
+    "KaimingNormal": lambda w, g: torch.nn.init.kaiming_normal_(w, nonlinearity="relu", generator=g),
+}
 
-    with_generators = hx.create([16, 8], (1, 2, 1), "relu", scheme, layer_norm=True, seed=7)
-    monkeypatch.setattr(network_module, "_INIT_TAKES_GENERATOR", False)
-    for name in ("normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_"):
-        original = getattr(torch.nn.init, name)
 
-        def old_signature(tensor, _f=original, **kwargs):
-            assert "generator" not in kwargs, "torch 2.1's nn.init has no generator argument"
-            return _f(tensor, **kwargs)
-
-        monkeypatch.setattr(torch.nn.init, name, old_signature)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_seeded_creation_draws_what_torch_nn_init_draws(scheme):
+    """The numbers of A1111's initialisation (``torch.nn.init`` per scheme; a LayerNorm's weight is
+    drawn like a Linear's under Normal), from the seed's generator, leaving the global RNG alone."""
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    without = hx.create([16, 8], (1, 2, 1), "relu", scheme, layer_norm=True, seed=7)
+    net = hx.create([16, 8], (1, 2, 1), "relu", scheme, layer_norm=True, seed=7)
     assert torch.equal(torch.random.get_rng_state(), before)
-    for a, b in zip(with_generators.state_dict().values(), without.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    generator = torch.Generator().manual_seed(7)
+    for key_module, value_module in net.layers.values():
+        for module in (key_module, value_module):
+            for layer in module.linear:
+                if isinstance(layer, torch.nn.Linear):
+                    expected = NN_INIT[scheme](torch.empty_like(layer.weight), generator)
+                elif isinstance(layer, torch.nn.LayerNorm):
+                    expected = NN_INIT["Normal"](torch.empty_like(layer.weight), generator)
+                else:
+                    continue
+                assert torch.equal(layer.weight, expected)
+                assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_create_and_load_while_a1111_loads_a_checkpoint(monkeypatch, tmp_path):
+    """Found in the real A1111: GET /hypernetworks/v1/networks during a checkpoint load answered 500,
+    because A1111 had replaced ``Module.load_state_dict`` by a wrapper without ``assign``."""
+    from tests.support.a1111_loading import a1111_checkpoint_loading
+
+    reference = hx.create([16, 8], (1, 2, 1), "relu", "XavierUniform", layer_norm=True, seed=3)
+    hx.save(reference, tmp_path / "net.pt")
+    hx.save(reference, tmp_path / "net.safetensors")
+    checkpoint = {"linear.0.weight": torch.full((32, 16), 7.0)}  # a checkpoint key our modules also have
+    with a1111_checkpoint_loading(monkeypatch, checkpoint):
+        created = hx.create([16, 8], (1, 2, 1), "relu", "XavierUniform", layer_norm=True, seed=3)
+        loaded = [hx.load(tmp_path / "net.pt"), hx.load(tmp_path / "net.safetensors")]
+    assert "linear.0.weight" in checkpoint  # not taken by our loads
+    for net in (created, *loaded):
+        assert all(p.device.type == "cpu" for p in net.parameters())
+        for a, b in zip(net.state_dict().values(), reference.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
