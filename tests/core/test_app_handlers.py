@@ -1,4 +1,5 @@
-"""The local app's Generate handlers without a browser: sampler choice, random seeds, progress, Interrupt."""
+"""The local app without a browser: Generate's sampler choice, random seeds, progress and Interrupt,
+and the Train tab on the loaded model."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypernetwork_ext.tiny import build_tiny_components
 from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 
 gradio = pytest.importorskip("gradio")
-from hypernetwork_ext.app import AppState, generate_images, interrupt_generation  # noqa: E402
+from hypernetwork_ext.app import AppState, build_app, generate_images, interrupt_generation  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,10 @@ def test_progress_is_reported_and_interrupt_stops_after_the_current_step(state):
     assert "nothing is generating" in interrupt_generation(state)
     _images, _info, messages = generate(state, steps=2)
     assert "interrupted" not in messages  # the next generation is not stopped by the last Interrupt
+
+
+def test_create_offers_the_loaded_models_widths(state):
+    """On the tiny model Create used to tick SD1's widths (a network that could not train on it)."""
+    app = build_app(state)
+    sizes = [b for b in app.blocks.values() if isinstance(b, gradio.CheckboxGroup) and b.label == "Modules (widths)"]
+    assert len(sizes) == 1 and sizes[0].value == ["48", "32", "64"]
