@@ -461,29 +461,12 @@ def _setup_processes(args) -> str:
 
 
 def _demo(args) -> int:
-    from .workflows import run_demo
+    from .workflows import demo_report, run_demo
 
     source = _load_source(args)
     result = run_demo(args.output, source, steps=args.steps, seed=args.seed, log=lambda text: print(text, flush=True))
-    summary = result.summary
     print()
-    print(
-        f"demo finished in {summary['total_seconds']} s ({summary['steps']} training steps, {summary['steps_per_second']} steps/s)"
-    )
-    print(
-        f"loss: {summary['loss_first_steps_mean']} over the first steps -> {summary['loss_last_steps_mean']} over the last"
-    )
-    if summary["validation_loss"]:
-        first, last = summary["validation_loss"][0], summary["validation_loss"][-1]
-        print(f"held-out loss: {first[1]} at step {first[0]} -> {last[1]} at step {last[0]}")
-    print(
-        "mean pixel difference from multiplier 0: "
-        + ", ".join(f"x{k}: {v}" for k, v in summary["mean_pixel_difference_from_multiplier_0"].items())
-    )
-    print(f"network: {result.network_path} (A1111 copy: {result.network_pt_path})")
-    print(f"multiplier grid: {result.grid_path}")
-    print(f"loss plot: {result.loss_plot_path}")
-    print(f"everything: {result.folder}")
+    print("\n".join(demo_report(result)))
     return EXIT_OK
 
 
@@ -606,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "demo", "create, train, save and try a network end to end (embedded tiny model by default)", _demo
     )
     demo.add_argument("--output", default="hypernetwork-demo", help="a new run-* folder is made in here")
-    demo.add_argument("--steps", type=int, default=120)
+    demo.add_argument("--steps", type=int, default=600)
     demo.add_argument("--seed", type=int, default=0)
     _add_model_options(demo)
     return parser

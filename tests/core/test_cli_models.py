@@ -219,16 +219,40 @@ def test_train_under_accelerate_launch(tmp_path):
     assert finished.stdout.count("wrote") == 1
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    code = main(["demo", "--output", str(tmp_path), "--steps", "6"])
-    printed = capsys.readouterr().out
-    assert code == 0
+def test_demo_runs_end_to_end(tmp_path):
+    """In a process of its own, as users run it: its console shows progress and the results, and
+    neither the untrained network's inspect block nor transformers' notices about torchvision."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "hypernetwork_ext", "demo", "--output", str(tmp_path), "--steps", "6"]
+    finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
     run = next(tmp_path.glob("run-*"))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["stopped"] == "finished"
     for name in ("multiplier-grid.png", "loss.png", "networks/demo-trained.safetensors", "networks/demo-trained.pt"):
         assert (run / name).exists(), name
     assert hx.load(run / "networks" / "demo-trained.pt").step == 6
+    rows = next(run.glob("logs/**/hypernetwork_loss.csv")).read_text().splitlines()
+    assert len(rows) == 7  # a header and every step (the host's default of 500 wrote nothing in 120 steps)
     differences = summary["mean_pixel_difference_from_multiplier_0"]
     assert differences["0"] == 0 and differences["1"] > 0
-    assert "multiplier grid:" in printed and str(run) in printed
+    assert summary["style_share_of_dataset"] > 0.7 and set(summary["style_share_by_multiplier"]) == {
+        "0", "0.25", "0.5", "0.75", "1"
+    }  # fmt: skip
+    printed, errors = finished.stdout, finished.stderr
+    assert "multiplier grid:" in printed and str(run) in printed and "night style" in printed
+    assert "layer structure:" not in printed  # the untrained network's inspect block
+    assert "Rendering the multiplier grid" in errors and "Training hypernetwork" in errors  # progress bars
+    assert "[transformers]" not in errors and "torchvision" not in errors
+
+
+@pytest.mark.parametrize("option", [["--steps", "-3"], ["--steps", "0"], ["--model", "no-such-model"], ["--seed", "x"]])
+def test_a_bad_demo_option_leaves_nothing_behind(tmp_path, capsys, option):
+    """Every option is checked before anything is written (``--steps -3`` used to leave a run folder)."""
+    try:
+        code = main(["demo", "--output", str(tmp_path / "demo"), *option])
+    except SystemExit as exit_:  # argparse refuses what is not a number
+        code = exit_.code
+    assert code == 2
+    assert not (tmp_path / "demo").exists()
+    assert "error" in capsys.readouterr().err
