@@ -1,0 +1,63 @@
+"""Training does what it is for, on the pretrained tiny model: a fresh network recovers most of a
+planted teacher's effect, and learns a style on prompts outside its dataset (not only "the loss
+falls"). The measurements are those of benchmarks/efficacy.py, on a small budget of steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "efficacy.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_efficacy", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def small(bench):
+    return bench.Setup(["sd1"], 0.0, 0.0, train_pictures=16, held_out_captions=4, held_out_seeds=(7, 8), checkpoints=1)
+
+
+@pytest.fixture(scope="module")
+def source(bench):
+    return bench.load_variant("sd1")
+
+
+def test_a_fresh_network_recovers_most_of_a_planted_teachers_effect(bench, small, source, tmp_path):
+    planted = bench.plant(source, tmp_path, small)
+    assert bench.pixel_distance(planted.none_pictures, planted.teacher_pictures) > 10  # the teacher shows
+    trained = bench.train_for(source, planted.data, tmp_path / "student", 1e9, 1, max_steps=200)
+    pixel, eps = bench.recovery(planted, trained.final)
+    assert pixel > 0.5 and eps > 0.5, (pixel, eps)
+    untrained_pixel, untrained_eps = bench.recovery(planted, bench.new_network(source, "fresh", seed=1))
+    assert abs(untrained_pixel) < 0.1 and abs(untrained_eps) < 0.1  # a fresh network is no network
+
+
+def test_a_network_learns_the_night_style_on_prompts_outside_its_dataset(bench, small, source, tmp_path):
+    task = bench.style_task(source, tmp_path, small)
+    assert task.none_share < 0.05 and task.dataset_share > 0.7
+    trained = bench.train_for(source, task.data, tmp_path / "student", 1e9, 1, max_steps=200)
+    share, shapes = bench.style_scores(source, task.prompts, task.seeds, [(trained.final, 1.0)])
+    assert share > 0.6 * task.dataset_share, (share, task.dataset_share)
+    assert shapes >= 0.5  # the pictures still show the prompt's shape
+
+
+def test_the_script_prints_its_tables(bench, capsys):
+    results = bench.main(["--quick", "--variants", "sd1", "--skip-options", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "Planted-network recovery" in printed and "Style transfer" in printed and "Machine:" in printed
+    assert results["planted"]["sd1"]["curve"] and results["style"]["sd1"]["dataset"] > 0.7
