@@ -203,13 +203,16 @@ def _allow_list_pickle_module() -> types.ModuleType:
 def _second_guard_load(data: bytes) -> object:
     """torch's ``weights_only`` unpickler with numpy's plain types allowed (torch >= 2.5); on older
     torch (A1111 1.10 ships 2.1.2, which has no ``safe_globals``), an unpickler that resolves only
-    our allow-list."""
+    our allow-list.
+
+    ``torch.serialization.load``, not ``torch.load``: A1111 replaces ``torch.load`` process-wide with
+    its own check, which reads a file object to its end before handing it to torch (found in the real
+    A1111: every network of ours was then reported as damaged)."""
+    load = torch.serialization.load
     if hasattr(torch.serialization, "safe_globals"):
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return torch.load(
-        io.BytesIO(data), map_location="cpu", pickle_module=_allow_list_pickle_module(), weights_only=False
-    )
+            return load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return load(io.BytesIO(data), map_location="cpu", pickle_module=_allow_list_pickle_module(), weights_only=False)
 
 
 def load_torch_bytes(data: bytes, path: str) -> object:
