@@ -32,6 +32,7 @@ ENV_DIR, ENV_URL, ENV_LAUNCH = "HNX_HOST_DIR", "HNX_HOST_URL", "HNX_HOST_LAUNCH"
 ENV_ARTIFACTS = "HNX_HOST_ARTIFACTS"
 START_TIMEOUT = float(os.environ.get("HNX_HOST_START_TIMEOUT", "1200"))
 REQUEST_TIMEOUT = 1800
+STARTED = "Startup time:"  # what A1111, Forge and reForge log once their UI and API are ready
 USAGE = (
     "the real-host suite needs a WebUI to start: set HNX_HOST_DIR (its folder), HNX_HOST_URL (e.g. "
     "http://127.0.0.1:7860) and HNX_HOST_LAUNCH (the command that starts it from its folder with --api, e.g. "
@@ -134,12 +135,14 @@ class Server:
             command, shell=True, cwd=self.config.folder, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
         )  # fmt: skip
-        while not self._answers():
+        # The API answers before the host has built its scripts' default arguments; a generation sent
+        # then runs every always-on script without them. The hosts log "Startup time" when ready.
+        while not (self._answers() and STARTED in self.log()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"the host exited with {self.process.returncode}; see {self.log_path}")
             if time.monotonic() - started > START_TIMEOUT:
                 self.stop()
-                raise RuntimeError(f"the host did not answer within {START_TIMEOUT:.0f} s; see {self.log_path}")
+                raise RuntimeError(f"the host was not ready within {START_TIMEOUT:.0f} s; see {self.log_path}")
             time.sleep(1)
         self.started_in = time.monotonic() - started
         return self
