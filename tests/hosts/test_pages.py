@@ -56,6 +56,11 @@ def open_cards(page):
     return cards
 
 
+def close_popup(page) -> None:
+    """The host's own closePopup(): its close button can lie under a long metadata table."""
+    page.evaluate("() => { if (typeof closePopup === 'function') closePopup(); }")
+
+
 def prompt_text(page) -> str:
     return page.locator("#txt2img_prompt textarea").input_value()
 
@@ -80,7 +85,7 @@ def test_metadata_view_shows_the_networks_facts(suite, page):
     popup.wait_for()
     text = popup.inner_text()
     screenshot(suite, page, "metadata")
-    page.locator(".global-popup-close").first.click()
+    close_popup(page)
     assert "swish" in text and "activate_output" in text and "1280" in text
 
 
@@ -95,6 +100,7 @@ def test_user_metadata_editor_saves_a_description(suite, page):
     description.fill("written by the real-host suite")
     screenshot(suite, page, "editor")
     editor.locator("button", has_text="Save").click()
+    close_popup(page)
     sidecar = suite.config.hypernetwork_dir / files.SUITE_FOLDER / "hnx-linear.json"
     page.wait_for_timeout(2000)
     assert sidecar.exists() and json.loads(sidecar.read_text())["description"] == "written by the real-host suite"
