@@ -135,9 +135,11 @@ class Server:
             command, shell=True, cwd=self.config.folder, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
         )  # fmt: skip
-        # The API answers before the host has built its scripts' default arguments; a generation sent
-        # then runs every always-on script without them. The hosts log "Startup time" when ready.
-        while not (self._answers() and STARTED in self.log()):
+        # No request before the host logs "Startup time": A1111 adds its API middleware after gradio
+        # starts serving, and a request in between makes that fail ("Cannot add middleware after an
+        # application has started"); and a generation sent before it runs the always-on scripts
+        # without their arguments.
+        while not (STARTED in self.log() and self._answers()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"the host exited with {self.process.returncode}; see {self.log_path}")
             if time.monotonic() - started > START_TIMEOUT:
