@@ -226,10 +226,14 @@ def _initialise(module: HypernetworkModule, arch: Architecture, generator: torch
     those functions with no-ops process-wide while it loads a checkpoint (at start and at every
     switch), and a network created meanwhile would keep uninitialised memory. This also gives a
     seeded stream on torch before 2.2 (A1111 1.10 ships 2.1.2), whose ``nn.init`` takes no generator.
+    Every parameter is set here: the network is built on the meta device, so one left out would
+    hold whatever memory it got (NaN, at times).
     """
     gain = nn.init.calculate_gain("leaky_relu" if arch.activation_func == "leakyrelu" else "relu", 0)
     with torch.no_grad():
         for layer in module.linear:
+            if isinstance(layer, nn.PReLU):  # its slope is a parameter too; the host keeps torch's 0.25
+                layer.weight.fill_(layer.init)
             if type(layer) not in (nn.Linear, nn.LayerNorm):
                 continue
             scheme = "Normal" if type(layer) is nn.LayerNorm else arch.weight_initialization
