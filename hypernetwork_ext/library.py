@@ -24,6 +24,7 @@ from .errors import (
     FileFormatError,
     HypernetworkError,
     InvalidConfigError,
+    NonFiniteWeightsError,
     NoSuchNetworkError,
     PathEscapeError,
     UnknownNetworkError,
@@ -38,7 +39,8 @@ from .syntax import TagSpec, parse_tag
 SUFFIXES = (".safetensors", ".pt")
 _HASH_LIKE = re.compile(r"[0-9a-fA-F]{8,64}")
 _ALIAS_FORBIDDEN = re.compile(r"[:<>,/\\]")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+_CACHE_VERSIONS_WITHOUT_NAN_CHECK = (1,)  # their summaries may describe a file with NaN weights as usable
 
 
 @dataclass(frozen=True)
@@ -137,8 +139,12 @@ class _Cache:
             try:
                 with open(path, encoding="utf-8") as handle:
                     data = json.load(handle)
-                if isinstance(data, dict) and data.get("version") == _CACHE_VERSION:
+                version = data.get("version") if isinstance(data, dict) else None
+                if version == _CACHE_VERSION or version in _CACHE_VERSIONS_WITHOUT_NAN_CHECK:
                     self.files = {k: v for k, v in data.get("files", {}).items() if isinstance(v, dict)}
+                if version in _CACHE_VERSIONS_WITHOUT_NAN_CHECK:
+                    for record in self.files.values():
+                        record.pop("info", None)  # hashes stay valid; summaries are made again
             except (OSError, ValueError):
                 self.files = {}  # a damaged cache is rebuilt, never trusted
 
@@ -404,6 +410,8 @@ class Library:
             return dict(cached)
         try:
             summary = network_summary(self.load(entry))
+        except NonFiniteWeightsError as exc:
+            summary = {"error": str(exc), "non_finite_weights": exc.count, "parameters": exc.total}
         except HypernetworkError as exc:
             summary = {"error": str(exc)}
         summary["format"] = entry.file_format
