@@ -34,11 +34,14 @@ from .formats import load as load_file
 from .hashing import file_sha256, short_hash
 from .network import Hypernetwork
 from .strength import Strength
-from .syntax import TagSpec, parse_tag
+from .syntax import TAG_TYPE, TagSpec, parse_tag
 
 SUFFIXES = (".safetensors", ".pt")
 _HASH_LIKE = re.compile(r"[0-9a-fA-F]{8,64}")
 _ALIAS_FORBIDDEN = re.compile(r"[:<>,/\\]")
+# Real prompts use a handful; each tag costs a lookup over every file and, applied, time at every step,
+# so a prompt of 10,000 tags would hold a generation queue for minutes.
+MAX_TAGS = 64
 _CACHE_VERSION = 2
 _CACHE_VERSIONS_WITHOUT_NAN_CHECK = (1,)  # their summaries may describe a file with NaN weights as usable
 
@@ -450,10 +453,12 @@ class Library:
         force_mismatch: bool = False,
         with_hashes: bool = True,
     ) -> ActivationPlan:
-        """Parse, resolve, load and check each tag; a bad tag becomes a problem, the rest still apply."""
+        """Parse, resolve, load and check each tag; a bad tag becomes a problem, the rest still apply.
+        Only the first :data:`MAX_TAGS` tags are used."""
         plan = ActivationPlan()
         self_widths = list(self_widths)
-        for items in tags:
+        tags = list(tags)
+        for items in tags[:MAX_TAGS]:
             try:
                 spec = parse_tag(
                     items, default_multiplier=default_multiplier, model_blocks=model_blocks, presets=presets
@@ -472,6 +477,10 @@ class Library:
             if problem:
                 plan.notes.append(f"{spec.text}: applied although {planned.entry.relpath} {problem}")
             plan.networks.append(planned)
+        if len(tags) > MAX_TAGS:
+            plan.problems.append(
+                f"{len(tags) - MAX_TAGS:,} more <{TAG_TYPE}:...> tags were ignored: one generation uses at most {MAX_TAGS}"
+            )
         self.pin(item.entry for item in plan.networks)
         return plan
 

@@ -8,7 +8,7 @@ import torch
 
 import hypernetwork_ext as hx
 from hypernetwork_ext.errors import InvalidConfigError, PathEscapeError, UnknownNetworkError
-from hypernetwork_ext.library import Library, fit_problem
+from hypernetwork_ext.library import MAX_TAGS, Library, fit_problem
 
 
 def small(widths=(48, 32), seed=0, name="n"):
@@ -239,6 +239,14 @@ def test_a_network_with_nan_weights_is_never_planned(library, folder):
     (problem,) = plan.problems
     assert problem.startswith("<hypernet:nan:0.8>: cannot load: ") and path in problem
     assert "5 of 27,104 weights are NaN or infinite" in problem
+
+
+def test_a_plan_uses_at_most_64_tags_and_says_so(library):
+    """5,000 unknown names took 5.5 s to plan with 30 files (and more with more); 5,000 copies of a
+    known tag planned 5,000 networks, each then run at every sampling step."""
+    plan = library.plan([["anime", "0.5"]] * 100 + [[f"nosuch{i}"] for i in range(10_000)])
+    assert len(plan.networks) == MAX_TAGS == 64
+    assert plan.problems == ["10,036 more <hypernet:...> tags were ignored: one generation uses at most 64"]
 
 
 def test_plan_keeps_going_after_bad_tags(library, folder):
