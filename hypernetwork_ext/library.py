@@ -33,12 +33,14 @@ from .families import CONTEXT_WIDTHS, FAMILIES, widths_fit
 from .formats import load as load_file
 from .hashing import file_sha256, short_hash
 from .network import Hypernetwork
+from .regular_files import open_regular
 from .strength import Strength
 from .syntax import TAG_TYPE, TagSpec, parse_tag
 
 SUFFIXES = (".safetensors", ".pt")
 _HASH_LIKE = re.compile(r"[0-9a-fA-F]{8,64}")
 _ALIAS_FORBIDDEN = re.compile(r"[:<>,/\\]")
+_USER_METADATA_LIMIT = 16 << 20
 # Real prompts use a handful; each tag costs a lookup over every file and, applied, time at every step,
 # so a prompt of 10,000 tags would hold a generation queue for minutes.
 MAX_TAGS = 64
@@ -345,11 +347,13 @@ class Library:
 
     # -- user metadata -------------------------------------------------------------------------
     def user_metadata(self, entry: NetworkEntry) -> dict:
-        """The user's notes on a file (A1111's ``<file>.json``); {} when absent or unreadable."""
+        """The user's notes on a file (A1111's ``<file>.json``); {} when absent, unreadable, not a
+        regular file (a FIFO there would hang the cards page) or over 16 MiB."""
         try:
-            with open(entry.metadata_path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except (OSError, ValueError):
+            with open_regular(entry.metadata_path) as handle:
+                text = handle.read(_USER_METADATA_LIMIT + 1)
+            data = json.loads(text) if len(text) <= _USER_METADATA_LIMIT else None
+        except (HypernetworkError, OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
 

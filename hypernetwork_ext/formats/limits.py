@@ -3,17 +3,16 @@
 Every limit is far above what a real file needs (a default SDXL network, 1,2,1, is 191 MiB with a
 5 KB pickle of about 1,600 opcodes and 24 tensors; a 1,4,4,1 one is 1.1 GiB) and far below what
 would exhaust memory, so a hostile or broken file is refused, naming the file and the limit, before it costs
-more than its own size. Only regular files are opened: a FIFO would block forever, ``/dev/zero``
-never ends.
+more than its own size.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 
 from ..errors import FileFormatError
+from ..regular_files import open_regular
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -67,47 +66,15 @@ def refuse_size(size: int, limit: int, subject: str, path: str, *, allowed_for: 
         raise FileFormatError(f"{subject} is {size_text(size)}, more than {allowed}; refused", path)
 
 
-_KINDS = (
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-# O_NONBLOCK: opening a FIFO that was swapped in after the check returns at once instead of waiting
-# for a writer; the descriptor is then checked again (fstat) and refused.
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
-
-
-def _refuse_non_regular(mode: int, path: str) -> None:
-    if stat.S_ISDIR(mode):
-        raise FileFormatError("is a folder, not a file", path)
-    if stat.S_ISREG(mode):
-        return
-    kind = next((label for test, label in _KINDS if test(mode)), "not a regular file")
-    raise FileFormatError(f"is {kind}, not a regular file; refused without reading it", path)
-
-
 def read_file(path: str, limits: ReadLimits) -> bytes:
-    """The bytes of a regular file (symlinks to one are fine) of at most ``limits.max_file_bytes``."""
-    try:
-        _refuse_non_regular(os.stat(path).st_mode, path)
-        descriptor = os.open(path, _OPEN_FLAGS)
-    except FileNotFoundError:
-        raise FileFormatError("no such file", path) from None
-    except IsADirectoryError:
-        raise FileFormatError("is a folder, not a file", path) from None
-    except OSError as exc:  # a symlink loop, no permission
-        raise FileFormatError(f"cannot be read ({exc.strerror or exc})", path) from None
-    try:
-        info = os.fstat(descriptor)
-        _refuse_non_regular(info.st_mode, path)
-        refuse_size(info.st_size, limits.max_file_bytes, "the file", path, allowed_for=limits.what)
-        with open(descriptor, "rb", closefd=False) as handle:
-            data = handle.read(info.st_size)
+    """The bytes of a regular file of at most ``limits.max_file_bytes``."""
+    with open_regular(path) as handle:
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            refuse_size(size, limits.max_file_bytes, "the file", path, allowed_for=limits.what)
+            data = handle.read(size)
             if handle.read(1):
                 raise FileFormatError("the file grew while it was being read; try again once it is complete", path)
-        return data
-    except OSError as exc:
-        raise FileFormatError(f"cannot be read ({exc.strerror or exc})", path) from None
-    finally:
-        os.close(descriptor)
+        except OSError as exc:
+            raise FileFormatError(f"cannot be read ({exc.strerror or exc})", path) from None
+    return data

@@ -9,6 +9,7 @@ import torch
 import hypernetwork_ext as hx
 from hypernetwork_ext.errors import InvalidConfigError, PathEscapeError, UnknownNetworkError
 from hypernetwork_ext.library import MAX_TAGS, Library, fit_problem
+from tests.support.bounds import bounded  # noqa: F401 (fixture)
 
 
 def small(widths=(48, 32), seed=0, name="n"):
@@ -247,6 +248,19 @@ def test_a_plan_uses_at_most_64_tags_and_says_so(library):
     plan = library.plan([["anime", "0.5"]] * 100 + [[f"nosuch{i}"] for i in range(10_000)])
     assert len(plan.networks) == MAX_TAGS == 64
     assert plan.problems == ["10,036 more <hypernet:...> tags were ignored: one generation uses at most 64"]
+
+
+def test_a_fifo_in_place_of_notes_or_of_a_listed_file_is_refused_without_waiting(library, folder, bounded):  # noqa: F811
+    os.mkfifo(folder / "anime.json")  # A1111's user metadata beside anime.pt
+    entry = library.resolve("Ink").entry
+    (folder / "Ink.pt").unlink()
+    os.mkfifo(folder / "Ink.pt")  # replaced after the listing
+    with bounded(10):
+        assert library.user_metadata(library.resolve("anime").entry) == {}
+        with pytest.raises(hx.FileFormatError, match="FIFO"):
+            library.sha256(entry)
+        plan = library.plan([["Ink"]])
+    assert "Ink.pt" in plan.problems[0] and "FIFO" in plan.problems[0]
 
 
 def test_plan_keeps_going_after_bad_tags(library, folder):
