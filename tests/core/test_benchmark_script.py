@@ -45,3 +45,11 @@ def test_every_scenario_runs_and_agrees_with_the_naive_loop(bench, capsys, dtype
 def test_unknown_names_are_refused(bench):
     with pytest.raises(SystemExit):
         bench.main(["--configs", "sd99"])
+
+
+def test_the_prompt_scan_benchmark_runs_and_both_ways_find_the_same_tags(capsys):
+    spec = importlib.util.spec_from_file_location("bench_prompt_scan", SCRIPT.parent / "prompt_scan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--sizes", "300,3000"])  # raises when the scanner and the expression disagree
+    assert len(rows) == 2 * len(module.KINDS) and "ratio" in capsys.readouterr().out
