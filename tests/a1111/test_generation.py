@@ -185,6 +185,21 @@ def test_unknown_and_malformed_tags_are_reported_and_the_rest_applies(host, inpu
     assert not host.shared.state.interrupted
 
 
+def test_a_network_with_nan_weights_is_reported_and_never_applied(host, inputs, capsys):
+    """It used to load silently and turn every output of the UNet into NaN."""
+    broken = network(seed=3)
+    with torch.no_grad():
+        broken.layers[M.LDM_CONTEXT][1].linear[0].weight.view(-1)[:7] = float("nan")
+    path = hx.save(broken, host.hypernetwork_dir / "nan.pt")
+    p = p_for(host, "<hypernet:nan:1> <hypernet:anime:0.8>")
+    (got,) = generate(host, p, inputs, run_model)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected(host, inputs, [(load(host, "anime.pt"), 0.8)]), rtol=1e-4, atol=1e-5)
+    (comment,) = [c for c in p.comments if "nan.pt" in c]
+    assert path in comment and f"7 of {broken.parameter_count():,} weights are NaN or infinite" in comment
+    assert path in capsys.readouterr().err
+
+
 def test_console_only_and_stop_behaviours(host, inputs, capsys):
     host.shared.opts.data["hypernetwork_unknown_name"] = "Console only"
     p = p_for(host, "<hypernet:nosuch>")

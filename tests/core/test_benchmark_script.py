@@ -66,3 +66,11 @@ def test_host_benchmark_separates_per_generation_from_per_step_cost(monkeypatch,
     assert "| none | 1.00 | 0.100 | +0.00 s | +0.0% |" in table
     assert "| ours | 1.50 | 0.120 | +0.50 s | +20.0% |" in table
     assert "ours/builtin, extra time per step: 1.00" in table
+
+
+def test_the_prompt_scan_benchmark_runs_and_both_ways_find_the_same_tags(capsys):
+    spec = importlib.util.spec_from_file_location("bench_prompt_scan", SCRIPT.parent / "prompt_scan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--sizes", "300,3000"])  # raises when the scanner and the expression disagree
+    assert len(rows) == 2 * len(module.KINDS) and "ratio" in capsys.readouterr().out
