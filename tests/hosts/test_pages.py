@@ -86,7 +86,7 @@ def test_metadata_view_shows_the_networks_facts(suite, page):
     text = popup.inner_text()
     screenshot(suite, page, "metadata")
     close_popup(page)
-    assert "swish" in text and "activate_output" in text and "1280" in text
+    assert "activation\tswish" in text and "activate_output\ttrue" in text and "widths" in text
 
 
 def test_user_metadata_editor_saves_a_description(suite, page):
