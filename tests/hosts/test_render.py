@@ -49,8 +49,8 @@ ARGUMENTS = {
     "self": "self=0",
     "cross": "cross=0",
     "block-weight": "OUT05=0",
-    "start": "start=0.5",
-    "stop": "stop=0.5",
+    "start": "start=0.25",  # at 4 steps: from the second step on (the last steps barely change an image)
+    "stop": "stop=0.25",  # the first step only
     "neg-off": "neg=off",
 }
 
