@@ -160,3 +160,4 @@ def suite(config: HostConfig):
         yield Suite(config, server, checkpoint, references, commit, before, calls, loaded_in)
     finally:
         server.stop()
+        remove_extension(config)  # the host is left as found (its log stays with the artifacts)
