@@ -149,7 +149,7 @@ def config() -> HostConfig:
 def suite(config: HostConfig):
     checkpoint = files.launch_checkpoint(config)
     paths = files.write_networks(config, checkpoint.widths)
-    files.write_lora(config, checkpoint)
+    paths[files.LORA_NAME] = files.write_lora(config, checkpoint)
     hashes = {name: files.file_sha256(path, config) for name, path in sorted(paths.items())}
     references = ReferenceStore(config.artifacts.parent / "references" / checkpoint.sha256[:12], hashes)
     if config.kind == "a1111":

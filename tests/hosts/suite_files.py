@@ -188,8 +188,10 @@ def write_lora(config: HostConfig, checkpoint: Checkpoint, seed: int = 5, rank: 
     for key, (out_features, in_features) in ((k, v) for k, v in shapes.items() if k.endswith(LORA_TARGETS)):
         attention, projection = key[: -len(".weight")].rsplit(".", 1)
         name = "lora_unet_" + f"{diffusers_module_path(names_only, attention)}.{projection}".replace(".", "_")
-        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.3
-        tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.3
+        # A LoRA of a usual strength. A far stronger one saturates the attention softmax, and then
+        # A1111's own merged and functional Lora modes differ by 16/255 (float rounding, amplified).
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * LORA_STD
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * LORA_STD
         tensors[f"{name}.alpha"] = torch.tensor(float(rank))
     folder = config.folder / "models" / "Lora" / SUITE_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -199,3 +201,4 @@ def write_lora(config: HostConfig, checkpoint: Checkpoint, seed: int = 5, rank: 
 
 
 LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight")
+LORA_STD = 0.05
