@@ -55,7 +55,10 @@ def main() -> int:
         return 1
     if getattr(getattr(launch, "args", None), "skip_install", False):
         return 0
-    for requirement in missing(read_dependencies(), launch.is_installed):
+    needed = missing(read_dependencies(), launch.is_installed)
+    if os.environ.get("HNX_INSTALL_VERBOSE"):  # set by the real-host tests, to see that the launcher ran us
+        print(f"[Hypernetworks] install.py: {len(needed)} dependencies to install")
+    for requirement in needed:
         try:
             launch.run_pip(f'install "{requirement}"', f"{requirement} for sd-webui-hypernetworks")
         except Exception as exc:  # one failed package must not stop the WebUI from starting

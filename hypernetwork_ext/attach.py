@@ -690,7 +690,7 @@ class Attachment:
 
     def update(self, networks: Iterable[NetworkSpec]) -> Attachment:
         entries = normalise_networks(networks)
-        if _same_entries(entries, self.rewriter.entries):
+        if same_entries(entries, self.rewriter.entries):
             return self.attach()  # keep folds and cached contexts
         self.remove()
         self.rewriter.reset(entries)
@@ -708,7 +708,8 @@ def _is_affine_module(module: HypernetworkModule) -> bool:
     return all(isinstance(layer, (nn.Linear, nn.Dropout)) for layer in module.linear)
 
 
-def _same_entries(a: list[tuple[Hypernetwork, Strength]], b: list[tuple[Hypernetwork, Strength]]) -> bool:
+def same_entries(a: list[tuple[Hypernetwork, Strength]], b: list[tuple[Hypernetwork, Strength]]) -> bool:
+    """The same network objects with equal strengths, in the same order."""
     return len(a) == len(b) and all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
 
 

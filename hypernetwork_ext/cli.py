@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import HypernetworkError, InvalidConfigError
+from .errors import HypernetworkError, InvalidConfigError, NonFiniteWeightsError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -96,6 +96,14 @@ def _inspect_record(path: str) -> dict:
     }
 
 
+def _refused_record(path: str, exc: HypernetworkError) -> dict:
+    """What ``--json`` lists for a file that was refused (say, for NaN weights) instead of dropping it."""
+    record = {"path": path, "error": str(exc)}
+    if isinstance(exc, NonFiniteWeightsError):
+        record.update(non_finite_weights=exc.count, parameters=exc.total)
+    return record
+
+
 def _inspect(args) -> int:
     records, failed = [], 0
     for path in args.files:
@@ -103,11 +111,12 @@ def _inspect(args) -> int:
             records.append(_inspect_record(path))
         except HypernetworkError as exc:
             failed += 1
+            records.append(_refused_record(path, exc))
             print(f"error: {exc}", file=sys.stderr)
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k != "description"} for r in records], indent=2))
     else:
-        for record in records:
+        for record in (r for r in records if "error" not in r):
             print(f"== {record['path']} ({record['format']}, {record['size_bytes']:,} bytes)")
             print(record["description"])
             print(f"hash: {record['short_hash']} (sha256 {record['sha256']})")

@@ -7,6 +7,15 @@ message always says which file or value is at fault and what is wrong with it.
 from __future__ import annotations
 
 import os
+import reprlib
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 80
+
+
+def brief(value: object) -> str:
+    """``repr`` cut to a readable length: a value from a file may be megabytes long."""
+    return _BRIEF.repr(value)
 
 
 class HypernetworkError(Exception):
@@ -28,6 +37,19 @@ class FileFormatError(HypernetworkError):
 
 class UnsafeFileError(FileFormatError):
     """A pickled file asks the loader to call or import something that is not plain data."""
+
+
+class NonFiniteWeightsError(FileFormatError):
+    """A file's weights hold NaN or infinite values: applied, they would turn every image into NaN."""
+
+    def __init__(self, count: int, total: int, path: str | os.PathLike | None = None):
+        self.count = count
+        self.total = total
+        super().__init__(
+            f"{count:,} of {total:,} weights are NaN or infinite; refused, since applying it would turn "
+            "every image into NaN (black)",
+            path,
+        )
 
 
 class FileExistsRefusedError(HypernetworkError, FileExistsError):

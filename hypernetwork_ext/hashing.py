@@ -8,14 +8,17 @@ import os
 
 import torch
 
+from .regular_files import open_regular
+
 SHORT_HASH_LENGTH = 10
 _CHUNK = 1 << 20
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, as A1111 computes it for hypernetworks."""
+    """The sha256 of a file's bytes, as A1111 computes it for hypernetworks (a FIFO or a device put
+    in a file's place is refused, not waited on or read forever)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()

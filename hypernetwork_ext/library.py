@@ -24,6 +24,7 @@ from .errors import (
     FileFormatError,
     HypernetworkError,
     InvalidConfigError,
+    NonFiniteWeightsError,
     NoSuchNetworkError,
     PathEscapeError,
     UnknownNetworkError,
@@ -32,13 +33,19 @@ from .families import CONTEXT_WIDTHS, FAMILIES, widths_fit
 from .formats import load as load_file
 from .hashing import file_sha256, short_hash
 from .network import Hypernetwork
+from .regular_files import open_regular
 from .strength import Strength
-from .syntax import TagSpec, parse_tag
+from .syntax import TAG_TYPE, TagSpec, parse_tag
 
 SUFFIXES = (".safetensors", ".pt")
 _HASH_LIKE = re.compile(r"[0-9a-fA-F]{8,64}")
 _ALIAS_FORBIDDEN = re.compile(r"[:<>,/\\]")
-_CACHE_VERSION = 1
+_USER_METADATA_LIMIT = 16 << 20
+# Real prompts use a handful; each tag costs a lookup over every file and, applied, time at every step,
+# so a prompt of 10,000 tags would hold a generation queue for minutes.
+MAX_TAGS = 64
+_CACHE_VERSION = 2
+_CACHE_VERSIONS_WITHOUT_NAN_CHECK = (1,)  # their summaries may describe a file with NaN weights as usable
 
 
 @dataclass(frozen=True)
@@ -137,8 +144,12 @@ class _Cache:
             try:
                 with open(path, encoding="utf-8") as handle:
                     data = json.load(handle)
-                if isinstance(data, dict) and data.get("version") == _CACHE_VERSION:
+                version = data.get("version") if isinstance(data, dict) else None
+                if version == _CACHE_VERSION or version in _CACHE_VERSIONS_WITHOUT_NAN_CHECK:
                     self.files = {k: v for k, v in data.get("files", {}).items() if isinstance(v, dict)}
+                if version in _CACHE_VERSIONS_WITHOUT_NAN_CHECK:
+                    for record in self.files.values():
+                        record.pop("info", None)  # hashes stay valid; summaries are made again
             except (OSError, ValueError):
                 self.files = {}  # a damaged cache is rebuilt, never trusted
 
@@ -336,11 +347,13 @@ class Library:
 
     # -- user metadata -------------------------------------------------------------------------
     def user_metadata(self, entry: NetworkEntry) -> dict:
-        """The user's notes on a file (A1111's ``<file>.json``); {} when absent or unreadable."""
+        """The user's notes on a file (A1111's ``<file>.json``); {} when absent, unreadable, not a
+        regular file (a FIFO there would hang the cards page) or over 16 MiB."""
         try:
-            with open(entry.metadata_path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except (OSError, ValueError):
+            with open_regular(entry.metadata_path) as handle:
+                text = handle.read(_USER_METADATA_LIMIT + 1)
+            data = json.loads(text) if len(text) <= _USER_METADATA_LIMIT else None
+        except (HypernetworkError, OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -404,6 +417,8 @@ class Library:
             return dict(cached)
         try:
             summary = network_summary(self.load(entry))
+        except NonFiniteWeightsError as exc:
+            summary = {"error": str(exc), "non_finite_weights": exc.count, "parameters": exc.total}
         except HypernetworkError as exc:
             summary = {"error": str(exc)}
         summary["format"] = entry.file_format
@@ -442,10 +457,12 @@ class Library:
         force_mismatch: bool = False,
         with_hashes: bool = True,
     ) -> ActivationPlan:
-        """Parse, resolve, load and check each tag; a bad tag becomes a problem, the rest still apply."""
+        """Parse, resolve, load and check each tag; a bad tag becomes a problem, the rest still apply.
+        Only the first :data:`MAX_TAGS` tags are used."""
         plan = ActivationPlan()
         self_widths = list(self_widths)
-        for items in tags:
+        tags = list(tags)
+        for items in tags[:MAX_TAGS]:
             try:
                 spec = parse_tag(
                     items, default_multiplier=default_multiplier, model_blocks=model_blocks, presets=presets
@@ -464,6 +481,10 @@ class Library:
             if problem:
                 plan.notes.append(f"{spec.text}: applied although {planned.entry.relpath} {problem}")
             plan.networks.append(planned)
+        if len(tags) > MAX_TAGS:
+            plan.problems.append(
+                f"{len(tags) - MAX_TAGS:,} more <{TAG_TYPE}:...> tags were ignored: one generation uses at most {MAX_TAGS}"
+            )
         self.pin(item.entry for item in plan.networks)
         return plan
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .errors import InvalidConfigError
+from .errors import InvalidConfigError, brief
 from .families import FAMILIES, infer_family
 
 # The host's historical names first (``swish`` is Hardswish there, not SiLU), then every class of
@@ -43,6 +43,10 @@ ACTIVATIONS.update(
 NO_ACTIVATION = "linear"
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 DEFAULT_WIDTHS = (768, 320, 640, 1280)
+# Far beyond any real network (1 to 5 widths, up to ~6 layer-structure entries); a file declaring
+# more would make the loader build millions of modules before a single tensor is compared.
+MAX_WIDTHS = 64
+MAX_LAYER_STRUCTURE = 64
 
 
 def activation_names() -> list[str]:
@@ -66,20 +70,20 @@ def _activation_problem(name: str | None) -> str | None:
         return None
     cls = ACTIVATIONS.get(name)
     if cls is None:
-        return f"unknown activation {name!r} (known: {', '.join(activation_names())})"
+        return f"unknown activation {brief(name)} (known: {', '.join(activation_names())})"
     try:
         module = cls()
     except Exception as exc:  # constructors that need arguments (Threshold, MultiheadAttention)
-        return f"activation {name!r} cannot be built without arguments ({exc})"
+        return f"activation {brief(name)} cannot be built without arguments ({exc})"
     probe = torch.zeros(1, 2, 8)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # softmax & co. warn about their implicit dimension
             out = module(probe)
     except Exception as exc:
-        return f"activation {name!r} fails on a (batch, tokens, width) input ({exc})"
+        return f"activation {brief(name)} fails on a (batch, tokens, width) input ({exc})"
     if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
-        return f"activation {name!r} changes the shape of its input, so the next layer cannot follow"
+        return f"activation {brief(name)} changes the shape of its input, so the next layer cannot follow"
     return None
 
 
@@ -137,6 +141,8 @@ class Architecture:
         """
         found: list[str] = []
         structure = self.layer_structure
+        if len(structure) > MAX_LAYER_STRUCTURE or len(self.dropout_structure) > MAX_LAYER_STRUCTURE:
+            return [f"layer and dropout structures may have at most {MAX_LAYER_STRUCTURE} entries"]
         if len(structure) < 2:
             found.append(f"layer structure {list(structure)} needs at least two entries")
         elif structure[0] != 1 or structure[-1] != 1:
@@ -148,7 +154,7 @@ class Architecture:
                 or not math.isfinite(factor)
                 or factor <= 0
             ):
-                found.append(f"layer structure entry {factor!r} must be a positive number")
+                found.append(f"layer structure entry {brief(factor)} must be a positive number")
         dropout = self.dropout_structure
         if len(dropout) < len(structure):
             found.append(
@@ -158,13 +164,13 @@ class Architecture:
             found.append(f"dropout structure {list(dropout)} must have one entry per layer structure entry")
         for p in dropout[1 : len(structure)]:
             if p >= 1 or (strict and p < 0) or not math.isfinite(p):
-                found.append(f"dropout probability {p!r} must be in [0, 1)")
+                found.append(f"dropout probability {brief(p)} must be in [0, 1)")
         problem = _activation_problem(self.activation_func)
         if problem:
             found.append(problem)
         if strict and self.weight_initialization not in WEIGHT_INITS:
             found.append(
-                f"weight initialisation {self.weight_initialization!r} is not one of {', '.join(WEIGHT_INITS)}"
+                f"weight initialisation {brief(self.weight_initialization)} is not one of {', '.join(WEIGHT_INITS)}"
             )
         return found
 
@@ -175,7 +181,7 @@ class Architecture:
 
     def check_width(self, width: int) -> None:
         if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
-            raise InvalidConfigError(f"width {width!r} must be a positive integer")
+            raise InvalidConfigError(f"width {brief(width)} must be a positive integer")
         hidden = self.hidden_widths(width)
         if min(hidden) < 1:
             raise InvalidConfigError(
@@ -226,10 +232,14 @@ def _initialise(module: HypernetworkModule, arch: Architecture, generator: torch
     those functions with no-ops process-wide while it loads a checkpoint (at start and at every
     switch), and a network created meanwhile would keep uninitialised memory. This also gives a
     seeded stream on torch before 2.2 (A1111 1.10 ships 2.1.2), whose ``nn.init`` takes no generator.
+    Every parameter is set here: the network is built on the meta device, so one left out would
+    hold whatever memory it got (NaN, at times).
     """
     gain = nn.init.calculate_gain("leaky_relu" if arch.activation_func == "leakyrelu" else "relu", 0)
     with torch.no_grad():
         for layer in module.linear:
+            if isinstance(layer, nn.PReLU):  # the one activation with a weight: torch's own start value
+                layer.weight.fill_(layer.init)
             if type(layer) not in (nn.Linear, nn.LayerNorm):
                 continue
             scheme = "Normal" if type(layer) is nn.LayerNorm else arch.weight_initialization
@@ -280,8 +290,10 @@ class Hypernetwork(nn.Module):
         super().__init__()
         architecture.check(strict=False)
         widths = list(widths)
+        if len(widths) > MAX_WIDTHS:
+            raise InvalidConfigError(f"{len(widths):,} widths; a network may have at most {MAX_WIDTHS}")
         if len(set(widths)) != len(widths):
-            raise InvalidConfigError(f"widths {widths} list the same width twice")
+            raise InvalidConfigError(f"widths {brief(widths)} list the same width twice")
         for width in widths:
             architecture.check_width(width)
         self.architecture = architecture
@@ -331,6 +343,11 @@ class Hypernetwork(nn.Module):
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def non_finite_count(self) -> int:
+        """How many weights are NaN or infinite (0 for any usable network)."""
+        return sum(int(torch.isfinite(p).logical_not_().sum()) for p in self.parameters())
 
     def set_multiplier(self, multiplier: float) -> Hypernetwork:
         for key_module, value_module in self.layers.values():
@@ -391,6 +408,38 @@ def _trained_on(info: NetworkInfo) -> str:
     return info.sd_checkpoint_name or info.sd_checkpoint or "unknown"
 
 
+def new_architecture(
+    layer_structure: Sequence[float] = (1, 2, 1),
+    activation: str | None = NO_ACTIVATION,
+    weight_init: str = "Normal",
+    *,
+    layer_norm: bool = False,
+    dropout_structure: Sequence[float] | None = None,
+    use_dropout: bool = False,
+    last_layer_dropout: bool = False,
+    activate_output: bool = False,
+) -> Architecture:
+    """The checked architecture of a new network (what :func:`create` builds; no widths needed yet)."""
+    structure = tuple(layer_structure)
+    if dropout_structure is None:
+        dropout = tuple(parse_dropout_structure(structure, use_dropout, last_layer_dropout))
+    else:
+        dropout = tuple(dropout_structure)
+        use_dropout = any(p > 0 for p in dropout)
+    arch = Architecture(
+        layer_structure=structure,
+        activation_func=activation,
+        is_layer_norm=bool(layer_norm),
+        dropout_structure=dropout,
+        activate_output=bool(activate_output),
+        weight_initialization=weight_init,
+        use_dropout=bool(use_dropout),
+        last_layer_dropout=len(dropout) >= 2 and dropout[-2] != 0,
+    )
+    arch.check(strict=True)
+    return arch
+
+
 def create(
     widths: Iterable[int] = DEFAULT_WIDTHS,
     layer_structure: Sequence[float] = (1, 2, 1),
@@ -411,25 +460,18 @@ def create(
     ``dropout_structure`` gives one probability per layer-structure entry; without it,
     ``use_dropout``/``last_layer_dropout`` derive one the legacy way.
     """
-    structure = tuple(layer_structure)
-    if dropout_structure is None:
-        dropout = tuple(parse_dropout_structure(structure, use_dropout, last_layer_dropout))
-    else:
-        dropout = tuple(dropout_structure)
-        use_dropout = any(p > 0 for p in dropout)
     if model_family is not None and model_family not in FAMILIES:
         raise InvalidConfigError(f"model family {model_family!r} is not one of {', '.join(FAMILIES)}")
-    arch = Architecture(
-        layer_structure=structure,
-        activation_func=activation,
-        is_layer_norm=bool(layer_norm),
-        dropout_structure=dropout,
-        activate_output=bool(activate_output),
-        weight_initialization=weight_init,
-        use_dropout=bool(use_dropout),
-        last_layer_dropout=len(dropout) >= 2 and dropout[-2] != 0,
+    arch = new_architecture(
+        layer_structure,
+        activation,
+        weight_init,
+        layer_norm=layer_norm,
+        dropout_structure=dropout_structure,
+        use_dropout=use_dropout,
+        last_layer_dropout=last_layer_dropout,
+        activate_output=activate_output,
     )
-    arch.check(strict=True)
     widths = list(widths)
     if not widths:
         raise InvalidConfigError("a hypernetwork needs at least one width")
@@ -479,21 +521,26 @@ def _assign(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
             owner._buffers[leaf] = tensor
 
 
+def _listed(keys: list[str], shown: int = 8) -> str:
+    more = f" and {len(keys) - shown:,} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
 def _check_state(module: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
     expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
     given = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise InvalidConfigError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise InvalidConfigError(f"{where}: entry {brief(key)} is a {type(value).__name__}, not a tensor")
         given[key] = tuple(value.shape)
     missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
+    unexpected = sorted(brief(key) for key in set(given) - set(expected))
     if missing or unexpected:
         detail = []
         if missing:
-            detail.append(f"missing {', '.join(missing)}")
+            detail.append(f"missing {_listed(missing)}")
         if unexpected:
-            detail.append(f"unexpected {', '.join(unexpected)}")
+            detail.append(f"unexpected {_listed(unexpected)}")
         raise InvalidConfigError(
             f"{where}: the tensors disagree with the declared structure ({'; '.join(detail)}); "
             f"expected keys {', '.join(sorted(expected))}"

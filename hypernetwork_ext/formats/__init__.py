@@ -1,7 +1,9 @@
 """Reading and writing hypernetwork files: A1111/NovelAI ``.pt`` and the project's ``.safetensors``.
 
 The layout is told by the file's content, not its name, so a renamed file still loads (or is
-refused with the right reason).
+refused with the right reason). Only regular files within :data:`HYPERNETWORK_LIMITS` are read,
+and a network whose weights hold NaN or infinity is refused: applied, it would turn every image
+it touches into NaN.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import os
 
 from ..atomic import atomic_write_bytes
-from ..errors import FileFormatError, HypernetworkError
+from ..errors import FileFormatError, HypernetworkError, NonFiniteWeightsError
 from ..network import Hypernetwork
+from .limits import HYPERNETWORK_LIMITS, read_file
 from .pt import pt_bytes, read_pt_bytes
 from .safetensors_format import looks_like_safetensors, read_safetensors_bytes, safetensors_bytes
 
@@ -20,26 +23,22 @@ SUPPORTED_SUFFIXES = (".pt", ".safetensors")
 def load(path: str | os.PathLike) -> Hypernetwork:
     """Load a hypernetwork from an A1111/NovelAI ``.pt`` or one of our ``.safetensors`` files."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise FileFormatError("no such file", path) from None
-    except IsADirectoryError:
-        raise FileFormatError("is a folder, not a file", path) from None
-    except OSError as exc:
-        raise FileFormatError(f"cannot be read ({exc.strerror or exc})", path) from None
-    return load_bytes(data, path)
+    return load_bytes(read_file(path, HYPERNETWORK_LIMITS), path)
 
 
 def load_bytes(data: bytes, path: str = "<memory>") -> Hypernetwork:
     if not data:
         raise FileFormatError("the file is empty", path)
     if looks_like_safetensors(data):
-        return read_safetensors_bytes(data, path)
-    if path.lower().endswith(".safetensors"):
+        network = read_safetensors_bytes(data, path, HYPERNETWORK_LIMITS)
+    elif path.lower().endswith(".safetensors"):
         raise FileFormatError("named .safetensors but not a safetensors file (or its header is damaged)", path)
-    return read_pt_bytes(data, path)
+    else:
+        network = read_pt_bytes(data, path, HYPERNETWORK_LIMITS)
+    count = network.non_finite_count()
+    if count:
+        raise NonFiniteWeightsError(count, network.parameter_count(), path)
+    return network
 
 
 def format_for_path(path: str | os.PathLike) -> str:

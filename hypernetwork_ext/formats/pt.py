@@ -10,8 +10,9 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import FileFormatError, InvalidConfigError
+from ..errors import FileFormatError, InvalidConfigError, brief
 from ..network import Architecture, Hypernetwork, NetworkInfo, build_from_state, parse_dropout_structure
+from .limits import ReadLimits
 from .safe_pickle import dump_a1111_pt, load_torch_bytes
 
 # Metadata keys in the order A1111 writes them.
@@ -39,8 +40,8 @@ _NOVELAI_RENAMES = {
 }
 
 
-def read_pt_bytes(data: bytes, path: str) -> Hypernetwork:
-    return network_from_dict(load_torch_bytes(data, path), path)
+def read_pt_bytes(data: bytes, path: str, limits: ReadLimits) -> Hypernetwork:
+    return network_from_dict(load_torch_bytes(data, path, limits), path)
 
 
 def network_from_dict(content: object, path: str) -> Hypernetwork:
@@ -92,7 +93,7 @@ def _number_list(value: object, key: str) -> list:
     if not isinstance(value, (list, tuple)) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
     ):
-        raise InvalidConfigError(f"{key} must be a list of numbers, found {value!r}")
+        raise InvalidConfigError(f"{key} must be a list of numbers, found {brief(value)}")
     return list(value)
 
 
@@ -128,7 +129,7 @@ def _optional_str(value: object) -> str | None:
 
 def _int(value: object, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidConfigError(f"{key} must be a number, found {value!r}")
+        raise InvalidConfigError(f"{key} must be a number, found {brief(value)}")
     return int(value)
 
 

@@ -21,24 +21,22 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import FileFormatError, InvalidConfigError
+from ..errors import FileFormatError, InvalidConfigError, brief
 from ..hashing import content_hash
 from ..network import Hypernetwork, NetworkInfo, build_from_state
 from ..version import TOOL_NAME, __version__
+from .limits import ReadLimits, refuse_size
 from .pt import A1111_KEYS, a1111_metadata, architecture_from_metadata
 
 FORMAT_VERSION_KEY = "hypernetwork.format_version"
 FORMAT_VERSION = 1
 TENSOR_PREFIX = "hypernetwork."
 _TENSOR_KEY = re.compile(r"^hypernetwork\.(\d+)\.(key|value)\.(.+)$")
-_SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
 
 
 def looks_like_safetensors(data: bytes) -> bool:
-    if len(data) < 10:
-        return False
-    header_length = int.from_bytes(data[:8], "little")
-    return 2 <= header_length <= _SAFETENSORS_HEADER_LIMIT and data[8:9] == b"{"
+    """An 8-byte header length then a JSON object; torch files start with a zip or pickle signature."""
+    return len(data) >= 10 and int.from_bytes(data[:8], "little") >= 2 and data[8:9] == b"{"
 
 
 def safetensors_bytes(network: Hypernetwork) -> bytes:
@@ -81,13 +79,14 @@ def _json_safe_extra(extra: Mapping) -> dict:
     return safe
 
 
-def read_safetensors_bytes(data: bytes, path: str) -> Hypernetwork:
+def read_safetensors_bytes(data: bytes, path: str, limits: ReadLimits) -> Hypernetwork:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     if not data:
         raise FileFormatError("the file is empty", path)
-    metadata = _read_header_metadata(data, path)
+    refuse_size(len(data), limits.max_file_bytes, "the file", path, allowed_for=limits.what)
+    metadata = _read_header_metadata(data, path, limits)
     try:
         tensors = load(data)
     except (SafetensorError, Exception) as exc:
@@ -104,7 +103,7 @@ def read_safetensors_bytes(data: bytes, path: str) -> Hypernetwork:
     try:
         version = int(metadata[FORMAT_VERSION_KEY])
     except ValueError:
-        raise FileFormatError(f"unreadable {FORMAT_VERSION_KEY} {metadata[FORMAT_VERSION_KEY]!r}", path) from None
+        raise FileFormatError(f"unreadable {FORMAT_VERSION_KEY} {brief(metadata[FORMAT_VERSION_KEY])}", path) from None
     if version > FORMAT_VERSION:
         raise FileFormatError(
             f"written in hypernetwork layout version {version}; this tool reads up to {FORMAT_VERSION}", path
@@ -123,20 +122,46 @@ def read_safetensors_bytes(data: bytes, path: str) -> Hypernetwork:
     return network
 
 
-def _read_header_metadata(data: bytes, path: str) -> dict[str, str]:
+def _read_header_metadata(data: bytes, path: str, limits: ReadLimits) -> dict[str, str]:
+    """The header's ``__metadata__``, after checking the header's size, JSON and tensor count (the
+    safetensors library checks each tensor's dtype, shape and offsets when it loads them)."""
     if len(data) < 8:
         raise FileFormatError("the file is truncated (shorter than a safetensors header)", path)
     length = int.from_bytes(data[:8], "little")
-    if length > _SAFETENSORS_HEADER_LIMIT or 8 + length > len(data):
-        raise FileFormatError("the safetensors header is truncated or damaged", path)
+    if 8 + length > len(data):
+        raise FileFormatError(
+            f"the safetensors header declares {length:,} bytes but the file holds {len(data) - 8:,}; "
+            "it is truncated or damaged",
+            path,
+        )
+    refuse_size(length, limits.max_header_bytes, "the safetensors header", path, allowed_for=limits.what)
     try:
-        header = json.loads(data[8 : 8 + length])
+        header = json.loads(data[8 : 8 + length], object_pairs_hook=_refuse_repeated_keys)
     except ValueError as exc:
         raise FileFormatError(f"the safetensors header is not valid JSON ({exc})", path) from None
-    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    if not isinstance(header, dict):
+        raise FileFormatError("the safetensors header is not a JSON object", path)
+    tensors = len(header) - ("__metadata__" in header)
+    if tensors > limits.max_tensors:
+        raise FileFormatError(
+            f"the header lists {tensors:,} tensors, more than the {limits.max_tensors:,} allowed for {limits.what}; "
+            "refused",
+            path,
+        )
+    metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FileFormatError("the safetensors metadata must map names to strings", path)
     return metadata
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A name given twice could be read either way (JSON readers keep the first or the last)."""
+    seen: set[str] = set()
+    for key, _value in pairs:
+        if key in seen:
+            raise ValueError(f"the name {brief(key)} appears twice")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _decoded(metadata: Mapping[str, str], path: str) -> dict:
@@ -147,7 +172,7 @@ def _decoded(metadata: Mapping[str, str], path: str) -> dict:
         try:
             decoded[key] = json.loads(metadata[key])
         except ValueError:
-            raise FileFormatError(f"metadata {key!r} is not valid JSON: {metadata[key]!r}", path) from None
+            raise FileFormatError(f"metadata {key!r} is not valid JSON: {brief(metadata[key])}", path) from None
     return decoded
 
 
@@ -156,7 +181,7 @@ def _states(tensors: Mapping[str, torch.Tensor], declared_widths: object) -> dic
     for key, tensor in tensors.items():
         match = _TENSOR_KEY.match(key)
         if not match:
-            raise InvalidConfigError(f"tensor {key!r} does not follow hypernetwork.<width>.<key|value>.<name>")
+            raise InvalidConfigError(f"tensor {brief(key)} does not follow hypernetwork.<width>.<key|value>.<name>")
         width, role, name = int(match[1]), match[2], match[3]
         pair = grouped.setdefault(width, ({}, {}))
         pair[0 if role == "key" else 1][name] = tensor

@@ -93,15 +93,16 @@ class LdmApplier:
         self.compute_dtype = compute_dtype
         unet = self.unet(sd_model)
         if not self.entries or unet is None:
-            self.clear()
+            self.detach()
             return
         if self.attachment is not None and (self.attachment.model is not unet or self._dtype_changed(compute_dtype)):
             self.clear(keep_entries=True)
         if self.attachment is None:
             self.attachment = Attachment(unet, compute_dtype=compute_dtype)
+        if self._unet_hook is None:
             self._unet_hook = unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
         self.attachment.runtime.linear_projections = linear_projection_hint(lora_functional)
-        self.attachment.update(self.entries)
+        self.attachment.update(self.entries)  # the same networks as last time keep their folds
 
     def _dtype_changed(self, compute_dtype) -> bool:
         return self.attachment is not None and self.attachment.rewriter.compute_dtype != compute_dtype
@@ -125,16 +126,31 @@ class LdmApplier:
     def before_sampling(self, p) -> None:
         """Forge's hook; nothing to do on A1111, where the hooks are already in place."""
 
+    def detach(self) -> None:
+        """After a generation: every hook comes off, so the model computes exactly as before, but
+        the attachment stays with what it computed (folded weights, rewritten contexts): the next
+        generation with the same networks on the same weights starts without redoing them. Other
+        networks, a dtype change or another model replace it."""
+        if self.attachment is not None:
+            self.attachment.remove()
+        self._remove_unet_hook()
+        self.layout.clear()
+        self.entries = []
+
     def clear(self, *, keep_entries: bool = False) -> None:
+        """Drop the attachment and everything it kept (checkpoint switch, unload)."""
         if self.attachment is not None:
             self.attachment.remove()
             self.attachment = None
-        if self._unet_hook is not None:
-            self._unet_hook.remove()
-            self._unet_hook = None
+        self._remove_unet_hook()
         self.layout.clear()
         if not keep_entries:
             self.entries = []
+
+    def _remove_unet_hook(self) -> None:
+        if self._unet_hook is not None:
+            self._unet_hook.remove()
+            self._unet_hook = None
 
     @property
     def active(self) -> bool:

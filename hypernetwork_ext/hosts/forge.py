@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import nn
 
-from ..attach import KVRewriter
+from ..attach import KVRewriter, same_entries
 from ..strength import CROSS, SELF
 
 FORGE_PATCHER_MODULES = ("backend.patcher.unet", "modules_forge.unet_patcher")
@@ -60,7 +60,10 @@ def uncond_rows(extra_options: dict, rows: int) -> torch.Tensor | None:
 
 @functools.lru_cache(maxsize=16)
 def _row_flags(flags: tuple[bool, ...], per_chunk: int) -> torch.Tensor:
-    return torch.tensor(flags).repeat_interleave(per_chunk)
+    # Made outside inference mode, where Forge samples: a normal tensor keeps its version counter,
+    # so the rewriter's memo of it works, and it stays usable in every later generation.
+    with torch.inference_mode(False):
+        return torch.tensor(flags).repeat_interleave(per_chunk)
 
 
 class PatcherApplier:
@@ -99,8 +102,9 @@ class PatcherApplier:
     ) -> None:
         # Forge merges LoRA through its patcher and we act through attention patches: nothing to fold, nothing to tell.
         self.entries = list(entries)
-        self.rewriter.compute_dtype = compute_dtype
-        self.rewriter.reset(self.entries)
+        if compute_dtype != self.rewriter.compute_dtype or not same_entries(self.entries, self.rewriter.entries):
+            self.rewriter.compute_dtype = compute_dtype
+            self.rewriter.reset(self.entries)  # the same networks as last time keep what was computed
 
     def step(self, progress: float | None, cond_rows: int | None, total_rows: int | None) -> None:
         self.rewriter.runtime.progress = progress
@@ -121,6 +125,13 @@ class PatcherApplier:
     def installed_on(self, patcher) -> bool:
         patches = patcher.model_options.get("transformer_options", {}).get("patches", {})
         return any(patch is self.attn2_patch for patch in patches.get("attn2_patch", []))
+
+    def detach(self) -> None:
+        """After a generation: no patch goes on the next sampling's patcher until networks are
+        applied again; what the rewriter computed stays for the same networks."""
+        self.entries = []
+        self.rewriter.runtime.progress = None
+        self.rewriter.runtime.uncond_rows = None
 
     def clear(self, *, keep_entries: bool = False) -> None:
         if not keep_entries:

@@ -96,7 +96,7 @@ class Extension:
     def activate(self, p, tags: list[list[str]]) -> None:
         tags = self._with_auto_added(p, tags)
         if not tags:
-            self.applier.clear()
+            self.applier.detach()
             self.last_plan = None
             return
         self.library.set_cache_size(_as_int(option("hypernetwork_cache_size"), 4))
@@ -204,7 +204,7 @@ class Extension:
         self.applier.apply(sd_model, entries, dtype, lora_functional=lora_functional)
 
     def finish(self) -> None:
-        self.applier.clear()
+        self.applier.detach()
 
     # -- names -----------------------------------------------------------------------------------
     def shape_of(self, unet) -> ModelShape:

@@ -3,8 +3,9 @@
 It does what A1111's ``train_hypernetwork`` does, without its bugs: gradients are unscaled before
 they are clipped; copies are named with their true step and carry that name inside; optimizer
 sidecars are bound to the file they sit next to; the network trained is never overwritten (the
-result is a new file, written atomically); a non-finite loss or gradient stops training with the
-last good weights; the host's attention optimisation stays on (the network runs in to_k/to_v
+result is a new file, written atomically); a run that diverges (a non-finite loss or gradient, a
+loss far above its recent level, a step that dwarfs the weights) stops on the weights from before
+it did (``divergence.py``); the host's attention optimisation stays on (the network runs in to_k/to_v
 hooks, so any kernel works); the text encoder stays where it is and conditioning of fixed captions
 is computed once; SDXL and v-prediction models train through their backends. Every random choice
 comes from the run's seed and the step, so a resumed run continues exactly as an uninterrupted one.
@@ -34,12 +35,14 @@ from . import distributed, logs
 from .backends.base import ModelGuard, PreviewRequest, TrainingBackend, cat_conditioning
 from .checkpointing import gradient_checkpointing
 from .config import PREVIEW_FIELDS, TrainingConfig
+from .divergence import Diverged, DivergenceGuard, all_finite
 from .optimizers import build_optimizer
 from .schedules import RateShape, StepSchedule
 
 STOP_FINISHED = "finished"
 STOP_INTERRUPTED = "interrupted"
 STOP_NAN = "non-finite"
+STOP_DIVERGED = "diverged"
 STOP_ERROR = "error"
 STOP_ALREADY = "already trained"
 _CONDITIONING_CACHE = 4096
@@ -101,10 +104,6 @@ class TrainingResult:
     settings_path: str | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
-
-
-class _NonFinite(Exception):
-    pass
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -221,6 +220,7 @@ class _Run:
         self.last_batch: list[int] = []
         self.parameters: list[torch.nn.Parameter] = []
         self.ema: Ema | None = None
+        self.guard: DivergenceGuard | None = None
         self.settings_path: str | None = None
         self.error: Exception | None = None  # a failure after some steps: reported, the steps kept
         self.started = time.monotonic()
@@ -385,11 +385,13 @@ class _Run:
                 loss = self.loss_for(indices, texts) / config.gradient_step
                 value = loss.item()  # one device sync per micro-batch
                 if not math.isfinite(value):
-                    raise _NonFinite(f"the loss became {value} at step {step + 1}")
+                    self.guard.diverged(f"the loss became {value} at step {step + 1}", non_finite=True)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += value
         distributed.average_gradients(self.parameters)
         total = distributed.average(total, self.backend.device)
+        self.guard.check_loss(total, step)  # the same on every process: the average
+        self.guard.keep(total, step)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         if self.clip_schedule is not None:
@@ -399,10 +401,9 @@ class _Run:
                     torch.nn.utils.clip_grad_value_(self.parameters, limit)
                 else:
                     torch.nn.utils.clip_grad_norm_(self.parameters, limit)
-        before = [p.detach().clone() for p in self.parameters]
         if self.scaler is None:
-            if not _all_finite([p.grad for p in self.parameters if p.grad is not None]):
-                raise _NonFinite(f"a gradient became non-finite at step {step + 1}")
+            if not all_finite([p.grad for p in self.parameters if p.grad is not None]):
+                self.guard.diverged(f"a gradient became non-finite at step {step + 1}", non_finite=True)
             optimizer.step()
         else:
             scale = self.scaler.get_scale()
@@ -410,13 +411,12 @@ class _Run:
             self.scaler.update()
             self.skipped = self.skipped + 1 if self.scaler.get_scale() < scale else 0
             if self.skipped >= config.max_consecutive_skipped_steps:
-                raise _NonFinite(f"{self.skipped} consecutive steps had non-finite gradients (last at step {step + 1})")
+                self.guard.diverged(
+                    f"{self.skipped} consecutive steps had non-finite gradients (last at step {step + 1})",
+                    non_finite=True,
+                )
         optimizer.zero_grad(set_to_none=True)
-        if not _all_finite(self.parameters):
-            with torch.no_grad():
-                for parameter, value in zip(self.parameters, before, strict=True):
-                    parameter.copy_(value)
-            raise _NonFinite(f"the weights became non-finite at step {step + 1}")
+        self.guard.check_update(step)
         return total
 
     @torch.no_grad()
@@ -649,6 +649,7 @@ def _execute(run: _Run) -> TrainingResult:
             )
             run.ema = Ema(run.parameters, config.ema_decay) if config.ema_decay > 0 else None
             run.load_resume_state(optimizer)
+            run.guard = DivergenceGuard(run.parameters, step, run.ema)
             end = min(config.steps, run.schedule.end_step)
             if run.progress_bar and distributed.is_main():
                 import tqdm
@@ -658,8 +659,9 @@ def _execute(run: _Run) -> TrainingResult:
                 stopped, message, step = _loop(run, optimizer, step, end, progress_bar)
     except data_mod.PreparationInterrupted:
         stopped, message = STOP_INTERRUPTED, "Training interrupted while preparing the dataset"
-    except _NonFinite as exc:
-        stopped, message = STOP_NAN, f"Training stopped: {exc}; the last good weights (step {network.step}) are kept"
+    except Diverged as exc:
+        network.step = exc.step
+        stopped, message = STOP_NAN if exc.non_finite else STOP_DIVERGED, _diverged_message(exc, run.start_step)
         optimizer = None  # its state may hold the bad values: never saved
     except Exception as exc:
         stopped, message = STOP_ERROR, f"Training failed at step {network.step}: {exc}"
@@ -673,6 +675,15 @@ def _execute(run: _Run) -> TrainingResult:
         if run.tensorboard is not None:
             run.tensorboard.close()
     return _finish(run, optimizer, stopped, message)
+
+
+def _diverged_message(exc: Diverged, start_step: int) -> str:
+    kept = (
+        "the weights it started from are kept"
+        if exc.step == start_step
+        else f"the weights of step {exc.step}, from before it diverged, are kept"
+    )
+    return f"Training stopped: {exc.reason}; {kept}"
 
 
 def _loop(run: _Run, optimizer, step: int, end: int, progress_bar) -> tuple[str, str, int]:
@@ -774,8 +785,3 @@ def _cuda_grad_scaler():
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler("cuda")
     return torch.cuda.amp.GradScaler()  # torch before 2.3 (A1111 1.10 ships 2.1.2)
-
-
-def _all_finite(tensors) -> bool:
-    """One device sync for all of them, not one per tensor."""
-    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

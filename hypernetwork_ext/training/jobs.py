@@ -206,7 +206,7 @@ def find_network(directory: str, name: str) -> str:
 class JobStatus:
     id: str
     task_id: str | None = None  # the host's id for it (A1111's progress task), when it has one
-    state: str = "queued"  # queued, running, finished, interrupted, non-finite, failed
+    state: str = "queued"  # queued, running, finished, interrupted, non-finite, diverged, failed
     step: int = 0
     start_step: int = 0
     max_steps: int = 0

@@ -11,6 +11,7 @@ import types
 
 import gradio as gr
 import pytest
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -87,6 +88,19 @@ def test_broken_file_gets_a_card_that_says_why(host):
     page = page_of(host)
     page.create_html("txt2img")
     assert "broken.pt" in page.items["broken"]["metadata"]["error"]
+
+
+def test_a_file_with_nan_weights_gets_a_card_that_counts_them(host):
+    broken = hx.load(host.hypernetwork_dir / "anime.pt")
+    with torch.no_grad():
+        broken.layers[M.LDM_CONTEXT][0].linear[0].weight.view(-1)[:2] = float("inf")
+    hx.save(broken, host.hypernetwork_dir / "inf.safetensors")
+    host.extension.library.refresh()
+    page = page_of(host)
+    page.create_html("txt2img")
+    metadata = page.items["inf"]["metadata"]
+    assert "inf.safetensors" in metadata["error"] and "NaN or infinite" in metadata["error"]
+    assert metadata["non_finite_weights"] == 2 and metadata["parameters"] == broken.parameter_count()
 
 
 def test_metadata_editor_builds_and_saves(host):

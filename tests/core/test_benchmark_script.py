@@ -45,3 +45,32 @@ def test_every_scenario_runs_and_agrees_with_the_naive_loop(bench, capsys, dtype
 def test_unknown_names_are_refused(bench):
     with pytest.raises(SystemExit):
         bench.main(["--configs", "sd99"])
+
+
+def test_host_benchmark_separates_per_generation_from_per_step_cost(monkeypatch, capsys):
+    """Against a loopback stand-in whose requests 'take' 1 s + 0.1 s per step, plus 0.5 s once and
+    0.02 s per step with a tag: the script's table finds those figures back."""
+    spec = importlib.util.spec_from_file_location("bench_host", SCRIPT.with_name("host_generation.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def fake_txt2img(url, prompt, steps, size, seed):
+        tagged = "<hypernet:" in prompt
+        return 1.0 + 0.1 * steps + (0.5 + 0.02 * steps if tagged else 0.0)
+
+    monkeypatch.setattr(module, "txt2img", fake_txt2img)
+    monkeypatch.setattr(sys, "argv", ["host_generation.py", "--url", "http://x", "--tag", "<hypernet:n:1>",
+                                      "--builtin-url", "http://y", "--rounds", "2"])  # fmt: skip
+    module.main()
+    table = capsys.readouterr().out
+    assert "| none | 1.00 | 0.100 | +0.00 s | +0.0% |" in table
+    assert "| ours | 1.50 | 0.120 | +0.50 s | +20.0% |" in table
+    assert "ours/builtin, extra time per step: 1.00" in table
+
+
+def test_the_prompt_scan_benchmark_runs_and_both_ways_find_the_same_tags(capsys):
+    spec = importlib.util.spec_from_file_location("bench_prompt_scan", SCRIPT.parent / "prompt_scan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--sizes", "300,3000"])  # raises when the scanner and the expression disagree
+    assert len(rows) == 2 * len(module.KINDS) and "ratio" in capsys.readouterr().out

@@ -324,3 +324,22 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     os.chmod(tmp_path / "net.pt", 0o640)
     hx.save(net, tmp_path / "net.pt", overwrite=True)
     assert stat.S_IMODE(os.stat(tmp_path / "net.pt").st_mode) == 0o640  # an overwritten file keeps its mode
+
+
+def test_files_load_while_a1111_has_replaced_torch_load(tmp_path, monkeypatch):
+    """A1111 replaces ``torch.load`` process-wide (``modules/safe.py``): its check reads a file object
+    to the end, then hands it to torch. In the real A1111 every .pt of ours was reported as damaged."""
+    from tests.support.reference import a1111_safety_check
+
+    original = torch.load
+
+    def a1111_load(filename, *args, **kwargs):
+        a1111_safety_check(filename)  # leaves a file object at its end, as zipfile does
+        return original(filename, *args, **kwargs)
+
+    network = hx.create([16, 8], (1, 2, 1), "relu", seed=4)
+    hx.save(network, tmp_path / "net.pt")
+    monkeypatch.setattr(torch, "load", a1111_load)
+    loaded = hx.load(tmp_path / "net.pt")
+    for a, b in zip(loaded.state_dict().values(), network.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -139,6 +139,15 @@ def test_normal_init_and_layer_norm_quirk():
     assert torch.count_nonzero(linear.bias) == 0
 
 
+def test_prelu_slopes_start_at_torchs_quarter_not_at_leftover_memory():
+    """Built on the meta device, a parameter no initialiser touches keeps recycled memory (NaN at times)."""
+    for seed in range(20):
+        torch.full((4096,), float("nan")).sum()  # NaN left in memory the allocator may hand out again
+        net = hx.create([8], (1, 2, 1), "prelu", activate_output=True, seed=seed)
+        slopes = [module.weight for module in net.modules() if isinstance(module, torch.nn.PReLU)]
+        assert len(slopes) == 4 and all(torch.equal(w, torch.full_like(w, 0.25)) for w in slopes)
+
+
 @pytest.mark.parametrize(
     "scheme,expected_std",
     [("Normal", 0.01), ("XavierNormal", (2 / (384 + 768)) ** 0.5), ("KaimingNormal", (2 / 384) ** 0.5)],

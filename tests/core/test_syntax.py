@@ -1,10 +1,16 @@
 """The <hypernet:...> tag: every argument, every error message, and the prompt rewriting helpers."""
 
+import contextlib
+import itertools
+import random
+import time
+
 import pytest
 
 from hypernetwork_ext.errors import TagError
 from hypernetwork_ext.strength import SD_ATTENTION_BLOCKS, SDXL_ATTENTION_BLOCKS, Strength
 from hypernetwork_ext.syntax import (
+    TAG_PATTERN,
     find_tags,
     format_hashes,
     parse_hashes,
@@ -166,3 +172,82 @@ def test_hashes_round_trip():
     assert text == "anime: 0123456789, sub/oddnamex: abcdefabcd"
     assert parse_hashes(text) == {"anime": "0123456789", "sub/oddnamex": "abcdefabcd"}
     assert parse_hashes("garbage, x: , : y") == {}
+
+
+# --- hostile prompts ------------------------------------------------------------------------------
+HOSTILE_PROMPTS = {
+    "unclosed tags": "<hypernet:" * 10_000,
+    "unclosed tag then text": "<hypernet:" + "a" * 99_990,
+    "nested openings": "<" * 100_000,
+    "openings then one close": "<<<<<hypernet:" * 7_000 + ">",
+    "empty bodies": "<hypernet:>" * 9_000,
+    "colons": "<hypernet:" + ":" * 99_989 + ">",
+    "backslashes": "<hypernet:\\" * 9_000 + "\\" * 10_000,
+    "unicode": "<hypernet:名前😀" * 7_000,
+    "long name": "<hypernet:" + "n" * 99_989 + ">",
+    "many arguments": "<hypernet:x" + ":k=1" * 24_997 + ">",
+}
+
+
+@pytest.mark.parametrize("prompt", HOSTILE_PROMPTS.values(), ids=HOSTILE_PROMPTS.keys())
+def test_100000_hostile_characters_are_scanned_in_well_under_a_second(prompt):
+    """The regular expression took 32 s on the first of these (0.3 s at 10,000 characters)."""
+    started = time.perf_counter()
+    tags = find_tags(prompt)
+    stripped = strip_tags(prompt)
+    rewritten = set_multipliers(prompt, 0.5)
+    for items in tags[:200]:
+        with contextlib.suppress(TagError):
+            parse_tag(items)
+    assert time.perf_counter() - started < 1.0
+    assert len(find_tags(rewritten)) == len(tags) and strip_tags(rewritten) == stripped
+
+
+FRAGMENTS = (
+    "<hypernet:", "<hypernet:>", "<hypernet", "hypernet:", "<", ">", ":", "::", "<<<<", ">>>>", "\\", "\\>", "=",
+    "0.8", "-1", "1e309", "nan", "k=", "k=2", "v=x", "bw=1,0,1", "start=50%", "IN04=0", "neg=off", "<hypernet:net:0.8>",
+    "<hypernet:a:b:c:d:e>", "<lora:x:1>", "名前", "😀", "\u0000", "\n", " ", "n" * 40, ":" * 30, "<hypernet:" * 4,
+)  # fmt: skip
+
+
+def hostile_prompt(seed: int, length: int) -> str:
+    """Hostile fragments and random characters (control, CJK, emoji) in a seeded random order."""
+    rng = random.Random(seed)
+    noise = ["".join(chr(rng.randrange(1, 0x1FAFF)) for _ in range(8)) for _ in range(8)]
+    text = ""
+    while len(text) < length:
+        text += "".join(rng.choices((*FRAGMENTS, *noise), k=length // 4))
+    return text[:length]
+
+
+def spans_of(prompt: str, tags: list[list[str]]) -> list[tuple[int, int]]:
+    """Where each found tag's text sits, searched left to right: every one must be there."""
+    spans, position = [], 0
+    for items in tags:
+        text = "<hypernet:" + ":".join(items) + ">"
+        start = prompt.find(text, position)
+        assert start >= 0, text
+        spans.append((start, start + len(text)))
+        position = start + len(text)
+    return spans
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_fuzzed_100000_character_prompts(seed):
+    prompt = hostile_prompt(seed, 100_000)
+    started = time.perf_counter()
+    tags = find_tags(prompt)
+    stripped = strip_tags(prompt)
+    rewritten = set_multipliers(prompt, 0.5)
+    assert time.perf_counter() - started < 1.0
+    spans = spans_of(prompt, tags)
+    bounds = [(0, 0), *spans, (len(prompt), len(prompt))]
+    gaps = [prompt[end:start] for (_s, end), (start, _e) in itertools.pairwise(bounds)]
+    assert stripped == "".join(gaps)  # strip_tags removes exactly the tags find_tags found
+    assert len(find_tags(rewritten)) == len(tags) and strip_tags(rewritten) == stripped
+    for items in tags[:100]:  # parsing raises only the project's own error
+        with contextlib.suppress(TagError):
+            parse_tag(items)
+    head = prompt[:3_000]  # the regular expression, quadratic, as the reference on a prefix
+    assert find_tags(head) == [match[1].split(":") for match in TAG_PATTERN.finditer(head)]
+    assert strip_tags(head) == TAG_PATTERN.sub("", head)

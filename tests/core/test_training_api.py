@@ -113,6 +113,16 @@ def test_interrupt_route_stops_a_running_job_and_it_saves(setup):
     assert status.state == "interrupted" and status.result_path and hx.load(status.result_path).step == status.step
 
 
+def test_a_diverging_job_says_so_in_its_status_and_saves_nothing(setup):
+    client, jobs, data, tmp_path = setup
+    jobs.create(CreateRequest(name="tiny", enable_sizes=list(TINY_WIDTHS)))
+    job_id = client.post("/hypernetworks/v1/train", json=train_body(data, tmp_path, learn_rate="1e6")).json()["job_id"]
+    jobs.wait(job_id, 120)
+    status = client.get(f"/hypernetworks/v1/jobs/{job_id}").json()
+    assert status["state"] == "diverged" and status["result_path"] is None and status["step"] == 0
+    assert "the learn rate is far too high" in status["message"] and "nothing was saved" in status["message"]
+
+
 def test_default_widths_follow_the_model_family():
     assert default_widths("sd1") == [768, 320, 640, 1280]
     assert default_widths("sd2") == [1024, 320, 640, 1280]

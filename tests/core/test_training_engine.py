@@ -165,16 +165,77 @@ class NaNAt:
         return out * float("nan") if self.calls >= self.call else out
 
 
-def test_the_nan_guard_stops_and_keeps_the_last_good_state(tmp_path, ldm_model, data):
-    reference = new_network(tmp_path / "ref")
-    train(reference, LdmBackend(ldm_model), config(tmp_path / "ref", data, steps=2), progress_bar=False)
+def trained(tmp_path, model, data, steps, **changes):
+    """What a run that does not diverge holds after ``steps`` steps."""
+    network = new_network(tmp_path / "reference")
+    train(network, LdmBackend(model), config(tmp_path / "reference", data, steps=steps, **changes), progress_bar=False)
+    return network
+
+
+def assert_same_weights(a, b):
+    for key, value in weights(a).items():
+        assert torch.equal(value, weights(b)[key]), key
+
+
+def test_the_nan_guard_keeps_the_last_weights_with_a_normal_loss(tmp_path, ldm_model, data):
+    """The third loss (of the weights after step 2) is NaN: those weights are suspect, step 1's are kept."""
     network = new_network(tmp_path)
     result = train(network, NaNAt(LdmBackend(ldm_model), 3), config(tmp_path, data, steps=5), progress_bar=False)
-    assert result.stopped == "non-finite" and result.step == 2
-    assert "non-finite" in result.message or "nan" in result.message
+    assert result.stopped == "non-finite" and result.step == 1
+    assert "the loss became nan at step 3" in result.message and "weights of step 1" in result.message
+    assert_same_weights(trained(tmp_path, ldm_model, data, 1), hx.load(result.path))
+
+
+class SpikeAt(NaNAt):
+    """Predictions 1,000 times too large from a given call on: a loss jump without NaN."""
+
+    def predict(self, noisy, timesteps, cond):
+        self.calls += 1
+        out = self.backend.predict(noisy, timesteps, cond)
+        return out * 1000.0 if self.calls >= self.call else out
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_a_loss_far_above_its_recent_level_stops_on_the_weights_from_before(tmp_path, ldm_model, data, ema_decay):
+    network = new_network(tmp_path)
+    backend = SpikeAt(LdmBackend(ldm_model), 6)
+    result = train(network, backend, config(tmp_path, data, steps=8, ema_decay=ema_decay), progress_bar=False)
+    assert result.stopped == "diverged" and result.step == 4
+    assert "the loss jumped to" in result.message and "at step 6" in result.message
+    assert_same_weights(trained(tmp_path, ldm_model, data, 4, ema_decay=ema_decay), network)
     saved = hx.load(result.path)
-    for key, value in weights(reference).items():
-        assert torch.equal(value, weights(saved)[key]), key
+    assert saved.step == 4 and result.path.endswith("style-4.pt")
+
+
+def largest(network) -> float:
+    return max(value.abs().max().item() for value in weights(network).values())
+
+
+def test_learn_rate_1e6_stops_at_the_first_step_and_saves_nothing(tmp_path, ldm_model, data):
+    """It used to save weights of 1e10 (the step moved them by 1e6, the next loss was NaN)."""
+    network = new_network(tmp_path)
+    source = weights(network)
+    messages = []
+    callbacks = TrainingCallbacks(on_message=messages.append)
+    result = train(
+        network, LdmBackend(ldm_model), config(tmp_path, data, learn_rate="1e6"), callbacks, progress_bar=False
+    )
+    assert result.stopped == "diverged" and result.step == 0 and result.path is None
+    assert all(torch.equal(value, weights(network)[key]) for key, value in source.items())
+    assert "the learn rate is far too high" in messages[-1] and "the weights it started from are kept" in messages[-1]
+    assert sorted(os.listdir(tmp_path)) == ["logs", "style.pt"]
+
+
+def test_learn_rate_jumping_to_1e6_keeps_the_weights_from_before(tmp_path, ldm_model, data):
+    network = new_network(tmp_path)
+    source = largest(network)
+    result = train(
+        network, LdmBackend(ldm_model), config(tmp_path, data, learn_rate="0.001:2, 1e6"), progress_bar=False
+    )
+    assert result.stopped == "diverged" and result.step == 2
+    saved = hx.load(result.path)
+    assert largest(saved) < 10 * source  # was 1e10
+    assert_same_weights(trained(tmp_path, ldm_model, data, 2), saved)
 
 
 def host_state(model):

@@ -134,8 +134,20 @@ def test_the_same_row_layout_is_the_same_tensor():
     caches (row flags, active stages) hit instead of being rebuilt at every layer."""
     from hypernetwork_ext.hosts.forge import uncond_rows
 
-    first = uncond_rows({"cond_or_uncond": [1, 0]}, 4)
-    assert first is uncond_rows({"cond_or_uncond": [1, 0]}, 4)
+    with torch.inference_mode():  # where Forge samples
+        first = uncond_rows({"cond_or_uncond": [1, 0]}, 4)
+    assert first is uncond_rows({"cond_or_uncond": [1, 0]}, 4) and not first.is_inference()
     assert first.tolist() == [True, True, False, False]
     assert uncond_rows({"cond_or_uncond": [0, 1]}, 4).tolist() == [False, False, True, True]
     assert uncond_rows({"cond_or_uncond": [0, 1]}, 3) is None and uncond_rows({}, 4) is None
+
+
+def test_next_generation_with_the_same_networks_keeps_what_was_computed(forge, inputs):
+    """The rewritten text contexts (and copies, composed matrices) of one generation serve the
+    next one with the same networks; other networks start afresh."""
+    results = [generate(forge, p_for(forge, "<hypernet:anime:0.8>"), inputs, forge.runner.run)[0] for _ in range(2)]
+    stats = forge.extension.applier.rewriter.stats
+    assert torch.equal(results[0], results[1])
+    assert stats["context_computed"] == 2 and stats["context_hits"] > 0  # key and value context, once
+    generate(forge, p_for(forge, "<hypernet:anime:0.5>"), inputs, forge.runner.run)
+    assert stats["context_computed"] == 4

@@ -76,7 +76,18 @@ def sample(host, p, inputs: SamplingInputs, steps: int, run_unet, *, batch_cond_
 
 
 def generate(host, p, inputs: SamplingInputs, run_unet, *, hires_inputs: SamplingInputs | None = None, **kwargs):
-    """One generation as the host runs it; returns the latents of the first pass (and hires pass)."""
+    """One generation as the host runs it; returns the latents of the first pass (and hires pass).
+
+    Forge and reForge run all of it, from activating extra networks to the last step, inside
+    ``torch.inference_mode()`` (``processing.process_images_inner``); A1111 under ``no_grad``.
+    """
+    mode = torch.inference_mode() if host.forge else torch.no_grad()
+    with mode:
+        results = _generate(host, p, inputs, run_unet, hires_inputs, **kwargs)
+    return [result.clone() for result in results]  # usable outside, as the host's decoded images are
+
+
+def _generate(host, p, inputs, run_unet, hires_inputs, **kwargs):
     e = host.extra_networks
     p.scripts = host
     p.all_prompts = [p.prompt] * p.batch_size

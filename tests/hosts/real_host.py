@@ -1,0 +1,265 @@
+"""A real WebUI (A1111 1.10.1, Forge, reForge) started from its own folder, with this extension installed
+the way users install it, and driven over its HTTP API.
+
+The suite is told where the host is by three environment variables (see ``HostConfig.from_env``):
+the folder, the URL it serves on, and the command that starts it from that folder (its launcher, so
+that the launcher runs the extension's ``install.py`` as it does for users). Nothing of the host is
+part of this repository.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+EXTENSION_FOLDER = "sd-webui-hypernetworks"
+SUITE_MARKER = "hnx-host-suite"  # in the clone's .git: the suite may replace a clone it made itself
+ENV_DIR, ENV_URL, ENV_LAUNCH = "HNX_HOST_DIR", "HNX_HOST_URL", "HNX_HOST_LAUNCH"
+ENV_ARTIFACTS = "HNX_HOST_ARTIFACTS"
+START_TIMEOUT = float(os.environ.get("HNX_HOST_START_TIMEOUT", "1200"))
+REQUEST_TIMEOUT = 1800
+STARTED = "Startup time:"  # what A1111, Forge and reForge log once their UI and API are ready
+USAGE = (
+    "the real-host suite needs a WebUI to start: set HNX_HOST_DIR (its folder), HNX_HOST_URL (e.g. "
+    "http://127.0.0.1:7860) and HNX_HOST_LAUNCH (the command that starts it from its folder with --api, e.g. "
+    "'venv/bin/python launch.py --api --port 7860 ...'); see docs/testing.md"
+)
+
+
+def host_kind(folder: Path) -> str:
+    """``a1111``, ``forge`` or ``reforge``, from the host's own files."""
+    if (folder / "backend" / "patcher" / "unet.py").is_file():
+        return "forge"
+    if (folder / "ldm_patched").is_dir() or (folder / "modules_forge" / "unet_patcher.py").is_file():
+        return "reforge"
+    if (folder / "modules" / "launch_utils.py").is_file():
+        return "a1111"
+    raise ValueError(f"{folder} is not an A1111, Forge or reForge folder")
+
+
+@dataclass
+class HostConfig:
+    folder: Path
+    url: str
+    launch: str
+    artifacts: Path
+    kind: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kind = host_kind(self.folder)
+        self.artifacts = self.artifacts / self.kind
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_env(cls) -> HostConfig | None:
+        values = [os.environ.get(name, "").strip() for name in (ENV_DIR, ENV_URL, ENV_LAUNCH)]
+        if not all(values):
+            return None
+        artifacts = Path(os.environ.get(ENV_ARTIFACTS) or ROOT / "out" / "hosts")
+        return cls(Path(values[0]).resolve(), values[1].rstrip("/"), values[2], artifacts)
+
+    @property
+    def extension_dir(self) -> Path:
+        return self.folder / "extensions" / EXTENSION_FOLDER
+
+    @property
+    def hypernetwork_dir(self) -> Path:
+        return self.folder / "models" / "hypernetworks"
+
+
+# -- installing the extension ---------------------------------------------------------------------------
+def install_extension(config: HostConfig) -> str:
+    """``git clone`` this repository into the host's extensions folder (its committed HEAD), as
+    *Extensions → Install from URL* does; returns the commit. Refuses to replace a folder of that
+    name that this suite did not clone."""
+    target = config.extension_dir
+    if target.exists():
+        if not (target / ".git" / SUITE_MARKER).exists():
+            raise RuntimeError(f"{target} exists and was not made by this suite; move it away first")
+        remove_extension(config)
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
+    (target / ".git" / SUITE_MARKER).write_text("cloned by tests/hosts\n")
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=target, check=True, capture_output=True, text=True).stdout
+
+
+def remove_extension(config: HostConfig) -> None:
+    import shutil
+
+    target = config.extension_dir
+    if target.exists() and (target / ".git" / SUITE_MARKER).exists():
+        shutil.rmtree(target)
+
+
+# -- the server -------------------------------------------------------------------------------------------
+class HttpError(RuntimeError):
+    def __init__(self, method: str, path: str, status: int, body: str):
+        super().__init__(f"{method} {path}: HTTP {status}: {body[:2000]}")
+        self.status = status
+        self.body = body
+
+
+class Server:
+    """One run of the host: started by its launcher, logged to a file, stopped with its process group."""
+
+    def __init__(self, config: HostConfig, name: str):
+        self.config = config
+        self.log_path = config.artifacts / f"{name}.log"
+        self.process: subprocess.Popen | None = None
+        self.started_in: float | None = None
+
+    # -- lifecycle
+    def start(self, extra_args: str = "") -> Server:
+        if self._answers():
+            raise RuntimeError(f"something already answers at {self.config.url}; stop it first")
+        env = {**os.environ, "HNX_INSTALL_VERBOSE": "1"}
+        log = open(self.log_path, "w")  # noqa: SIM115 (kept open for the server's life)
+        command = f"{self.config.launch} {extra_args}".strip()
+        log.write(f"$ {command}\n")
+        log.flush()
+        started = time.monotonic()
+        self.process = subprocess.Popen(
+            command, shell=True, cwd=self.config.folder, stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        # No request before the host logs "Startup time": A1111 adds its API middleware after gradio
+        # starts serving, and a request in between makes that fail ("Cannot add middleware after an
+        # application has started"); and a generation sent before it runs the always-on scripts
+        # without their arguments.
+        while not (STARTED in self.log() and self._answers()):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the host exited with {self.process.returncode}; see {self.log_path}")
+            if time.monotonic() - started > START_TIMEOUT:
+                self.stop()
+                raise RuntimeError(f"the host was not ready within {START_TIMEOUT:.0f} s; see {self.log_path}")
+            time.sleep(1)
+        self.started_in = time.monotonic() - started
+        return self
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _answers(self) -> bool:
+        try:
+            self.get("/sdapi/v1/sd-models", timeout=5)
+            return True
+        except (OSError, HttpError):
+            return False
+
+    # -- HTTP
+    def request(self, method: str, path: str, body=None, *, timeout: float = REQUEST_TIMEOUT, raw: bool = False):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.config.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            raise HttpError(method, path, exc.code, exc.read().decode(errors="replace")) from None
+        if raw:
+            return payload
+        return json.loads(payload or b"null")
+
+    def get(self, path: str, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, body=None, **kwargs):
+        return self.request("POST", path, {} if body is None else body, **kwargs)
+
+    # -- what the host serves
+    def txt2img(self, prompt: str, **settings) -> Rendered:
+        payload = {**DEFAULT_SETTINGS, "prompt": prompt, **settings}
+        started = time.monotonic()
+        result = self.post("/sdapi/v1/txt2img", payload)
+        seconds = time.monotonic() - started
+        info = json.loads(result.get("info") or "{}")
+        images = [decode_image(image) for image in result["images"]]
+        return Rendered(images[0], info.get("infotexts", [""])[0], seconds, payload)
+
+    def checkpoint(self) -> str:
+        return self.get("/sdapi/v1/options").get("sd_model_checkpoint") or ""
+
+    def checkpoints(self) -> list[dict]:
+        return self.get("/sdapi/v1/sd-models")
+
+    def switch_checkpoint(self, title: str) -> None:
+        self.post("/sdapi/v1/options", {"sd_model_checkpoint": title})
+
+
+# Small and quick on a CPU: 64x64 is the smallest size the hosts accept; Euler is deterministic.
+DEFAULT_SETTINGS = {
+    "negative_prompt": "",
+    "seed": 1234,
+    "width": 64,
+    "height": 64,
+    "steps": 4,
+    "sampler_name": "Euler",
+    "cfg_scale": 7,
+    "batch_size": 1,
+    "n_iter": 1,
+    "send_images": True,
+    "save_images": False,
+}
+
+
+@dataclass
+class Rendered:
+    image: Image.Image
+    infotext: str
+    seconds: float
+    payload: dict
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return np.asarray(self.image.convert("RGB"), dtype=np.int16)
+
+
+def decode_image(data: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1])))
+    image.load()
+    return image
+
+
+def max_difference(a: Rendered | np.ndarray, b: Rendered | np.ndarray) -> int:
+    """The largest per-channel difference, in 1/255 steps."""
+    a = a.pixels if isinstance(a, Rendered) else a
+    b = b.pixels if isinstance(b, Rendered) else b
+    return int(np.abs(a - b).max())
+
+
+def mean_difference(a: Rendered, b: Rendered) -> float:
+    return float(np.abs(a.pixels - b.pixels).mean())
+
+
+# -- the server log ----------------------------------------------------------------------------------------
+TRACEBACK = re.compile(r"Traceback \(most recent call last\):\n(?:[ \t].*\n|\n)*?\S.*", re.M)
+OURS = ("hypernetwork_ext", EXTENSION_FOLDER)
+
+
+def extension_tracebacks(log: str) -> list[str]:
+    """Tracebacks in the host's log that pass through this extension's code."""
+    return [match for match in TRACEBACK.findall(log) if any(name in match for name in OURS)]

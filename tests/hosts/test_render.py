@@ -1,0 +1,119 @@
+"""Tags render exactly in the real host, and every named argument acts there."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.hosts import suite_files as files
+from tests.hosts.real_host import max_difference, mean_difference
+
+TOLERANCE = 2  # in 1/255: CPU float32 kernels in another order, PNG rounding
+VISIBLE = 1.0  # mean difference in 1/255 below which a network would prove nothing
+
+
+def reference_for(suite, case: str, prompt: str):
+    from tests.hosts.conftest import _settings
+
+    found = suite.references.get(case, prompt, _settings())
+    if found is None:
+        pytest.skip(
+            f"no built-in reference for {case!r} on this checkpoint: run the suite against A1111 1.10.1 with the "
+            f"same checkpoint first (references are kept in {suite.references.folder})"
+        )
+    return found
+
+
+@pytest.mark.parametrize(("case", "prompt"), files.RENDER_CASES, ids=[case for case, _ in files.RENDER_CASES])
+def test_tag_renders_as_a1111s_builtin_hypernetworks(suite, case, prompt):
+    """A1111: its own hypernetworks, same checkpoint and seed. Forge and reForge: the same A1111 images,
+    once their own no-tag image is shown to equal A1111's."""
+    if suite.kind != "a1111":
+        plain_reference = reference_for(suite, "no-tag", files.NO_TAG)
+        assert max_difference(suite.before_tags, plain_reference) <= TOLERANCE, "this host's no-tag image differs"
+    expected = reference_for(suite, case, prompt)
+    rendered = suite.server.txt2img(prompt)
+    suite.save(f"tag-{case}", rendered)
+    assert mean_difference(rendered, suite.before_tags) > VISIBLE, "the network has no visible effect"
+    assert max_difference(rendered, expected) <= TOLERANCE
+
+
+def test_zero_multiplier_equals_no_tag(suite):
+    rendered = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0>")
+    assert max_difference(rendered, suite.before_tags) == 0
+
+
+# Each argument against the same tag without it: it must change the image (and not to "no network").
+ARGUMENTS = {
+    "k": "k=0",
+    "v": "v=0",
+    "self": "self=0",
+    "cross": "cross=0",
+    "block-weight": "OUT05=0",
+    "start": "start=0.25",  # at 4 steps: from the second step on (the last steps barely change an image)
+    "stop": "stop=0.25",  # the first step only
+    "neg-off": "neg=off",
+}
+
+
+@pytest.mark.parametrize("argument", list(ARGUMENTS), ids=list(ARGUMENTS))
+def test_each_named_argument_changes_the_image(suite, argument):
+    base = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0.8>")
+    changed = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0.8:{ARGUMENTS[argument]}>")
+    suite.save(f"argument-{argument}", changed)
+    assert max_difference(changed, base) > TOLERANCE, f"{ARGUMENTS[argument]} changed nothing"
+    assert max_difference(changed, suite.before_tags) > TOLERANCE, f"{ARGUMENTS[argument]} turned the network off"
+
+
+def test_linear_network_equals_the_checkpoint_it_is_baked_into(suite):
+    """A reference computed by the host's own code alone: an affine network folded into a copy of the
+    checkpoint's projections (``bake``) must render, without a tag, what the tag renders."""
+    tagged = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-linear:1.2>")
+    baked_path = suite.checkpoint.path.with_name("hnx-suite-baked-linear.safetensors")
+    baked_path.unlink(missing_ok=True)
+    bake_in_float32(
+        suite.checkpoint.path, suite.config.hypernetwork_dir / files.SUITE_FOLDER / "hnx-linear.pt", baked_path
+    )
+    try:
+        suite.server.post("/sdapi/v1/refresh-checkpoints")
+        original = files.loaded_title(suite.server, suite.checkpoint)
+        baked_title = next(m["title"] for m in suite.server.checkpoints() if m["model_name"] == baked_path.stem)
+        suite.server.switch_checkpoint(baked_title)
+        try:
+            baked = suite.server.txt2img(files.NO_TAG)
+        finally:
+            suite.server.switch_checkpoint(original)
+    finally:
+        baked_path.unlink(missing_ok=True)
+        suite.server.post("/sdapi/v1/refresh-checkpoints")
+    suite.save("baked-linear", baked)
+    assert mean_difference(tagged, suite.before_tags) > VISIBLE
+    assert max_difference(baked, tagged) <= TOLERANCE
+
+
+def bake_in_float32(checkpoint, network_path, destination) -> None:
+    """``bake`` with the changed projections kept in float32: the host computes in float32
+    (--no-half), and rounding the folded weights to the file's float16 would differ by itself."""
+    import hypernetwork_ext as hx
+    from hypernetwork_ext.ops.bake import bake
+    from hypernetwork_ext.ops.checkpoints import read_unet, write_unet
+
+    weights = read_unet(checkpoint)
+    for key, value in weights.tensors.items():
+        if ".attn" in key and value.is_floating_point():
+            weights.tensors[key] = value.float()
+    changed, _ = bake(weights, [(hx.load(network_path), 1.2)])
+    write_unet(weights, changed, destination, {"hnx-suite": "baked hnx-linear at 1.2"})
+
+
+@pytest.mark.parametrize(("case", "prompt"), files.LORA_CASES, ids=[case for case, _ in files.LORA_CASES])
+def test_the_hosts_lora_on_the_same_layers_together_with_a_hypernetwork(suite, case, prompt):
+    """The host's built-in Lora changes to_q/to_k/to_v weights, hypernetworks their inputs: both act."""
+    expected = reference_for(suite, case, prompt)
+    rendered = suite.server.txt2img(prompt)
+    suite.save(case, rendered)
+    assert max_difference(rendered, expected) <= TOLERANCE
+    if case == "lora-with-hypernetwork":
+        lora_alone = suite.server.txt2img(dict(files.LORA_CASES)["lora-alone"])
+        assert (
+            mean_difference(rendered, lora_alone) > VISIBLE and mean_difference(lora_alone, suite.before_tags) > VISIBLE
+        )

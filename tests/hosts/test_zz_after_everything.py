@@ -1,0 +1,21 @@
+"""Runs last (by name): after every generation with tags, the host is as it was, and its log is clean."""
+
+from __future__ import annotations
+
+from tests.hosts import suite_files as files
+from tests.hosts.real_host import extension_tracebacks, max_difference
+
+
+def test_no_tag_image_is_unchanged_after_all_tags(suite):
+    rendered = suite.server.txt2img(files.NO_TAG)
+    suite.save("no-tag-after-everything", rendered)
+    assert max_difference(rendered, suite.before_tags) == 0
+
+
+def test_the_launcher_ran_install_py(suite):
+    assert "[Hypernetworks] install.py:" in suite.server.log()
+
+
+def test_no_traceback_from_the_extension_in_the_server_log(suite):
+    tracebacks = extension_tracebacks(suite.server.log())
+    assert not tracebacks, "\n\n".join(tracebacks[:3])
