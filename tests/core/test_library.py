@@ -108,11 +108,12 @@ def test_distinct_names_tell_every_file_apart(library, folder):
 def test_unknown_names_name_the_folders_searched_missing_ones_too(folder, tmp_path):
     missing = tmp_path / "models" / "hypernetworks"
     library = Library([str(missing), str(folder)])
-    message = str(pytest.raises(UnknownNetworkError, library.resolve, "nosuch").value)
-    assert f"in {folder} ({missing} does not exist)" in message
-    nothing = Library([str(missing)])
-    message = str(pytest.raises(UnknownNetworkError, nothing.resolve, "demo").value)
-    assert f"no hypernetwork named 'demo' (searched nothing: {missing} does not exist)" == message
+    with pytest.raises(UnknownNetworkError) as caught:
+        library.resolve("nosuch")
+    assert f"in {folder} ({missing} does not exist)" in str(caught.value)
+    with pytest.raises(UnknownNetworkError) as caught:
+        Library([str(missing)]).resolve("demo")
+    assert str(caught.value) == f"no hypernetwork named 'demo' (searched nothing: {missing} does not exist)"
 
 
 @pytest.mark.parametrize(
