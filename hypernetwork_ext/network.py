@@ -230,6 +230,8 @@ def _initialise(module: HypernetworkModule, arch: Architecture, generator: torch
     gain = nn.init.calculate_gain("leaky_relu" if arch.activation_func == "leakyrelu" else "relu", 0)
     with torch.no_grad():
         for layer in module.linear:
+            if isinstance(layer, nn.PReLU):  # the one activation with a weight: torch's own start value
+                layer.weight.fill_(layer.init)
             if type(layer) not in (nn.Linear, nn.LayerNorm):
                 continue
             scheme = "Normal" if type(layer) is nn.LayerNorm else arch.weight_initialization
@@ -391,6 +393,38 @@ def _trained_on(info: NetworkInfo) -> str:
     return info.sd_checkpoint_name or info.sd_checkpoint or "unknown"
 
 
+def new_architecture(
+    layer_structure: Sequence[float] = (1, 2, 1),
+    activation: str | None = NO_ACTIVATION,
+    weight_init: str = "Normal",
+    *,
+    layer_norm: bool = False,
+    dropout_structure: Sequence[float] | None = None,
+    use_dropout: bool = False,
+    last_layer_dropout: bool = False,
+    activate_output: bool = False,
+) -> Architecture:
+    """The checked architecture of a new network (what :func:`create` builds; no widths needed yet)."""
+    structure = tuple(layer_structure)
+    if dropout_structure is None:
+        dropout = tuple(parse_dropout_structure(structure, use_dropout, last_layer_dropout))
+    else:
+        dropout = tuple(dropout_structure)
+        use_dropout = any(p > 0 for p in dropout)
+    arch = Architecture(
+        layer_structure=structure,
+        activation_func=activation,
+        is_layer_norm=bool(layer_norm),
+        dropout_structure=dropout,
+        activate_output=bool(activate_output),
+        weight_initialization=weight_init,
+        use_dropout=bool(use_dropout),
+        last_layer_dropout=len(dropout) >= 2 and dropout[-2] != 0,
+    )
+    arch.check(strict=True)
+    return arch
+
+
 def create(
     widths: Iterable[int] = DEFAULT_WIDTHS,
     layer_structure: Sequence[float] = (1, 2, 1),
@@ -411,25 +445,18 @@ def create(
     ``dropout_structure`` gives one probability per layer-structure entry; without it,
     ``use_dropout``/``last_layer_dropout`` derive one the legacy way.
     """
-    structure = tuple(layer_structure)
-    if dropout_structure is None:
-        dropout = tuple(parse_dropout_structure(structure, use_dropout, last_layer_dropout))
-    else:
-        dropout = tuple(dropout_structure)
-        use_dropout = any(p > 0 for p in dropout)
     if model_family is not None and model_family not in FAMILIES:
         raise InvalidConfigError(f"model family {model_family!r} is not one of {', '.join(FAMILIES)}")
-    arch = Architecture(
-        layer_structure=structure,
-        activation_func=activation,
-        is_layer_norm=bool(layer_norm),
-        dropout_structure=dropout,
-        activate_output=bool(activate_output),
-        weight_initialization=weight_init,
-        use_dropout=bool(use_dropout),
-        last_layer_dropout=len(dropout) >= 2 and dropout[-2] != 0,
+    arch = new_architecture(
+        layer_structure,
+        activation,
+        weight_init,
+        layer_norm=layer_norm,
+        dropout_structure=dropout_structure,
+        use_dropout=use_dropout,
+        last_layer_dropout=last_layer_dropout,
+        activate_output=activate_output,
     )
-    arch.check(strict=True)
     widths = list(widths)
     if not widths:
         raise InvalidConfigError("a hypernetwork needs at least one width")

@@ -139,6 +139,15 @@ def test_normal_init_and_layer_norm_quirk():
     assert torch.count_nonzero(linear.bias) == 0
 
 
+def test_prelu_starts_from_torchs_value_not_from_uninitialised_memory():
+    torch.empty(1 << 16).fill_(float("nan"))  # freed memory full of NaN, as a previous allocation may leave it
+    net = hx.create([12, 8], (1, 2, 1), "prelu", seed=3)
+    slopes = [
+        layer.weight for pair in net.layers.values() for m in pair for layer in m.linear if hasattr(layer, "init")
+    ]
+    assert len(slopes) == 2 * 2 and all(torch.equal(w, torch.full_like(w, 0.25)) for w in slopes)
+
+
 @pytest.mark.parametrize(
     "scheme,expected_std",
     [("Normal", 0.01), ("XavierNormal", (2 / (384 + 768)) ** 0.5), ("KaimingNormal", (2 / 384) ** 0.5)],
