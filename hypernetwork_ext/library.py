@@ -568,8 +568,13 @@ def _pick(matches: list[NetworkEntry], text: str, how: str) -> Resolution:
     ordered = sorted(matches, key=lambda e: (e.relpath.count("/"), e.relpath.lower(), e.suffix))
     note = None
     if len(ordered) > 1:
-        choices = " or ".join(distinct_names(ordered))
-        note = f"{text!r} matches {_listing(ordered)}; used {ordered[0].relpath}{ordered[0].suffix} (write {choices} to choose)"
+        names = distinct_names(ordered)
+        if len(names) == len(ordered):
+            how_to_choose = f"write {' or '.join(names)} to choose"
+        else:  # the same sub/name.suffix in several folders: no name tells them apart
+            how_to_choose = "the first folder's file wins; rename one to choose"
+        labels = _labels(ordered)
+        note = f"{text!r} matches {', '.join(labels)}; used {labels[0]} ({how_to_choose})"
     return Resolution(ordered[0], how, note)
 
 
@@ -592,7 +597,13 @@ def distinct_names(entries: Sequence[NetworkEntry]) -> dict[str, NetworkEntry]:
 
 
 def _listing(entries: Sequence[NetworkEntry]) -> str:
-    return ", ".join(f"{e.relpath}{e.suffix}" for e in entries)
+    return ", ".join(_labels(entries))
+
+
+def _labels(entries: Sequence[NetworkEntry]) -> list[str]:
+    """Files as users see them (sub/name.suffix), or their full paths when folders share one."""
+    labels = [f"{e.relpath}{e.suffix}" for e in entries]
+    return labels if len(set(labels)) == len(labels) else [e.path for e in entries]
 
 
 def _clean_metadata_value(key: str, value: object, entry: NetworkEntry) -> object:

@@ -95,6 +95,18 @@ def test_one_name_in_two_formats_gets_a_note_that_can_be_followed(tmp_path):
         assert entry.name + entry.suffix == offered and library.resolve(offered).note is None
 
 
+def test_one_name_in_two_folders_gets_a_note_that_says_which_wins(tmp_path):
+    first, second = tmp_path / "models", tmp_path / "demo"
+    hx.save(small(seed=1), first / "ink.safetensors")
+    hx.save(small(seed=2), second / "ink.safetensors")
+    resolution = Library([str(first), str(second)]).resolve("ink.safetensors")
+    assert resolution.entry.root == str(first)
+    assert resolution.note == (
+        f"'ink.safetensors' matches {first / 'ink.safetensors'}, {second / 'ink.safetensors'}; "
+        f"used {first / 'ink.safetensors'} (the first folder's file wins; rename one to choose)"
+    )
+
+
 def test_distinct_names_tell_every_file_apart(library, folder):
     names = distinct_names(library.entries)
     assert sorted(names) == ["Ink", "Watercolor", "anime", "ink", "styles/deep/anime"]
