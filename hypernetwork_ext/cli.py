@@ -50,6 +50,17 @@ EXAMPLES = {
 DEFAULT_NETWORK_DIR = os.path.join("models", "hypernetworks")
 DEMO_OUTPUT = "hypernetwork-demo"
 DEMO_NETWORKS = os.path.join(DEMO_OUTPUT, "latest", "networks")  # the newest demo run's networks
+STEP_LIMIT = "HYPERNETWORK_STEP_LIMIT"  # caps every step count: commands run as written, only shorter
+
+
+def _limited_steps(steps: int) -> int:
+    text = os.environ.get(STEP_LIMIT, "").strip()
+    if not text:
+        return steps
+    try:
+        return min(steps, _positive(text))
+    except argparse.ArgumentTypeError as exc:
+        raise InvalidConfigError(f"{STEP_LIMIT}={text!r}: {exc}") from None
 
 
 # -- option values, checked by argparse: a bad one stops with the command's usage before any work --
@@ -359,7 +370,7 @@ def _generate(args) -> int:
     from .workflows import generate_with_tags, multiplier_grid, save_png
 
     settings = GenerationSettings(
-        args.prompt, args.negative, args.steps, args.cfg, args.width, args.height, args.seed, args.batch
+        args.prompt, args.negative, _limited_steps(args.steps), args.cfg, args.width, args.height, args.seed, args.batch
     )
     settings.check()
     targets = [args.output] if args.grid else _image_paths(args.output, args.batch)
@@ -373,7 +384,9 @@ def _generate(args) -> int:
         problems = sorted({p for o in outputs for p in o.problems})
         notes = sorted({n for o in outputs for n in o.notes})
     else:
-        output = generate_with_tags(source, library, settings, force_mismatch=args.force, on_step=_step_printer(args))
+        output = generate_with_tags(
+            source, library, settings, force_mismatch=args.force, on_step=_step_printer(args, settings.steps)
+        )
         written = _write_images(output.images, targets, output.infotext, args.overwrite)
         problems, notes = output.problems, output.notes
     for note in notes:
@@ -386,14 +399,14 @@ def _generate(args) -> int:
     return EXIT_PARTIAL if problems else EXIT_OK
 
 
-def _step_printer(args):
+def _step_printer(args, steps: int):
     if args.quiet:
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    bar = tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr)
+    bar = tqdm(total=steps, desc="sampling", unit="step", file=sys.stderr)
 
     def report(done: int, total: int) -> None:
         bar.update(done - bar.n)
@@ -462,7 +475,7 @@ def _training_config(args, name: str):
         config = load_preset(args.preset, base=config)
     given = {item.name: getattr(args, f"cfg_{item.name}") for item in _training_options()}
     config = config.replace(**{k: v for k, v in given.items() if v is not None})
-    return config.check()
+    return config.replace(steps=_limited_steps(config.steps)).check()
 
 
 def _creation_options(args) -> dict:
@@ -567,8 +580,9 @@ def _setup_processes(args) -> str:
 def _demo(args) -> int:
     from .workflows import run_demo
 
+    steps = _limited_steps(args.steps)
     source = _load_source(args)
-    result = run_demo(args.output, source, steps=args.steps, seed=args.seed, log=lambda text: print(text, flush=True))
+    result = run_demo(args.output, source, steps=steps, seed=args.seed, log=lambda text: print(text, flush=True))
     latest = _link_latest(args.output, result.folder)
     summary = result.summary
     print()
@@ -743,6 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive, default=120)
     demo.add_argument("--seed", type=int, default=0)
     _add_model_options(demo)
+
+    _subparser(commands, "app", "the local web app: generate, train and browse networks (options: app --help)", None)
     return parser
 
 
@@ -755,6 +771,11 @@ def _explained(exc: HypernetworkError, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["app"]:  # the app has its own options (hypernetwork_ext.app)
+        from .app import main as app_main
+
+        return app_main(argv[1:])
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # argparse would answer with the top-level usage; the command's own is the useful one
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")

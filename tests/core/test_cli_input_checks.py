@@ -132,3 +132,19 @@ def test_a_create_and_train_that_fails_before_training_takes_back_what_it_wrote(
     code = main([*argv, "--steps", "2", "--training-width", "64", "--training-height", "64", "--quiet"])
     assert code == 2 and "no images found in the dataset folder" in capsys.readouterr().err
     assert not (workdir / "nets" / "n.safetensors").exists() and not (workdir / "p.json").exists()
+
+
+def test_the_step_limit_shortens_every_step_count_and_is_checked(monkeypatch):
+    monkeypatch.setenv(cli.STEP_LIMIT, "2")
+    assert cli._limited_steps(40) == 2 and cli._limited_steps(1) == 1
+    args = cli.build_parser().parse_args(["train", "--create", "n", "--data-root", "d", "--steps", "2000"])
+    assert cli._training_config(args, "n").steps == 2
+    monkeypatch.setenv(cli.STEP_LIMIT, "-1")
+    with pytest.raises(cli.InvalidConfigError, match="HYPERNETWORK_STEP_LIMIT='-1': must be at least 1"):
+        cli._limited_steps(40)
+
+
+def test_app_is_a_command_with_the_apps_own_options(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["app", "--help"])
+    assert exited.value.code == 0 and "--hypernetwork-dir" in capsys.readouterr().out
