@@ -201,3 +201,11 @@ def test_the_hypernetwork_script_runs_from_any_folder_and_through_a_link(tmp_pat
     for script in (ROOT / "hypernetwork", tmp_path / "bin" / "hypernetwork"):
         done = subprocess.run([str(script), "inspect", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout.startswith("usage: hypernetwork inspect"), done.stderr
+
+
+@pytest.mark.parametrize("language,code", [("sh", "true\nexit 3\n"), ("python", "raise SystemExit(3)\n")])
+def test_a_broken_example_fails_with_its_page_and_line(language, code, tmp_path):
+    (tmp_path / ".venvs").symlink_to((ROOT / ".venvs").resolve(), target_is_directory=True)
+    example = Example(ROOT / "docs" / "cli.md", 7, language, [], code)
+    with pytest.raises(AssertionError, match=f"docs/cli.md:7 \\({language}\\) exited with 3"):
+        _assert_ran(example, _run(example, Checkout(tmp_path, dict(os.environ))))
