@@ -381,22 +381,33 @@ def _generate(args) -> int:
     if args.grid:
         picture, outputs = multiplier_grid(source, library, [args.prompt], args.grid, settings)
         written = [save_png(picture, args.output, outputs[-1].infotext, overwrite=args.overwrite)]
-        problems = sorted({p for o in outputs for p in o.problems})
-        notes = sorted({n for o in outputs for n in o.notes})
+        problems = [p for o in outputs for p in o.problems]
+        notes = [n for o in outputs for n in o.notes]
     else:
         output = generate_with_tags(
             source, library, settings, force_mismatch=args.force, on_step=_step_printer(args, settings.steps)
         )
         written = _write_images(output.images, targets, output.infotext, args.overwrite)
         problems, notes = output.problems, output.notes
-    for note in notes:
+    for note in _once_per_tag(notes):
         print(f"note: {note}", file=sys.stderr)
-    for problem in problems:
-        if problem not in reported:
-            print(f"warning: {problem}", file=sys.stderr)
+    for problem in _once_per_tag(problems, already=reported):
+        print(f"warning: {problem}", file=sys.stderr)
     for path in written:
         print(f"wrote {path}")
     return EXIT_PARTIAL if problems else EXIT_OK
+
+
+def _once_per_tag(messages: list[str], already: list[str] = ()) -> list[str]:
+    """Each message once, though a grid repeats it for every multiplier (``<hypernet:x:-1>: ...``,
+    ``<hypernet:x:0>: ...``), and not again when it was reported before sampling."""
+    seen = {message.partition(": ")[2] for message in already}
+    kept = []
+    for message in messages:
+        if message.partition(": ")[2] not in seen:
+            seen.add(message.partition(": ")[2])
+            kept.append(message)
+    return kept
 
 
 def _step_printer(args, steps: int):

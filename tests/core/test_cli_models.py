@@ -84,7 +84,7 @@ def test_generate_grid(library, tmp_path, capsys):
     code = main(
         [
             "generate",
-            "a blue square <hypernet:inky>",
+            "a blue square <hypernet:inky> <hypernet:nosuch>",
             "--hypernetwork-dir",
             str(library),
             "--grid=-1,0,1",
@@ -98,8 +98,10 @@ def test_generate_grid(library, tmp_path, capsys):
             str(out),
         ]
     )
-    assert code == 0
+    assert code == 1  # a tag was skipped; the grid is still written
     assert Image.open(out).size[0] >= 3 * 64
+    err = capsys.readouterr().err
+    assert err.count("no hypernetwork named 'nosuch'") == 1  # before sampling, not again for every multiplier
 
 
 def _train_args(tmp_path, *extra):
