@@ -530,11 +530,12 @@ def _check_training_inputs(args, config, created_path: str | None) -> None:
 
 @contextlib.contextmanager
 def _removed_unless_trained(paths: list[str]):
-    """Files this run creates are taken back when the run fails before training: all or nothing."""
+    """Files this run creates are taken back when it fails before training (the engine raises only
+    then; later failures keep the steps done): all or nothing. An interruption keeps them."""
     new = [path for path in paths if path and not os.path.lexists(path)]
     try:
         yield
-    except BaseException:
+    except Exception:
         for path in new:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
