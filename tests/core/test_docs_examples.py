@@ -1,6 +1,6 @@
 """Every shell and Python example of the README and of the docs/ pages runs as written.
 
-In a copy of the checkout (what a fresh clone holds, with the shared .venvs), the README's set-up runs
+In a copy of the checkout (the files git tracks, with the shared .venvs), the README's set-up runs
 first (its `python3 tools/dev.py demo`; not `tools/dev.py test`, which runs this very test), then every
 example block of README.md and docs/*.md in page order, in the same folder, so later examples find
 what the demo and earlier ones wrote. HYPERNETWORK_STEP_LIMIT=2 caps every step count (the documented
@@ -94,10 +94,11 @@ def _environment_is_current() -> bool:
 
 
 def _copy_checkout(destination: Path) -> None:
-    """The files a clone has: tracked and new ones, not what git ignores (.venvs, outputs, caches)."""
+    """The files a clone has: those git tracks (staged ones included), as they are in the working
+    tree; not the outputs of earlier runs lying around (a grid.png would refuse the README's)."""
     try:
         listed = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            ["git", "ls-files", "-z", "--cached"],
             cwd=ROOT, capture_output=True, check=True,
         ).stdout.decode().split("\0")  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
