@@ -83,14 +83,14 @@ def infotext(settings: GenerationSettings, source: ModelSource, hashes: dict[str
     return "\n".join(lines)
 
 
-def save_png(image, path: str | os.PathLike, parameters: str) -> str:
+def save_png(image, path: str | os.PathLike, parameters: str, *, overwrite: bool = False) -> str:
     from PIL.PngImagePlugin import PngInfo
 
     from .atomic import atomic_write_with
 
     info = PngInfo()
     info.add_text("parameters", parameters)
-    atomic_write_with(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
+    atomic_write_with(path, lambda handle: image.save(handle, format="PNG", pnginfo=info), overwrite=overwrite)
     return os.fspath(path)
 
 

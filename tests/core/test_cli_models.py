@@ -84,7 +84,7 @@ def test_generate_grid(library, tmp_path, capsys):
     code = main(
         [
             "generate",
-            "a blue square <hypernet:inky>",
+            "a blue square <hypernet:inky> <hypernet:nosuch>",
             "--hypernetwork-dir",
             str(library),
             "--grid=-1,0,1",
@@ -98,8 +98,10 @@ def test_generate_grid(library, tmp_path, capsys):
             str(out),
         ]
     )
-    assert code == 0
+    assert code == 1  # a tag was skipped; the grid is still written
     assert Image.open(out).size[0] >= 3 * 64
+    err = capsys.readouterr().err
+    assert err.count("no hypernetwork named 'nosuch'") == 1  # before sampling, not again for every multiplier
 
 
 def _train_args(tmp_path, *extra):
@@ -219,11 +221,19 @@ def test_train_under_accelerate_launch(tmp_path):
     assert finished.stdout.count("wrote") == 1
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    code = main(["demo", "--output", str(tmp_path), "--steps", "6"])
+def test_demo_runs_end_to_end_and_generate_finds_its_networks(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["demo", "--steps", "6"])
     printed = capsys.readouterr().out
     assert code == 0
-    run = next(tmp_path.glob("run-*"))
+    run = next((tmp_path / "hypernetwork-demo").glob("run-*"))
+    assert (tmp_path / "hypernetwork-demo" / "latest").resolve() == run.resolve()
+    # the README's next command, verbatim but smaller: the demo's network by name, suffix included
+    small = ["--steps", "2", "--width", "64", "--height", "64", "--quiet"]
+    assert main(["generate", "a red circle <hypernet:demo-trained.safetensors:0.8>", *small, "-o", "a.png"]) == 0
+    assert main(["generate", "a red circle <hypernet:demo-trained>", *small, "-o", "b.png"]) == 0
+    note = capsys.readouterr().err
+    assert "write demo-trained.pt or demo-trained.safetensors to choose" in note and "warning" not in note
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["stopped"] == "finished"
     for name in ("multiplier-grid.png", "loss.png", "networks/demo-trained.safetensors", "networks/demo-trained.pt"):
@@ -231,4 +241,4 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert hx.load(run / "networks" / "demo-trained.pt").step == 6
     differences = summary["mean_pixel_difference_from_multiplier_0"]
     assert differences["0"] == 0 and differences["1"] > 0
-    assert "multiplier grid:" in printed and str(run) in printed
+    assert "multiplier grid:" in printed and run.name in printed
