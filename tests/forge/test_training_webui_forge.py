@@ -7,7 +7,6 @@ txt2img with the network being trained; the model is left exactly as it was."""
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -20,6 +19,7 @@ import hypernetwork_ext as hx
 from hypernetwork_ext.training import TrainingConfig, train
 from hypernetwork_ext.training.backends.forge import ForgeBackend
 from tests.core.test_training_ui_host import (  # noqa: F401  (pytest collects the imported tests)
+    handlers,
     hosted,
     test_the_train_button_runs_the_hosts_script_then_the_handler,
     test_txt2img_values_replace_the_preview_options_when_asked,
@@ -31,6 +31,7 @@ from tests.support.webui_standin import Host
 
 WIDTHS = (LDM_CONTEXT, *LDM_WIDTHS)
 TASK = "task(hnxforge1)"
+SMALL_RUN = {"learn_rate": "0.002", "training_width": 64, "training_height": 64, "seed": 11}
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +68,6 @@ def forge(monkeypatch, tmp_path):
     assert host.errors.reported == []
 
 
-def training():
-    return sys.modules["hypernetwork_ext.hosts.webui_training"]
-
-
-def handlers(blocks):
-    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
-    return [(f.fn, d.get("js")) for f, d in zip(fns, blocks.get_config_file()["dependencies"], strict=True)]
-
-
 def forge_tab(host):
     """Forge builds its UI: our top-level Train tab, and the TrainingTab behind its Train button."""
     tabs, preview = host.build_ui_tabs()
@@ -94,16 +86,13 @@ def reforge_tab(host):
 def tab_values(tab, data, tmp_path, **changes):
     values = {name: component.value for name, component in tab.train_inputs.items()}
     values.update(
-        learn_rate="0.002",
         data_root=str(data),
         log_directory=str(tmp_path / "logs"),
-        training_width=64,
-        training_height=64,
         steps=3,
         create_image_every=2,
         save_hypernetwork_every=2,
-        seed=11,
         shuffle_tags=True,  # captions change between steps: the text encoder loads in the middle of the run
+        **SMALL_RUN,
     )
     values.update(changes)
     return [values[name] for name in tab.train_inputs]
@@ -366,16 +355,13 @@ def test_sdxl_trains_with_the_pooled_and_size_conditioning(tmp_path, data, refor
     network = hx.create((SDXL_CONTEXT, *LDM_WIDTHS), (1, 2, 1), "relu", seed=1, name="xl")
     settings = TrainingConfig(
         hypernetwork_name="xl",
-        learn_rate="0.002",
         data_root=str(data),
         log_directory=str(tmp_path / "logs"),
-        training_width=64,
-        training_height=64,
         steps=2,
         create_image_every=0,
         save_hypernetwork_every=0,
         template_filename="filewords.txt",
-        seed=3,
+        **SMALL_RUN,
     )
     before = [p.detach().clone() for p in network.parameters()]
     result = train(network, backend, settings, output_dir=str(tmp_path), progress_bar=False)
