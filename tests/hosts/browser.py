@@ -52,3 +52,13 @@ def screenshot(folder: Path, page, name: str, *, element: str | None = None) -> 
     else:
         page.screenshot(path=str(path), full_page=True)
     return path
+
+
+@contextlib.contextmanager
+def screenshot_on_failure(folder: Path, page, name: str = "failure") -> Iterator[None]:
+    """What the page showed when a step failed, kept with the artifacts."""
+    try:
+        yield
+    except Exception:
+        screenshot(folder, page, name)
+        raise

@@ -18,7 +18,7 @@ import pytest
 import hypernetwork_ext as hx
 from hypernetwork_ext.tiny import procedural_images
 from tests.hosts import suite_files as files
-from tests.hosts.browser import open_page, screenshot
+from tests.hosts.browser import open_page, screenshot, screenshot_on_failure
 from tests.hosts.real_host import HttpError, max_difference
 
 PREFIX = "hnx-train-"
@@ -192,7 +192,7 @@ def choose(page, elem_id: str, value: str) -> None:
     box = page.locator(f"#{elem_id} input").first
     box.click()
     box.fill(value)
-    page.locator("ul.options li", has_text=re.compile(rf"^\s*{re.escape(value)}\s*$")).first.click()
+    page.locator(f"[data-testid=dropdown-option][aria-label='{value}']").first.click()  # gradio 3.41 and 4.x
 
 
 def progress_text(page) -> str:
@@ -204,7 +204,7 @@ def fill_training_form(page, suite, dataset: Path, steps: int) -> None:
     choose(page, "hnx_train_network", TAB_NAME)
     for name in ("learn_rate", "data_root", "log_directory", "training_width", "training_height", "steps"):
         fill(page, f"hnx_train_{name}", values[name])
-    for name in ("create_image_every", "save_hypernetwork_every", "seed"):
+    for name in ("create_image_every", "save_hypernetwork_every"):
         fill(page, f"hnx_train_{name}", values[name])
     page.locator("#hnx_train_tab").get_by_text("Preview", exact=True).first.click()
     page.locator("#hnx_train_preview_from_txt2img input[type=checkbox]").check()
@@ -215,7 +215,7 @@ def fill_training_form(page, suite, dataset: Path, steps: int) -> None:
 @pytest.mark.skipif(os.environ.get("HNX_HOST_TRAIN_BROWSER") == "0", reason="HNX_HOST_TRAIN_BROWSER=0")
 def test_the_train_tab_creates_trains_shows_progress_and_interrupts(suite, dataset, routes_run):
     artifacts = suite.config.artifacts
-    with open_page(suite.config.url) as page:
+    with open_page(suite.config.url) as page, screenshot_on_failure(artifacts, page):
         tab = open_train_tab(suite, page)
         screenshot(artifacts, page, "train-tab")
         tab.locator(".tab-nav button", has_text="Create hypernetwork").first.click()
