@@ -370,3 +370,62 @@ def test_sdxl_trains_with_the_pooled_and_size_conditioning(tmp_path, data, refor
     assert vectors and vectors[0] == (1, SDXL_CONTEXT + 6)
     assert any(not torch.equal(a, b) for a, b in zip(before, network.parameters(), strict=True))
     assert hx.load(result.path).info.model_family == "sdxl"
+
+
+@pytest.mark.parametrize("reforge", [False, True])
+def test_the_noise_schedule_and_prediction_come_from_the_hosts_sampler(reforge):
+    from hypernetwork_ext.errors import HypernetworkError
+    from hypernetwork_ext.training.backends.forge import noise_schedule
+
+    eps, v = (forge_engine.KModel(torch.nn.Linear(1, 1), reforge=reforge, v_prediction=flag) for flag in (0, 1))
+    prediction, alphas = noise_schedule(eps)
+    assert prediction == "epsilon" and noise_schedule(v)[0] == "v_prediction"
+    torch.testing.assert_close(alphas, forge_engine.Prediction().alphas_cumprod)  # from the sigmas, either host
+    other = forge_engine.KModel(torch.nn.Linear(1, 1), reforge=reforge)
+    if reforge:  # a sampling without EPS or V_PREDICTION (EDM, flows)
+        other.model_sampling = forge_engine.ModelSamplingDiscrete()
+    else:
+        other.predictor.prediction_type = "const"  # Forge's flow models (SD3, Flux)
+    with pytest.raises(HypernetworkError, match="epsilon or v prediction"):
+        noise_schedule(other)
+
+
+def test_the_trainers_fixes_hold_on_forge(tmp_path, data):
+    """Resume continues exactly as the uninterrupted run, and the NaN guard keeps the last good
+    weights, on Forge's model with its memory manager moving models in the middle of the run."""
+    from tests.core.test_training_engine import NaNAt, weights
+
+    def run(folder, network, *, nan_at=None, **changes):
+        engine = forge_engine.build(0)
+        backend = ForgeBackend(engine, Memory(engine.memory), model_family="sd1")
+        settings = TrainingConfig(
+            hypernetwork_name="style",
+            data_root=str(data),
+            log_directory=str(folder / "logs"),
+            template_filename="filewords.txt",
+            steps=4,
+            create_image_every=0,
+            save_hypernetwork_every=2,
+            save_optimizer_state=True,
+            shuffle_tags=True,
+            latent_sampling_method="random",
+            **SMALL_RUN,
+        ).replace(**changes)
+        wrapped = backend if nan_at is None else NaNAt(backend, nan_at)
+        return train(network, wrapped, settings, output_dir=str(folder), progress_bar=False)
+
+    hx.save(hx.create(WIDTHS, (1, 2, 1), "relu", seed=1, name="style"), tmp_path / "style.pt")
+
+    def network():
+        return hx.load(tmp_path / "style.pt")
+
+    whole = run(tmp_path / "a", network())
+    copy = next(c for c in whole.copies if c.endswith("style-2.pt"))
+    resumed = run(tmp_path / "b", None, resume_from=copy)
+    assert resumed.start_step == 2 and whole.losses[2:] == resumed.losses
+    assert all(torch.equal(v, weights(resumed.network)[k]) for k, v in weights(whole.network).items())
+
+    stopped = run(tmp_path / "c", network(), nan_at=3)
+    assert stopped.stopped == "non-finite" and stopped.step == 2
+    at_two = weights(hx.load(copy))
+    assert all(torch.equal(v, weights(hx.load(stopped.path))[k]) for k, v in at_two.items())
