@@ -36,6 +36,7 @@ from modules import (
     processing,
     progress,
     script_callbacks,
+    scripts,
     sd_models,
     sd_samplers,
     shared,
@@ -174,6 +175,9 @@ def render_preview(request: PreviewRequest):
         override_settings={"sd_model_checkpoint": title} if chosen_meanwhile else {},
     )
     p.disable_extra_networks = True
+    # No script of the host runs for a preview, but reForge's processing reads the always-on
+    # scripts of p.scripts without checking it is there: an empty runner, not None.
+    p.scripts, p.script_args = scripts.ScriptRunner(), []
     p.prompt, p.negative_prompt = request.prompt, request.negative_prompt
     p.steps, p.cfg_scale, p.seed = request.steps, request.cfg_scale, request.seed
     p.width, p.height = request.width, request.height

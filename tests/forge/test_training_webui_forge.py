@@ -43,7 +43,7 @@ def make_host(monkeypatch, tmp_path, *, reforge=False, memory=None, lazy=False):
     """A host with ``style.pt`` and the stand-in model; on Forge the checkpoint may still wait for
     its first generation (``lazy``), as after Forge starts."""
     memory = memory or forge_engine.MemoryManager(capacity=1)
-    host = Host(monkeypatch, tmp_path, forge=True)
+    host = Host(monkeypatch, tmp_path, forge=not reforge, reforge=reforge)
     forge_standin.install(monkeypatch, reforge=reforge, memory=memory)
     hx.save(hx.create(WIDTHS, (1, 2, 1), "relu", seed=1, name="style"), host.hypernetwork_dir / "style.pt")
     host.start()

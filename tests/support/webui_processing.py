@@ -441,7 +441,7 @@ def make_processing(host, base_class):
 
     def process_images(p):
         stored = {k: shared.opts.data[k] for k in p.override_settings if k in shared.opts.data}
-        if host.forge:  # manage_model_and_prompt_cache: the chosen checkpoint is loaded now
+        if host.forge and not host.reforge:  # Forge's manage_model_and_prompt_cache: the chosen checkpoint loads now
             p.sd_model, _reloaded = sd_models.forge_model_reload()
         try:
             if sd_models.checkpoint_aliases.get(p.override_settings.get("sd_model_checkpoint")) is None:
@@ -465,6 +465,8 @@ def make_processing(host, base_class):
             return _process_images_inner(p)
 
     def _process_images_inner(p):
+        if host.reforge:  # reForge reads its "advanced model sampling" script's arguments unchecked
+            next((s for s in p.scripts.alwayson_scripts if s.name == "advanced model sampling for reforge"), None)
         state = shared.state
         seed = get_fixed_seed(p.seed)
         p.all_prompts = [p.prompt] * p.batch_size * p.n_iter

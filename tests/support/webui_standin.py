@@ -734,6 +734,19 @@ class Script:
         pass
 
 
+class ScriptRunner:
+    """``modules.scripts.ScriptRunner``: the scripts one txt2img or img2img runs (here: always-on ones)."""
+
+    def __init__(self):
+        self.scripts = []
+        self.selectable_scripts = []
+        self.alwayson_scripts = []
+
+    @property
+    def script_instances(self):
+        return self.alwayson_scripts
+
+
 ScriptClassData = collections.namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
 
 
@@ -806,9 +819,10 @@ class StableDiffusionProcessing:
 class Host:
     """The stand-in's modules plus the host's sequence of calls (startup, reload, generation)."""
 
-    def __init__(self, monkeypatch, tmp_path, *, forge: bool = False):
+    def __init__(self, monkeypatch, tmp_path, *, forge: bool = False, reforge: bool = False):
         self.tmp_path = tmp_path
-        self.forge = forge
+        self.forge = forge or reforge
+        self.reforge = reforge
         self.errors = Errors()
         self.hypernetwork_dir = tmp_path / "models" / "hypernetworks"
         self.hypernetwork_dir.mkdir(parents=True)
@@ -852,13 +866,14 @@ class Host:
         self.scripts = module(
             "modules.scripts",
             Script=Script,
+            ScriptRunner=ScriptRunner,
             AlwaysVisible=AlwaysVisible,
             ScriptClassData=ScriptClassData,
             scripts_data=[],
             basedir=lambda: ROOT,
         )
         self.scripts.scripts_data.append(ScriptClassData(xyz_script, "scripts/xyz_grid.py", ROOT, self.xyz))
-        self.sd_models = wp.make_sd_models(self.shared, forge=forge)
+        self.sd_models = wp.make_sd_models(self.shared, forge=forge and not reforge)
         self.sd_samplers = wp.make_sd_samplers()
         self.progress = wp.make_progress(self.shared)
         self.call_queue = wp.make_call_queue(self.shared, self.progress)
@@ -1005,6 +1020,11 @@ class Host:
             p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
         for script in self.script_instances:
             script.process_before_every_sampling(p, x=None, noise=None, c=None, uc=None)
+
+    @property
+    def alwayson_scripts(self):
+        """The host as its txt2img ScriptRunner: the extension's script is always on."""
+        return self.script_instances
 
     @property
     def extension(self):
