@@ -23,7 +23,7 @@ import gradio as gr
 
 from .errors import HypernetworkError
 from .generate import GenerationSettings
-from .library import Library
+from .library import Library, distinct_names
 from .pipelines import ModelSource, load_model
 from .samplers import SAMPLERS, sampler_name
 from .shape import model_shape
@@ -116,21 +116,21 @@ def card_items(state: AppState, search: str = "") -> list[tuple[str, str]]:
     """(preview image path, caption) for each network whose name, path or cached hash matches."""
     needle = (search or "").strip().lower()
     items = []
-    for entry in state.library.entries:
+    for name, entry in distinct_names(state.library.entries).items():  # anime.pt beside anime.safetensors: 2 labels
         sha = state.library.cached_sha256(entry) or ""
-        haystack = f"{entry.name} {entry.relpath} {sha}".lower()
+        haystack = f"{name} {entry.relpath} {sha}".lower()
         if needle and needle not in haystack:
             continue
-        items.append((_preview_or_tile(state, entry), entry.name))
+        items.append((_preview_or_tile(state, entry, name), name))
     return items
 
 
-def _preview_or_tile(state: AppState, entry) -> str:
+def _preview_or_tile(state: AppState, entry, label: str) -> str:
     stem = os.path.splitext(entry.path)[0]
     for candidate in (f"{stem}.preview.png", f"{stem}.png", f"{stem}.preview.jpg", f"{stem}.jpg"):
         if os.path.isfile(candidate):
             return candidate
-    return _placeholder(state, entry.name)
+    return _placeholder(state, label)
 
 
 def _placeholder(state: AppState, name: str) -> str:
@@ -151,10 +151,11 @@ def card_details(state: AppState, visible_names: list[str], index: int, prompt: 
     """Selecting a card shows its metadata and adds ``<hypernet:name:preferred multiplier>`` to the prompt."""
     if index is None or not 0 <= index < len(visible_names):
         return "", prompt
-    entry = state.library.resolve(visible_names[index]).entry
+    name = visible_names[index]
+    entry = state.library.resolve(name).entry
     details = state.library.describe(entry)
     multiplier = state.library.preferred_multiplier(entry)
-    tag = f"<hypernet:{entry.name}:{format_number(1.0 if multiplier is None else multiplier)}>"
+    tag = f"<hypernet:{name}:{format_number(1.0 if multiplier is None else multiplier)}>"
     joined = f"{prompt} {tag}".strip() if tag not in (prompt or "") else prompt
     return json.dumps(details, indent=2, default=str), joined
 

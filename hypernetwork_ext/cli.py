@@ -7,13 +7,15 @@ refused operation (the message says which file and why); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import HypernetworkError, InvalidConfigError, NonFiniteWeightsError
+from .errors import FileExistsRefusedError, HypernetworkError, InvalidConfigError, NonFiniteWeightsError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -45,21 +47,94 @@ EXAMPLES = {
 }
 
 
+DEFAULT_NETWORK_DIR = os.path.join("models", "hypernetworks")
+DEMO_OUTPUT = "hypernetwork-demo"
+DEMO_NETWORKS = os.path.join(DEMO_OUTPUT, "latest", "networks")  # the newest demo run's networks
+STEP_LIMIT = "HYPERNETWORK_STEP_LIMIT"  # caps every step count: commands run as written, only shorter
+
+
+def _limited_steps(steps: int) -> int:
+    text = os.environ.get(STEP_LIMIT, "").strip()
+    if not text:
+        return steps
+    try:
+        return min(steps, _positive(text))
+    except argparse.ArgumentTypeError as exc:
+        raise InvalidConfigError(f"{STEP_LIMIT}={text!r}: {exc}") from None
+
+
+# -- option values, checked by argparse: a bad one stops with the command's usage before any work --
+def _whole_number(text: str, minimum: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
+    if minimum is not None and value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, found {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, found {text!r}")
+    return value
+
+
+def _image_size(text: str) -> int:
+    value = _positive(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, found {value}")
+    return value
+
+
+def _finite_list(text: str) -> list[float]:
+    values = [_finite(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, found {text!r}")
+    return values
+
+
+def _width_list(text: str) -> list[int]:
+    return [_positive(part.strip()) for part in text.split(",") if part.strip()]
+
+
 def _network_arg(text: str) -> tuple[str, float]:
     """``path`` or ``path:multiplier`` (a drive letter's colon is not a multiplier)."""
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
-            return head, float(tail)
+            multiplier = float(tail)
         except ValueError:
-            pass
+            return text, 1.0
+        if not math.isfinite(multiplier):
+            raise argparse.ArgumentTypeError(f"{text!r}: the multiplier must be a finite number")
+        return head, multiplier
     return text, 1.0
 
 
-def _load_entries(specs: list[str]):
+def _width_values(text: str) -> tuple[int, list[float]]:
+    """``WIDTH=V[,V...]`` of merge's --width."""
+    width, sep, numbers = text.partition("=")
+    try:
+        if not sep:
+            raise argparse.ArgumentTypeError(text)
+        return _positive(width), _finite_list(numbers)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTH=VALUE[,VALUE...], e.g. 768=0.8,0.2") from None
+
+
+def _load_entries(specs: list[tuple[str, float]]):
     from .formats import load
 
-    return [(load(path), multiplier) for path, multiplier in map(_network_arg, specs)]
+    return [(load(path), multiplier) for path, multiplier in specs]
 
 
 # -- inspect --------------------------------------------------------------------------------------
@@ -154,7 +229,7 @@ def _convert(args) -> int:
             print(f"{path} -> {target}")
         except HypernetworkError as exc:
             failed += 1
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_explained(exc, args)}", file=sys.stderr)
     if not pairs:
         print("nothing to convert", file=sys.stderr)
     return _batch_exit(failed, len(pairs)) if pairs else EXIT_OK
@@ -171,23 +246,13 @@ def _progress(items: list, label: str):
 
 
 # -- merge ----------------------------------------------------------------------------------------
-def _width_overrides(values: list[str] | None) -> dict[int, list[float]]:
-    overrides = {}
-    for item in values or []:
-        width, _sep, numbers = item.partition("=")
-        try:  # without "=", numbers is "" and float("") refuses it too
-            overrides[int(width)] = [float(x) for x in numbers.split(",")]
-        except ValueError:
-            raise InvalidConfigError(f"--width {item!r}: expected WIDTH=VALUE[,VALUE...], e.g. 768=0.8,0.2") from None
-    return overrides
-
-
 def _merge(args) -> int:
     from .formats import load, save
     from .ops.merge import add_difference, weighted_sum
 
     name = args.name or Path(args.output).stem
-    overrides = _width_overrides(args.width)
+    overrides = dict(args.width or [])
+    _refuse_existing([args.output], args)
     if args.add_difference:
         if args.networks:
             raise InvalidConfigError("give either networks with weights or --add-difference A B C, not both")
@@ -210,6 +275,7 @@ def _bake(args) -> int:
     from .ops.bake import bake
     from .ops.checkpoints import read_unet, write_unet
 
+    _refuse_existing([args.output], args)
     entries = _load_entries(args.networks)
     weights = read_unet(args.checkpoint)
     changed, report = bake(weights, entries, approximate=args.approximate, seed=args.seed)
@@ -233,6 +299,7 @@ def _export_lora(args) -> int:
     from .ops.bake import export_lora
     from .ops.checkpoints import read_unet
 
+    _refuse_existing([args.output], args)
     entries = _load_entries(args.networks)
     weights = read_unet(args.model)
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -282,56 +349,84 @@ def _load_source(args, device: str | None = None):
 
 
 def _library(args):
+    """The folders given, else models/hypernetworks and the newest demo run's networks."""
     from .library import Library
 
-    folders = list(args.hypernetwork_dir or [])
-    if not folders and os.path.isdir(os.path.join("models", "hypernetworks")):
-        folders.append(os.path.join("models", "hypernetworks"))
-    return Library(folders)
+    return Library(list(args.hypernetwork_dir or [DEFAULT_NETWORK_DIR, DEMO_NETWORKS]))
 
 
-def _multipliers(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InvalidConfigError(f"--grid {text!r}: expected comma-separated multipliers, e.g. -1,0,0.5,1") from None
+def _refuse_existing(paths: list[str], args) -> None:
+    """Refuse before any work, not after it, when an output exists and overwriting was not asked for."""
+    if getattr(args, "overwrite", False):
+        return
+    for path in paths:
+        if path and os.path.lexists(path):
+            raise FileExistsRefusedError("exists", path)
+
+
+def _tag_problems_before_sampling(library, prompt: str) -> list[str]:
+    """Unknown names and malformed tags, found (and printed) before the model loads."""
+    from .syntax import find_tags
+
+    problems = library.plan(find_tags(prompt), with_hashes=False).problems
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return problems
 
 
 def _generate(args) -> int:
     from .generate import GenerationSettings
     from .workflows import generate_with_tags, multiplier_grid, save_png
 
-    library = _library(args)
-    source = _load_source(args)
     settings = GenerationSettings(
-        args.prompt, args.negative, args.steps, args.cfg, args.width, args.height, args.seed, args.batch
+        args.prompt, args.negative, _limited_steps(args.steps), args.cfg, args.width, args.height, args.seed, args.batch
     )
+    settings.check()
+    targets = [args.output] if args.grid else _image_paths(args.output, args.batch)
+    _refuse_existing(targets, args)
+    library = _library(args)
+    reported = _tag_problems_before_sampling(library, args.prompt)
+    source = _load_source(args)
     if args.grid:
-        picture, outputs = multiplier_grid(source, library, [args.prompt], _multipliers(args.grid), settings)
-        written = [save_png(picture, args.output, outputs[-1].infotext)]
-        problems = sorted({p for o in outputs for p in o.problems})
-        notes = sorted({n for o in outputs for n in o.notes})
+        picture, outputs = multiplier_grid(source, library, [args.prompt], args.grid, settings)
+        written = [save_png(picture, args.output, outputs[-1].infotext, overwrite=args.overwrite)]
+        problems = [p for o in outputs for p in o.problems]
+        notes = [n for o in outputs for n in o.notes]
     else:
-        output = generate_with_tags(source, library, settings, force_mismatch=args.force, on_step=_step_printer(args))
-        written = _write_images(output.images, args.output, output.infotext)
+        output = generate_with_tags(
+            source, library, settings, force_mismatch=args.force, on_step=_step_printer(args, settings.steps)
+        )
+        written = _write_images(output.images, targets, output.infotext, args.overwrite)
         problems, notes = output.problems, output.notes
-    for note in notes:
+    for note in _once_per_tag(notes):
         print(f"note: {note}", file=sys.stderr)
-    for problem in problems:
+    for problem in _once_per_tag(problems, already=reported):
         print(f"warning: {problem}", file=sys.stderr)
     for path in written:
         print(f"wrote {path}")
     return EXIT_PARTIAL if problems else EXIT_OK
 
 
-def _step_printer(args):
+def _once_per_tag(messages: list[str], already: list[str] = ()) -> list[str]:
+    """Each message once, though a grid repeats it for every multiplier (``<hypernet:x:-1>: ...``,
+    ``<hypernet:x:0>: ...``), and not again when it was reported before sampling."""
+    seen = {message.partition(": ")[2] for message in already}
+    kept = []
+    for message in messages:
+        if message.partition(": ")[2] not in seen:
+            seen.add(message.partition(": ")[2])
+            kept.append(message)
+    return kept
+
+
+def _step_printer(args, steps: int):
     if args.quiet:
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    bar = tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr)
+    bar = tqdm(total=steps, desc="sampling", unit="step", file=sys.stderr)
 
     def report(done: int, total: int) -> None:
         bar.update(done - bar.n)
@@ -341,13 +436,18 @@ def _step_printer(args):
     return report
 
 
-def _write_images(images: list, output: str, parameters: str) -> list[str]:
+def _image_paths(output: str, count: int) -> list[str]:
+    """``out.png`` for one image, ``out-0.png``, ``out-1.png``, ... for a batch."""
+    if count == 1:
+        return [output]
+    stem, suffix = os.path.splitext(output)
+    return [f"{stem}-{index}{suffix or '.png'}" for index in range(count)]
+
+
+def _write_images(images: list, paths: list[str], parameters: str, overwrite: bool) -> list[str]:
     from .workflows import save_png
 
-    if len(images) == 1:
-        return [save_png(images[0], output, parameters)]
-    stem, suffix = os.path.splitext(output)
-    return [save_png(image, f"{stem}-{index}{suffix or '.png'}", parameters) for index, image in enumerate(images)]
+    return [save_png(image, path, parameters, overwrite=overwrite) for image, path in zip(images, paths, strict=True)]
 
 
 def _training_options() -> list:
@@ -395,65 +495,94 @@ def _training_config(args, name: str):
         config = load_preset(args.preset, base=config)
     given = {item.name: getattr(args, f"cfg_{item.name}") for item in _training_options()}
     config = config.replace(**{k: v for k, v in given.items() if v is not None})
-    return config.check()
+    return config.replace(steps=_limited_steps(config.steps)).check()
 
 
-def _network_to_train(args, source):
-    from .formats import load, save
-    from .training.distributed import is_main
-    from .workflows import new_network_for
+def _creation_options(args) -> dict:
+    """--create's options, checked (the widths come from the model later unless --widths)."""
+    from .network import new_architecture
 
+    options = {
+        "layer_structure": args.layer_structure,
+        "activation": args.activation,
+        "weight_init": args.weight_init,
+        "layer_norm": args.layer_norm,
+        "dropout_structure": args.dropout_structure,
+        "activate_output": args.activate_output,
+    }
+    new_architecture(**options)
+    return {**options, "widths": args.widths, "seed": args.init_seed}
+
+
+def _network_given(args):
+    """The network file to train (None for --create or a resume); checks which one was asked for."""
+    from .formats import load
+
+    if args.network and args.create:
+        raise InvalidConfigError("give either --network FILE or --create NAME, not both")
     if args.network:
-        return load(args.network), args.network
-    if not args.create:
-        if args.cfg_resume_from:
-            return None, None
+        return load(args.network)
+    if not args.create and not args.cfg_resume_from:
         raise InvalidConfigError("give --network FILE to train an existing network or --create NAME for a new one")
-    structure = [float(x) for x in args.layer_structure.split(",")]
-    dropout = [float(x) for x in args.dropout_structure.split(",")] if args.dropout_structure else None
-    widths = [int(x) for x in args.widths.split(",")] if args.widths else None
-    network = new_network_for(
-        source,
-        args.create,
-        widths=widths,
-        layer_structure=structure,
-        activation=args.activation,
-        weight_init=args.weight_init,
-        layer_norm=args.layer_norm,
-        dropout_structure=dropout,
-        activate_output=args.activate_output,
-        seed=args.init_seed,
-    )
-    path = os.path.join(args.output_dir, f"{args.create}.{args.format}")
-    if is_main():  # under accelerate every process builds it; the engine starts all from the main one's weights
-        save(network, path, overwrite=args.overwrite)
-    return network, path
+    return None
+
+
+def _check_training_inputs(args, config, created_path: str | None) -> None:
+    """What the run would refuse after loading the model, refused before it (nothing is written yet)."""
+    from .training.data import resolve_template
+
+    _refuse_existing([created_path, args.save_preset], args)
+    if not os.path.isdir(config.data_root):
+        raise InvalidConfigError("data_root: the dataset folder does not exist", config.data_root)
+    resolve_template(config.template_filename, args.template_dir or ())
+
+
+@contextlib.contextmanager
+def _removed_unless_trained(paths: list[str]):
+    """Files this run creates are taken back when it fails before training (the engine raises only
+    then; later failures keep the steps done): all or nothing. An interruption keeps them."""
+    new = [path for path in paths if path and not os.path.lexists(path)]
+    try:
+        yield
+    except Exception:
+        for path in new:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        raise
 
 
 def _train(args) -> int:
+    from .formats import save
     from .training import TrainingCallbacks, save_preset, train
     from .training.distributed import is_main
-    from .workflows import training_backend
+    from .workflows import new_network_for, training_backend
 
+    network, path = _network_given(args), args.network
+    creation = _creation_options(args) if args.create else None
+    config = _training_config(args, args.create or (network.name if network is not None else ""))
+    created = os.path.join(args.output_dir, f"{args.create}.{args.format}") if args.create else None
+    _check_training_inputs(args, config, created)
     device = _setup_processes(args)
     source = _load_source(args, device)
-    network, path = _network_to_train(args, source)
-    name = args.create or (network.name if network is not None else "")
-    config = _training_config(args, name)
-    if args.save_preset:
-        save_preset(config, args.save_preset, overwrite=args.overwrite)
     main_process = is_main()
-    callbacks = TrainingCallbacks(on_message=(lambda text: print(text, file=sys.stderr)) if main_process else None)
-    result = train(
-        network,
-        training_backend(source),
-        config,
-        callbacks,
-        source_path=path,
-        output_dir=args.output_dir,
-        template_dirs=args.template_dir or (),
-        progress_bar=main_process and not args.quiet,
-    )
+    with _removed_unless_trained([created, args.save_preset] if main_process else []):
+        if args.create:
+            network, path = new_network_for(source, args.create, **creation), created
+            if main_process:  # under accelerate every process builds it; the engine starts all from the main one's
+                save(network, path, overwrite=args.overwrite)
+        if args.save_preset and main_process:
+            save_preset(config, args.save_preset, overwrite=args.overwrite)
+        callbacks = TrainingCallbacks(on_message=(lambda text: print(text, file=sys.stderr)) if main_process else None)
+        result = train(
+            network,
+            training_backend(source),
+            config,
+            callbacks,
+            source_path=path,
+            output_dir=args.output_dir,
+            template_dirs=args.template_dir or (),
+            progress_bar=main_process and not args.quiet,
+        )
     if main_process and result.path:
         print(f"wrote {result.path}")
     return EXIT_OK if result.stopped in ("finished", "already trained") else EXIT_PARTIAL
@@ -472,11 +601,27 @@ def _setup_processes(args) -> str:
 def _demo(args) -> int:
     from .workflows import demo_report, run_demo
 
+    steps = _limited_steps(args.steps)
     source = _load_source(args)
-    result = run_demo(args.output, source, steps=args.steps, seed=args.seed, log=lambda text: print(text, flush=True))
+    result = run_demo(args.output, source, steps=steps, seed=args.seed, log=lambda text: print(text, flush=True))
+    latest = _link_latest(args.output, result.folder)
     print()
-    print("\n".join(demo_report(result)))
+    print("\n".join(demo_report(result, latest)))
     return EXIT_OK
+
+
+def _link_latest(root: str, folder: str) -> str | None:
+    """``<root>/latest`` -> the newest run, so commands can name the demo's files without its date."""
+    link = os.path.join(root, "latest")
+    temporary = os.path.join(root, f".latest-{os.getpid()}")
+    try:
+        os.symlink(os.path.basename(folder), temporary, target_is_directory=True)
+        os.replace(temporary, link)  # one rename: never a moment without a link; a real folder is left alone
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        return None
+    return link
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -485,7 +630,7 @@ def _subparser(commands, name: str, help_text: str, run) -> argparse.ArgumentPar
     parser = commands.add_parser(
         name, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, command_parser=parser)
     return parser
 
 
@@ -512,11 +657,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = _subparser(commands, "merge", "merge networks of the same structure", _merge)
     merge.add_argument("output", metavar="OUT")
-    merge.add_argument("networks", nargs="*", metavar="NETWORK[:WEIGHT]", help="weighted sum of these networks")
-    merge.add_argument("--add-difference", nargs=3, metavar=("A", "B", "C"), help="A + (B - C) * multiplier")
-    merge.add_argument("--multiplier", type=float, default=1.0, help="for --add-difference (default 1)")
     merge.add_argument(
-        "--width", action="append", metavar="WIDTH=V[,V...]", help="other weights (or multiplier) for one width"
+        "networks", nargs="*", type=_network_arg, metavar="NETWORK[:WEIGHT]", help="weighted sum of these networks"
+    )
+    merge.add_argument("--add-difference", nargs=3, metavar=("A", "B", "C"), help="A + (B - C) * multiplier")
+    merge.add_argument("--multiplier", type=_finite, default=1.0, help="for --add-difference (default 1)")
+    merge.add_argument(
+        "--width",
+        action="append",
+        type=_width_values,
+        metavar="WIDTH=V[,V...]",
+        help="other weights (or multiplier) for one width",
     )
     merge.add_argument("--name", help="internal name of the result (default: the output's stem)")
     merge.add_argument("--overwrite", action="store_true")
@@ -525,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "bake", "fold networks into a checkpoint's key/value projections (exact for affine networks)", _bake
     )
     bake.add_argument("checkpoint", metavar="CHECKPOINT", help="single-file .safetensors/.ckpt or a diffusers folder")
-    bake.add_argument("networks", nargs="+", metavar="NETWORK[:MULTIPLIER]")
+    bake.add_argument("networks", nargs="+", type=_network_arg, metavar="NETWORK[:MULTIPLIER]")
     bake.add_argument("-o", "--output", required=True, help="new checkpoint (.safetensors, or a folder for diffusers)")
     bake.add_argument(
         "--approximate", action="store_true", help="fit affine maps to nonlinear networks and report the error"
@@ -533,12 +684,12 @@ def build_parser() -> argparse.ArgumentParser:
     bake.add_argument("--seed", type=int, default=0, help="seed of the fitting samples")
 
     export = _subparser(commands, "export-lora", "write the networks' weight delta as a LoRA file", _export_lora)
-    export.add_argument("networks", nargs="+", metavar="NETWORK[:MULTIPLIER]")
+    export.add_argument("networks", nargs="+", type=_network_arg, metavar="NETWORK[:MULTIPLIER]")
     export.add_argument(
         "--model", required=True, help="the checkpoint the LoRA is for (its projection weights are needed)"
     )
     export.add_argument("-o", "--output", required=True)
-    export.add_argument("--rank", type=int, help="truncate each delta to this rank (default: full rank, exact)")
+    export.add_argument("--rank", type=_positive, help="truncate each delta to this rank (default: full rank, exact)")
     export.add_argument("--dtype", choices=("fp16", "fp32", "bf16"), default="fp16")
     export.add_argument(
         "--approximate", action="store_true", help="fit affine maps to nonlinear networks and report the error"
@@ -552,17 +703,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the prompt, tags included")
     generate.add_argument("--negative", default="", help="negative prompt")
     generate.add_argument("-o", "--output", default="output.png")
+    generate.add_argument("--overwrite", action="store_true", help="replace existing images")
     generate.add_argument(
-        "--hypernetwork-dir", action="append", help="folder of networks (repeatable; default models/hypernetworks)"
+        "--hypernetwork-dir",
+        action="append",
+        help=f"folder of networks (repeatable; default: {DEFAULT_NETWORK_DIR} and {DEMO_NETWORKS}, "
+        "the newest demo run's)",
     )
-    generate.add_argument("--steps", type=int, default=20)
-    generate.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
+    generate.add_argument("--steps", type=_positive, default=20)
+    generate.add_argument("--cfg", type=_finite, default=7.0, help="CFG scale")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--width", type=int)
-    generate.add_argument("--height", type=int)
-    generate.add_argument("--batch", type=int, default=1)
+    generate.add_argument("--width", type=_image_size, help="a multiple of 8 (default: the model's)")
+    generate.add_argument("--height", type=_image_size, help="a multiple of 8 (default: the model's)")
+    generate.add_argument("--batch", type=_positive, default=1)
     generate.add_argument(
-        "--grid", metavar="M1,M2,...", help="one image per multiplier (every tag's), tiled into one grid"
+        "--grid",
+        type=_finite_list,
+        metavar="M1,M2,...",
+        help="one image per multiplier (every tag's), tiled into one grid",
     )
     generate.add_argument("--force", action="store_true", help="apply networks made for another model family too")
     generate.add_argument("--quiet", action="store_true")
@@ -574,12 +732,12 @@ def build_parser() -> argparse.ArgumentParser:
     which = train.add_argument_group("the network")
     which.add_argument("--network", help="an existing network file to train (never overwritten)")
     which.add_argument("--create", metavar="NAME", help="create a new network first")
-    which.add_argument("--widths", help="for --create: comma-separated widths (default: the model's)")
-    which.add_argument("--layer-structure", default="1,2,1")
+    which.add_argument("--widths", type=_width_list, help="for --create: comma-separated widths (default: the model's)")
+    which.add_argument("--layer-structure", type=_finite_list, default=[1.0, 2.0, 1.0], help="default 1,2,1")
     which.add_argument("--activation", default="linear")
     which.add_argument("--weight-init", default="Normal")
     which.add_argument("--layer-norm", action="store_true")
-    which.add_argument("--dropout-structure", help="e.g. 0,0.1,0")
+    which.add_argument("--dropout-structure", type=_finite_list, help="e.g. 0,0.1,0")
     which.add_argument("--activate-output", action="store_true")
     which.add_argument("--init-seed", type=int)
     which.add_argument("--format", choices=("pt", "safetensors"), default="safetensors", help="for --create")
@@ -597,19 +755,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _subparser(
         commands, "demo", "create, train, save and try a network end to end (embedded tiny model by default)", _demo
     )
-    demo.add_argument("--output", default="hypernetwork-demo", help="a new run-* folder is made in here")
-    demo.add_argument("--steps", type=int, default=600)
+    demo.add_argument(
+        "--output", default=DEMO_OUTPUT, help="a new run-* folder is made in here, and 'latest' points to it"
+    )
+    demo.add_argument("--steps", type=_positive, default=600)
     demo.add_argument("--seed", type=int, default=0)
     _add_model_options(demo)
+
+    _subparser(commands, "app", "the local web app: generate, train and browse networks (options: app --help)", None)
     return parser
 
 
+def _explained(exc: HypernetworkError, args) -> str:
+    """The error as the command line says it: a refused overwrite names the option that allows it."""
+    if isinstance(exc, FileExistsRefusedError):
+        how = "add --overwrite to replace it" if hasattr(args, "overwrite") else "choose another output"
+        return f"{exc.path}: exists; nothing was written ({how})"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["app"]:  # the app has its own options (hypernetwork_ext.app)
+        from .app import main as app_main
+
+        return app_main(argv[1:])
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would answer with the top-level usage; the command's own is the useful one
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
     except HypernetworkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_explained(exc, args)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -2,8 +2,8 @@
 
 Host-free: the WebUI extension and the standalone app give it their folders. Files are ``.pt`` and
 ``.safetensors`` anywhere below the folders. A name from a prompt resolves, in this order, as a
-relative path (``sub/name``), an exact file stem, a unique case-insensitive stem, an alias from the
-user metadata, then a (short) sha256 prefix. Nothing ever resolves outside the folders: ``..``,
+relative path (``sub/name``), an exact file stem, a file name with its suffix (``name.pt``), a unique
+case-insensitive stem, an alias from the user metadata, then a (short) sha256 prefix. Nothing ever resolves outside the folders: ``..``,
 absolute paths and symlinks leading out are refused.
 """
 
@@ -15,7 +15,7 @@ import json
 import os
 import re
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -248,6 +248,9 @@ class Library:
         exact = [e for e in entries if e.name == text]
         if exact:
             return _pick(exact, text, "name")
+        with_suffix = [e for e in entries if e.name + e.suffix == text]
+        if with_suffix:
+            return _pick(with_suffix, text, "name")
         folded = [e for e in entries if e.name.lower() == text.lower()]
         if len(folded) == 1:
             return Resolution(folded[0], "case-insensitive name")
@@ -303,13 +306,21 @@ class Library:
                 return entry
         return _make_entry(absolute, root)
 
+    def searched_folders(self) -> str:
+        """Where names are looked up, for messages ("in A, B (C does not exist)"); missing folders are named too."""
+        raw = self._folders() if callable(self._folders) else self._folders
+        existing = self.folders()
+        missing = list(dict.fromkeys(str(f) for f in raw if f and not os.path.isdir(os.path.expanduser(str(f)))))
+        gone = f"{', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist" if missing else ""
+        if not existing:
+            return f"(searched nothing: {gone or 'no hypernetwork folder is configured'})"
+        return f"in {', '.join(existing)}" + (f" ({gone})" if gone else "")
+
     def _unknown_message(self, text: str, entries: list[NetworkEntry]) -> str:
-        folders = self.folders()
-        where = ", ".join(folders) if folders else "(no hypernetwork folder exists)"
-        names = sorted({e.name for e in entries} | {e.relpath for e in entries})
+        names = sorted(set(distinct_names(entries)) | {e.name for e in entries})
         close = difflib.get_close_matches(text, names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        return f"no hypernetwork named {text!r} in {where}{hint}"
+        return f"no hypernetwork named {text!r} {self.searched_folders()}{hint}"
 
     # -- hashes --------------------------------------------------------------------------------
     def cached_sha256(self, entry: NetworkEntry) -> str | None:
@@ -573,16 +584,47 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _pick(matches: list[NetworkEntry], text: str, how: str) -> Resolution:
-    """Several files share a stem: the shallowest, then alphabetically first, with a note."""
+    """Several files share a stem: the shallowest, then alphabetically first, with a note saying
+    which name picks each of them."""
     ordered = sorted(matches, key=lambda e: (e.relpath.count("/"), e.relpath.lower(), e.suffix))
     note = None
     if len(ordered) > 1:
-        note = f"{text!r} matches {_listing(ordered)}; used {ordered[0].relpath}{ordered[0].suffix} (write sub/name to choose)"
+        names = distinct_names(ordered)
+        if len(names) == len(ordered):
+            how_to_choose = f"write {' or '.join(names)} to choose"
+        else:  # the same sub/name.suffix in several folders: no name tells them apart
+            how_to_choose = "the first folder's file wins; rename one to choose"
+        labels = _labels(ordered)
+        note = f"{text!r} matches {', '.join(labels)}; used {labels[0]} ({how_to_choose})"
     return Resolution(ordered[0], how, note)
 
 
+def distinct_names(entries: Sequence[NetworkEntry]) -> dict[str, NetworkEntry]:
+    """Each file under the shortest name that tells it apart from the others given: its stem
+    (``anime``), else its path (``styles/anime``), else its path with the suffix (``anime.pt``
+    beside ``anime.safetensors``). Every one of these names resolves to its file."""
+    stems = Counter(e.name for e in entries)
+    paths = Counter(e.relpath for e in entries)
+    names: dict[str, NetworkEntry] = {}
+    for entry in entries:
+        if stems[entry.name] == 1:
+            name = entry.name
+        elif paths[entry.relpath] == 1:
+            name = entry.relpath
+        else:
+            name = entry.relpath + entry.suffix
+        names.setdefault(name, entry)
+    return names
+
+
 def _listing(entries: Sequence[NetworkEntry]) -> str:
-    return ", ".join(f"{e.relpath}{e.suffix}" for e in entries)
+    return ", ".join(_labels(entries))
+
+
+def _labels(entries: Sequence[NetworkEntry]) -> list[str]:
+    """Files as users see them (sub/name.suffix), or their full paths when folders share one."""
+    labels = [f"{e.relpath}{e.suffix}" for e in entries]
+    return labels if len(set(labels)) == len(labels) else [e.path for e in entries]
 
 
 def _clean_metadata_value(key: str, value: object, entry: NetworkEntry) -> object:

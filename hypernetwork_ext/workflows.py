@@ -89,14 +89,14 @@ def infotext(settings: GenerationSettings, source: ModelSource, hashes: dict[str
     return "\n".join(lines)
 
 
-def save_png(image, path: str | os.PathLike, parameters: str) -> str:
+def save_png(image, path: str | os.PathLike, parameters: str, *, overwrite: bool = False) -> str:
     from PIL.PngImagePlugin import PngInfo
 
     from .atomic import atomic_write_with
 
     info = PngInfo()
     info.add_text("parameters", parameters)
-    atomic_write_with(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
+    atomic_write_with(path, lambda handle: image.save(handle, format="PNG", pnginfo=info), overwrite=overwrite)
     return os.fspath(path)
 
 
@@ -362,8 +362,8 @@ def _demo_summary(
     }
 
 
-def demo_report(result: DemoResult) -> list[str]:
-    """What the demo achieved, in a few lines for a console."""
+def demo_report(result: DemoResult, latest: str | None = None) -> list[str]:
+    """What the demo achieved, in a few lines for a console; ``latest`` is the link to the run's folder."""
     summary = result.summary
     lines = [
         f"demo finished in {summary['total_seconds']} s ({summary['steps']} training steps, "
@@ -383,6 +383,6 @@ def demo_report(result: DemoResult) -> list[str]:
         f"network: {result.network_path} (A1111 copy: {result.network_pt_path})",
         f"multiplier grid: {result.grid_path}",
         f"loss plot: {result.loss_plot_path}",
-        f"everything: {result.folder}",
+        f"everything: {result.folder}" + (f" (also {latest}, where generate finds its networks)" if latest else ""),
     ]
     return lines

@@ -13,7 +13,6 @@ import html
 import os
 import sys
 import weakref
-from collections import Counter
 from collections.abc import Callable
 
 import gradio as gr
@@ -28,7 +27,7 @@ from modules import (
 )
 
 from ..errors import HypernetworkError
-from ..library import ActivationPlan, Library, NetworkEntry, fit_problem, preferred_multiplier_of
+from ..library import ActivationPlan, Library, NetworkEntry, distinct_names, fit_problem, preferred_multiplier_of
 from ..shape import ModelShape, model_shape
 from ..syntax import TAG_TYPE, find_tags, format_hashes, format_number, parse_hashes, parse_presets, rename_tags
 from ..syntax import set_multipliers as set_prompt_multipliers
@@ -217,14 +216,11 @@ class Extension:
         return self._shape[1]
 
     def prompt_names(self) -> dict[str, NetworkEntry]:
-        """Each file under the shortest name that resolves to it: its stem, or its path when the stem is shared."""
-        entries = self.library.entries
-        counts = Counter(entry.name for entry in entries)
-        return {(entry.name if counts[entry.name] == 1 else entry.relpath): entry for entry in entries}
+        """Each file under the shortest name that resolves to it (see ``library.distinct_names``)."""
+        return distinct_names(self.library.entries)
 
     def prompt_name(self, entry: NetworkEntry) -> str:
-        shared_stem = sum(1 for other in self.library.entries if other.name == entry.name) > 1
-        return entry.relpath if shared_stem else entry.name
+        return next((name for name, other in self.prompt_names().items() if other.path == entry.path), entry.name)
 
     def infotext_pasted(self, infotext: str, params: dict) -> None:
         """Map the names of ``Hypernet hashes`` to local files with those hashes (renamed copies)."""

@@ -14,7 +14,9 @@ routes, both on the host's loaded model, GPU queue, progress bar and Interrupt b
   ``DiffusionEngine`` for SDXL): nothing is copied; the engine's ``ModelGuard`` puts every module
   back as found. Previews are rendered by the host's own ``StableDiffusionProcessingTxt2Img`` with
   the network in the trainer's to_k/to_v hooks (not the host's ``loaded_hypernetworks``).
-- Forge and reForge register nothing here (see the README, *Forge and reForge* under training).
+- Forge and reForge train through ``forge_training`` (a backend over ``sd_model.forge_objects``):
+  reForge kept A1111's Train tab and gets the same sub-tab; Forge, which has none, gets a
+  top-level *Train* tab with the same content.
 """
 
 from __future__ import annotations
@@ -34,19 +36,28 @@ from modules import (
     processing,
     progress,
     script_callbacks,
+    scripts,
     sd_models,
     sd_samplers,
     shared,
 )
 
 from ..errors import HypernetworkError
-from ..training import LdmBackend, PreviewRequest, SgmBackend, TrainingCallbacks, TrainingConfig, TrainingProgress
+from ..training import (
+    LdmBackend,
+    PreviewRequest,
+    SgmBackend,
+    TrainingBackend,
+    TrainingCallbacks,
+    TrainingConfig,
+    TrainingProgress,
+)
 from ..training.api import build_training_router
 from ..training.config import FieldProblems
 from ..training.jobs import JobStatus, TrainingJobs, TrainingServices
 from ..ui import compat
 from ..ui.training import HostHooks, build_training_tab
-from . import api, webui
+from . import api, forge_training, webui
 from .forge import detect_patcher_host
 
 TAB_TITLE = "Hypernetworks"
@@ -62,6 +73,10 @@ LOWVRAM_REFUSAL = (
 NO_MODEL_REFUSAL = "No checkpoint is loaded; choose one in the Stable Diffusion checkpoint list first."
 SD3_REFUSAL = (
     "The loaded checkpoint is SD3: hypernetworks act on the attention of SD1, SD2 and SDXL UNets, which SD3 has not."
+)
+FAMILY_REFUSAL = (
+    "The loaded checkpoint is not SD1, SD2 or SDXL (Flux, SD3, ...): hypernetworks act on the attention "
+    "of SD1, SD2 and SDXL UNets."
 )
 
 # The host's hypernetwork creation/training controls (A1111 1.10.1 modules/ui.py), by elem_id; the
@@ -111,13 +126,24 @@ def model_family(sd_model) -> str | None:
 
 def refusal(sd_model) -> str | None:
     """Why the host cannot train now, or None."""
-    if shared.cmd_opts.lowvram:
+    patcher_host = detect_patcher_host()
+    if shared.cmd_opts.lowvram and not patcher_host:  # Forge's own low-VRAM modes: see ForgeBackend
         return LOWVRAM_REFUSAL
     if sd_model is None:
         return NO_MODEL_REFUSAL
     if getattr(sd_model, "is_sd3", False):
         return SD3_REFUSAL
+    if patcher_host and model_family(sd_model) is None:
+        return FAMILY_REFUSAL
     return None
+
+
+def early_refusal() -> str | None:
+    """``refusal`` before a job starts; Forge loads its checkpoint at the first job, so an unloaded one passes."""
+    sd_model = shared.sd_model
+    if detect_patcher_host() and not hasattr(sd_model, "forge_objects"):
+        return None
+    return refusal(sd_model)
 
 
 def sampler_name(name: str) -> str | None:
@@ -149,6 +175,9 @@ def render_preview(request: PreviewRequest):
         override_settings={"sd_model_checkpoint": title} if chosen_meanwhile else {},
     )
     p.disable_extra_networks = True
+    # No script of the host runs for a preview, but reForge's processing reads the always-on
+    # scripts of p.scripts without checking it is there: an empty runner, not None.
+    p.scripts, p.script_args = scripts.ScriptRunner(), []
     p.prompt, p.negative_prompt = request.prompt, request.negative_prompt
     p.steps, p.cfg_scale, p.seed = request.steps, request.cfg_scale, request.seed
     p.width, p.height = request.width, request.height
@@ -164,20 +193,23 @@ def render_preview(request: PreviewRequest):
     return processed.images[0] if processed.images else None
 
 
-def make_backend() -> LdmBackend:
+def make_backend() -> TrainingBackend:
+    if detect_patcher_host():
+        forge_training.load_selected_checkpoint(sd_models)
     sd_model = shared.sd_model
     problem = refusal(sd_model)
     if problem:
         raise HypernetworkError(problem)
     info = sd_model.sd_checkpoint_info
+    names = {
+        "model_family": model_family(sd_model),
+        "checkpoint_name": info.model_name,
+        "checkpoint_hash": getattr(sd_model, "sd_model_hash", None) or info.shorthash,
+    }
+    if detect_patcher_host():
+        return forge_training.make_backend(sd_model, render_preview, **names)
     kind = SgmBackend if hasattr(sd_model, "conditioner") else LdmBackend
-    backend = kind(
-        sd_model,
-        preview_generator=render_preview,
-        model_family=model_family(sd_model),
-        checkpoint_name=info.model_name,
-        checkpoint_hash=getattr(sd_model, "sd_model_hash", None) or info.shorthash,
-    )
+    backend = kind(sd_model, preview_generator=render_preview, **names)
     # Under --medvram parts of the model rest on the CPU between calls; the host's device is
     # where it computes.
     backend.device = devices.device
@@ -188,7 +220,12 @@ def make_backend() -> LdmBackend:
 
 
 class StateReport:
-    """Training progress as A1111 reports it: job counts, textinfo, the live preview image."""
+    """Training progress as A1111 reports it: job counts, textinfo, the live preview image.
+
+    The host's progress bar prints a one-line ``textinfo`` inside the bar, on one line that does
+    not wrap; a text of several lines it leaves to the page. Every text here has several lines, as
+    A1111's own trainer writes them: the bar keeps its percentage and ETA, the tab's progress panel
+    shows the words (long saved paths included)."""
 
     def __init__(self, state) -> None:
         self.state = state
@@ -201,9 +238,9 @@ class StateReport:
         self.last_copy = update.last_copy or self.last_copy
         loss = "-" if update.loss is None else f"{update.loss:.7f}"
         self.state.textinfo = (
-            f"<p>Loss: {loss}<br/>Step: {update.step}<br/>Last prompt: {html.escape(update.last_prompt)}<br/>"
-            f"Last saved hypernetwork: {html.escape(self.last_copy)}<br/>"
-            f"Last saved image: {html.escape(self.last_image)}<br/></p>"
+            f"<p>\nLoss: {loss}<br/>\nStep: {update.step}<br/>\nLast prompt: {html.escape(update.last_prompt)}<br/>\n"
+            f"Last saved hypernetwork: {html.escape(self.last_copy)}<br/>\n"
+            f"Last saved image: {html.escape(self.last_image)}<br/>\n</p>"
         )
 
     def preview(self, image, path: str) -> None:
@@ -211,7 +248,7 @@ class StateReport:
         self.state.assign_current_image(image)
 
     def message(self, text: str) -> None:
-        self.state.textinfo = html.escape(text)
+        self.state.textinfo = f"<p>\n{html.escape(text)}\n</p>"
 
     def callbacks(self) -> TrainingCallbacks:
         return TrainingCallbacks(
@@ -259,7 +296,7 @@ class WebuiTrainingJobs(TrainingJobs):
         if task_id:
             progress.add_task_to_queue(task_id)
         try:
-            problem = refusal(shared.sd_model)
+            problem = early_refusal()
             if problem:
                 raise HypernetworkError(problem)
             if isinstance(config, dict):
@@ -364,11 +401,14 @@ def add_api_routes(demo, app) -> None:
 
 
 def register_training() -> None:
-    if detect_patcher_host():
-        return  # Forge and reForge: see the module docstring
-    script_callbacks.on_ui_train_tabs(add_train_tab, name="hypernetworks-training")
-    script_callbacks.on_after_component(hide_host_control, name="hypernetworks-training")
-    script_callbacks.on_ui_settings(add_settings, name="hypernetworks-training")
+    if forge_training.is_forge():  # no Train tab to join: a top-level one
+        sources = forge_training.Txt2imgSources()
+        script_callbacks.on_after_component(sources.collect, name="hypernetworks-training")
+        script_callbacks.on_ui_tabs(lambda: forge_training.train_tab(jobs(), sources), name="hypernetworks-training")
+    else:  # A1111 and reForge
+        script_callbacks.on_ui_train_tabs(add_train_tab, name="hypernetworks-training")
+        script_callbacks.on_after_component(hide_host_control, name="hypernetworks-training")
+        script_callbacks.on_ui_settings(add_settings, name="hypernetworks-training")
     script_callbacks.on_app_started(add_api_routes, name="hypernetworks-training")
 
 

@@ -80,6 +80,17 @@ def _module_output(module: HypernetworkModule, x: torch.Tensor, multiplier: floa
         module.train(was_training)
 
 
+def stack_output(entries: Sequence[tuple[Hypernetwork, float]], width: int, path: str, x: torch.Tensor) -> torch.Tensor:
+    """What the networks themselves (applied in order) make of inputs ``x`` of one width on the
+    ``"key"`` or ``"value"`` path, in float64: the reference an affine fit is measured against."""
+    out = x.to(torch.float64)
+    for network, multiplier in entries:
+        pair = network.layers.get(width)
+        if pair is not None:
+            out = _module_output(pair[0 if path == "key" else 1], out, multiplier)
+    return out
+
+
 @dataclass
 class StackAffines:
     """Per width, the affine maps of the key path and the value path of a stack of networks."""

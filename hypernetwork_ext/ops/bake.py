@@ -18,7 +18,7 @@ import torch
 
 from ..errors import IncompatibleNetworkError
 from ..network import Hypernetwork
-from .affine import Affine, StackAffines, stack_affines
+from .affine import Affine, StackAffines, stack_affines, stack_output
 from .checkpoints import UnetWeights, diffusers_module_path
 
 _ERROR_SAMPLES = 256
@@ -28,7 +28,7 @@ _ERROR_SAMPLES = 256
 class LayerReport:
     path: str
     width: int
-    error: float  # relative error of the network's effect on this layer (0 when exact)
+    error: float  # relative error of the network's effect on this layer's projections (0 when exact)
 
 
 @dataclass
@@ -38,7 +38,8 @@ class FoldReport:
 
     @property
     def max_error(self) -> float:
-        return max([layer.error for layer in self.layers] + list(self.fit_errors.values()) + [0.0])
+        """The worst layer: its projections' outputs against what the networks make them give."""
+        return max([layer.error for layer in self.layers] + [0.0])
 
     def summary(self) -> str:
         touched = len(self.layers)
@@ -52,6 +53,38 @@ class FoldReport:
         return "\n".join(lines)
 
 
+class _Reference:
+    """Gaussian probe inputs per width and what the networks themselves make of them (computed once
+    per width and path: many layers share a width)."""
+
+    def __init__(self, entries: Sequence[tuple[Hypernetwork, float]], seed: int):
+        self.entries = entries
+        self.seed = seed
+        self._probes: dict[int, torch.Tensor] = {}
+        self._outputs: dict[tuple[int, str], torch.Tensor] = {}
+
+    def probe(self, width: int) -> torch.Tensor:
+        if width not in self._probes:
+            generator = torch.Generator().manual_seed(self.seed + width)
+            self._probes[width] = torch.randn(_ERROR_SAMPLES, width, generator=generator, dtype=torch.float64)
+        return self._probes[width]
+
+    def residual(self, width: int, path: str) -> torch.Tensor:
+        """``f(x) - x`` of the networks on the probe inputs."""
+        if (width, path) not in self._outputs:
+            probe = self.probe(width)
+            self._outputs[width, path] = stack_output(self.entries, width, path, probe) - probe
+        return self._outputs[width, path]
+
+    def fold_error(self, weight: torch.Tensor, width: int, path: str, affine: Affine) -> float:
+        """Relative error of ``W f(x)`` when the fitted map stands in for the networks."""
+        weight = weight.to(torch.float64)
+        probe = self.probe(width)
+        target = self.residual(width, path) @ weight.T
+        got = (affine(probe) - probe) @ weight.T
+        return float((got - target).norm() / target.norm().clamp_min(1e-30))
+
+
 def bake(
     weights: UnetWeights, entries: Sequence[tuple[Hypernetwork, float]], *, approximate: bool = False, seed: int = 0
 ) -> tuple[dict[str, torch.Tensor], FoldReport]:
@@ -60,17 +93,23 @@ def bake(
     maps = stack_affines(entries, approximate=approximate, seed=seed)
     changed: dict[str, torch.Tensor] = {}
     report = FoldReport(fit_errors=maps.fit_errors)
+    reference = _Reference(entries, seed) if maps.fit_errors else None  # exact folds have nothing to measure
     for path in weights.attention_paths():
         tensors = weights.tensors
         width = tensors[f"{path}.to_k.weight"].shape[1]
         key_map, value_map = maps.key.get(width), maps.value.get(width)
         if key_map is None and value_map is None:
             continue
-        if key_map is not None:
-            _fold_projection(tensors, changed, f"{path}.to_k", key_map, offset_target=None)
-        if value_map is not None:
-            _fold_projection(tensors, changed, f"{path}.to_v", value_map, offset_target=f"{path}.to_out.0")
-        report.layers.append(LayerReport(path, width, 0.0))
+        errors = [0.0]
+        for projection, affine in (("to_k", key_map), ("to_v", value_map)):
+            if affine is None:
+                continue
+            offset_target = f"{path}.to_out.0" if projection == "to_v" else None
+            _fold_projection(tensors, changed, f"{path}.{projection}", affine, offset_target=offset_target)
+            if reference is not None:
+                kind = "key" if projection == "to_k" else "value"
+                errors.append(reference.fold_error(tensors[f"{path}.{projection}.weight"], width, kind, affine))
+        report.layers.append(LayerReport(path, width, max(errors)))
     if not report.layers:
         raise IncompatibleNetworkError("none of the networks' widths occur in this model's attention layers")
     return changed, report
@@ -110,12 +149,15 @@ def export_lora(
     maps = stack_affines(entries, approximate=approximate, seed=seed)
     lora: dict[str, torch.Tensor] = {}
     report = FoldReport(fit_errors=maps.fit_errors)
+    reference = _Reference(entries, seed) if maps.fit_errors else None  # fitted: measure against the networks
     generator = torch.Generator().manual_seed(seed)
     uniform_rank = _uniform_rank(weights, maps, rank)
     for path in weights.attention_paths():
         width = weights.tensors[f"{path}.to_k.weight"].shape[1]
         name = "lora_unet_" + diffusers_module_path(weights, path).replace(".", "_")
         probe = torch.randn(_ERROR_SAMPLES, width, generator=generator, dtype=torch.float64)
+        if reference is not None:
+            probe = reference.probe(width)
         errors = []
         for projection, affine, keeps_shift in (
             ("to_k", maps.key.get(width), False),
@@ -130,6 +172,9 @@ def export_lora(
             lora[f"{name}_{projection}.lora_down.weight"] = down.to(dtype).contiguous()
             lora[f"{name}_{projection}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
             target = probe @ delta.T + (weight @ affine.offset if keeps_shift else 0.0)
+            if reference is not None:  # the networks' own effect; a key shift is still invisible to softmax
+                residual = reference.residual(width, "value" if keeps_shift else "key") @ weight.T
+                target = residual if keeps_shift else residual - weight @ affine.offset
             got = probe @ (up.to(dtype).to(torch.float64) @ down.to(dtype).to(torch.float64)).T
             errors.append(float((got - target).norm() / target.norm().clamp_min(1e-30)))
         if errors:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import formats
-from ..attach import apply
+from ..atomic import atomic_write_bytes, atomic_write_with
 from ..errors import HypernetworkError, InvalidConfigError
 from ..formats.optim import read_optimizer_sidecar, write_optimizer_sidecar
 from ..network import Hypernetwork
@@ -507,8 +507,6 @@ class _Run:
             return None
         path = os.path.join(self.log_dir, "images", f"{self.name}-{step}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        from ..atomic import atomic_write_with
-
         atomic_write_with(path, lambda handle: image.save(handle, format="PNG"), overwrite=True)
         self.previews.append(path)
         if self.tensorboard is not None:
@@ -516,6 +514,13 @@ class _Run:
         if self.callbacks.on_preview:
             self.callbacks.on_preview(image, path)
         return path
+
+    def final_preview(self, stopped: str, step: int) -> None:
+        """A finished run that drew no preview (fewer steps than create_image_every) draws one, so
+        the new network's card has a picture."""
+        wanted = self.config.create_image_every and stopped == STOP_FINISHED and step > self.start_step
+        if wanted and self.log_dir and not self.previews:
+            self.preview(step)
 
     def settings(self) -> dict:
         return {
@@ -616,8 +621,13 @@ def _check_attaches(network: Hypernetwork, unet: torch.nn.Module) -> None:
 
 
 def _execute(run: _Run) -> TrainingResult:
+    with run.backend.session():
+        return _execute_in_session(run)
+
+
+def _execute_in_session(run: _Run) -> TrainingResult:
     config, backend, network = run.config, run.backend, run.network
-    guard = ModelGuard(backend.host_modules())
+    guard = ModelGuard(backend.host_modules(), placement=not backend.host_places_weights)
     network.to(backend.device)
     run.parameters = list(network.parameters())
     distributed.broadcast_parameters(run.parameters)
@@ -655,8 +665,9 @@ def _execute(run: _Run) -> TrainingResult:
                 import tqdm
 
                 progress_bar = tqdm.tqdm(total=end - step, desc=f"Training hypernetwork {run.name}")
-            with apply(backend.unet, [network]), gradient_checkpointing(backend.unet, config.gradient_checkpointing):
+            with backend.attach(network), gradient_checkpointing(backend.unet, config.gradient_checkpointing):
                 stopped, message, step = _loop(run, optimizer, step, end, progress_bar)
+                run.final_preview(stopped, step)
     except data_mod.PreparationInterrupted:
         stopped, message = STOP_INTERRUPTED, "Training interrupted while preparing the dataset"
     except Diverged as exc:
@@ -748,12 +759,7 @@ def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
         message = f"{message} (process {distributed.rank()}: the main process saves)"
     elif network.step > run.start_step:
         path = run._write(run._result_path(network.step), optimizer)
-        if run.previews:
-            preview_path = os.path.splitext(path)[0] + ".preview.png"
-            with open(run.previews[-1], "rb") as handle:
-                from ..atomic import atomic_write_bytes
-
-                atomic_write_bytes(preview_path, handle.read(), overwrite=True)
+        preview_path = _save_card_preview(run, path)
         message = f"{message}. Hypernetwork saved to {path}"
     else:
         message = f"{message}. No step was completed, so nothing was saved"
@@ -779,6 +785,16 @@ def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
     if error is not None:
         raise HypernetworkError(message) from error
     return result
+
+
+def _save_card_preview(run: _Run, result_path: str) -> str | None:
+    """The last preview next to the result, as its card's picture (``<name>.preview.png``)."""
+    if not run.previews:
+        return None
+    path = os.path.splitext(result_path)[0] + ".preview.png"
+    with open(run.previews[-1], "rb") as handle:
+        atomic_write_bytes(path, handle.read(), overwrite=True)
+    return path
 
 
 def _cuda_grad_scaler():

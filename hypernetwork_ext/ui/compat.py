@@ -26,13 +26,15 @@ def update(**kwargs):
 def poll(fn: Callable, inputs: Sequence, outputs: Sequence, seconds: float, *, blocks: gr.Blocks) -> None:
     """Call ``fn`` every ``seconds`` while the page is open (inside a ``gr.Blocks`` context).
 
-    gradio >= 5 has ``gr.Timer``; 3.41 and 4.x run a repeating ``load`` event via ``every=``.
+    gradio >= 4.40 has ``gr.Timer``; 3.41 runs a repeating ``load`` event via ``every=``. Either way
+    the outputs show no pending state: a poll is always pending, and gradio 3.41 would outline them
+    in orange for as long as the page is open.
     """
     timer_cls = getattr(gr, "Timer", None)
     if timer_cls is not None:
-        timer_cls(seconds).tick(fn, inputs=list(inputs), outputs=list(outputs))
+        timer_cls(seconds).tick(fn, inputs=list(inputs), outputs=list(outputs), show_progress="hidden")
     else:
-        blocks.load(fn, inputs=list(inputs), outputs=list(outputs), every=seconds)
+        blocks.load(fn, inputs=list(inputs), outputs=list(outputs), every=seconds, show_progress="hidden")
 
 
 def enclosing_blocks() -> gr.Blocks | None:

@@ -197,13 +197,17 @@ def loss_chart_html(losses: list, validation: list | None = None, width: int = 4
         ]
         return " ".join(coords)
 
-    lines = [f"<polyline fill='none' stroke='#e8773e' stroke-width='1.5' points='{path(points)}'/>"]
+    # The drawing stretches to the width of its column (which the host decides) at a fixed height;
+    # the lines keep their thickness, the label wraps.
+    stroke = "fill='none' vector-effect='non-scaling-stroke'"
+    lines = [f"<polyline {stroke} stroke='#e8773e' stroke-width='1.5' points='{path(points)}'/>"]
     if validation:
-        lines.append(f"<polyline fill='none' stroke='#3e8ee8' stroke-width='2' points='{path(validation)}'/>")
-    label = f"loss {points[-1][1]:.5f} (min {low:.5f}, max {high:.5f}) at step {int(last)}"
+        lines.append(f"<polyline {stroke} stroke='#3e8ee8' stroke-width='2' points='{path(validation)}'/>")
+    label = f"loss {points[-1][1]:.5f} at step {int(last)} (min {low:.5f}, max {high:.5f})"
     return (
-        f"<div class='hnx-loss-chart'><svg width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
-        f"role='img' aria-label='{html.escape(label)}'>{''.join(lines)}</svg><div>{html.escape(label)}</div></div>"
+        f"<div class='hnx-loss-chart'><svg viewBox='0 0 {width} {height}' preserveAspectRatio='none' "
+        f"style='width: 100%; height: {height}px' role='img' aria-label='{html.escape(label)}'>{''.join(lines)}"
+        f"</svg><div class='hnx-loss-label'>{html.escape(label)}</div></div>"
     )
 
 
@@ -384,7 +388,7 @@ def build_training_tab(
                 _build_create(tab)
             with gr.Tab("Train hypernetwork"):
                 _build_train(tab, host or HostHooks())
-        with gr.Column(scale=2):
+        with gr.Column(scale=2, min_width=360, elem_id="hnx_train_output"):
             progress = gr.HTML("No training yet.", elem_id="hnx_train_progress")
             chart = gr.HTML(loss_chart_html([]), elem_id="hnx_train_loss_chart")
             gallery = gr.Gallery(label="Previews", elem_id="hnx_train_gallery", columns=4)

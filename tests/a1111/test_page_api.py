@@ -69,6 +69,16 @@ def test_shared_stems_get_path_names(host):
     assert page.items["styles/anime"]["prompt"].startswith('"<hypernet:styles/anime:"')
 
 
+def test_one_name_in_two_formats_gets_two_cards_named_with_their_suffix(host):
+    hx.save(hx.load(host.hypernetwork_dir / "anime.pt"), host.hypernetwork_dir / "anime.safetensors")
+    host.extension.library.refresh()
+    page = page_of(host)
+    page.create_html("txt2img")
+    assert sorted(page.items) == ["anime.pt", "anime.safetensors", "ink"]
+    assert page.items["anime.safetensors"]["prompt"].startswith('"<hypernet:anime.safetensors:"')
+    assert page.items["anime.pt"]["filename"].endswith("anime.pt")
+
+
 def test_compatibility_filter_and_show_all(host):
     hx.save(hx.create((2048, 640, 1280), seed=0), host.hypernetwork_dir / "xl.safetensors")
     hx.save(hx.create((768, 320, 640, 1280), seed=0), host.hypernetwork_dir / "sd1.pt")

@@ -6,4 +6,5 @@ from tests.core.test_training_ui import (  # noqa: F401  (pytest collects the im
     test_defaults_follow_the_loaded_model_family,
     test_refresh_without_jobs_and_loss_chart,
     test_start_reports_problems_and_presets_round_trip,
+    test_the_poll_shows_no_pending_state_and_the_chart_fits_its_column,
 )

@@ -161,3 +161,19 @@ def test_training_shows_progress_chart_preview_and_can_be_interrupted(page, app)
     progress.get_by_text("interrupted").first.wait_for(timeout=120_000)
     saved = [p.name for p in (folder / "nets").iterdir() if re.fullmatch(r"inky-\d+\.safetensors", p.name)]
     assert len(saved) == 1 and hx.load(folder / "nets" / saved[0]).step >= 4
+
+
+def test_cards_of_one_name_in_two_formats_get_distinct_labels_and_tags(tmp_path):
+    from types import SimpleNamespace
+
+    from hypernetwork_ext.app import card_details, card_items
+    from hypernetwork_ext.library import Library
+
+    for suffix in ("pt", "safetensors"):
+        hx.save(hx.create(TINY_WIDTHS, seed=1, name="demo-trained"), tmp_path / "nets" / f"demo-trained.{suffix}")
+    state = SimpleNamespace(library=Library([str(tmp_path / "nets")]), output_dir=str(tmp_path / "out"))
+    labels = [label for _, label in card_items(state)]
+    assert labels == ["demo-trained.pt", "demo-trained.safetensors"]
+    details, prompt = card_details(state, labels, 1, "a cat")
+    assert prompt == "a cat <hypernet:demo-trained.safetensors:1>"
+    assert '"format": "safetensors"' in details

@@ -84,7 +84,7 @@ def test_generate_grid(library, tmp_path, capsys):
     code = main(
         [
             "generate",
-            "a blue square <hypernet:inky>",
+            "a blue square <hypernet:inky> <hypernet:nosuch>",
             "--hypernetwork-dir",
             str(library),
             "--grid=-1,0,1",
@@ -98,8 +98,10 @@ def test_generate_grid(library, tmp_path, capsys):
             str(out),
         ]
     )
-    assert code == 0
+    assert code == 1  # a tag was skipped; the grid is still written
     assert Image.open(out).size[0] >= 3 * 64
+    err = capsys.readouterr().err
+    assert err.count("no hypernetwork named 'nosuch'") == 1  # before sampling, not again for every multiplier
 
 
 def _train_args(tmp_path, *extra):
@@ -219,14 +221,22 @@ def test_train_under_accelerate_launch(tmp_path):
     assert finished.stdout.count("wrote") == 1
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end_and_generate_finds_its_networks(tmp_path, monkeypatch, capsys):
     """In a process of its own, as users run it: its console shows progress and the results, and
     neither the untrained network's inspect block nor transformers' notices about torchvision."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "hypernetwork_ext", "demo", "--output", str(tmp_path), "--steps", "6"]
+    command = [sys.executable, "-m", "hypernetwork_ext", "demo", "--steps", "6"]
     finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    run = next(tmp_path.glob("run-*"))
+    run = next((tmp_path / "hypernetwork-demo").glob("run-*"))
+    assert (tmp_path / "hypernetwork-demo" / "latest").resolve() == run.resolve()
+    # the README's next command, verbatim but smaller: the demo's network by name, suffix included
+    monkeypatch.chdir(tmp_path)
+    small = ["--steps", "2", "--width", "64", "--height", "64", "--quiet"]
+    assert main(["generate", "a red circle <hypernet:demo-trained.safetensors:0.8>", *small, "-o", "a.png"]) == 0
+    assert main(["generate", "a red circle <hypernet:demo-trained>", *small, "-o", "b.png"]) == 0
+    note = capsys.readouterr().err
+    assert "write demo-trained.pt or demo-trained.safetensors to choose" in note and "warning" not in note
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["stopped"] == "finished"
     for name in ("multiplier-grid.png", "loss.png", "networks/demo-trained.safetensors", "networks/demo-trained.pt"):
@@ -240,7 +250,7 @@ def test_demo_runs_end_to_end(tmp_path):
         "0", "0.25", "0.5", "0.75", "1"
     }  # fmt: skip
     printed, errors = finished.stdout, finished.stderr
-    assert "multiplier grid:" in printed and str(run) in printed and "night style" in printed
+    assert "multiplier grid:" in printed and run.name in printed and "night style" in printed
     assert "layer structure:" not in printed  # the untrained network's inspect block
     assert "Rendering the multiplier grid" in errors and "Training hypernetwork" in errors  # progress bars
     assert "[transformers]" not in errors and "torchvision" not in errors

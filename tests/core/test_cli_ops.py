@@ -201,11 +201,33 @@ def test_bake_refuses_nonlinear_unless_approximate(tiny_folder, tmp_path, capsys
     assert code == 2 and "not affine" in out.err and "--approximate" in out.err
     code, out = run_cli("bake", tiny_folder, network, "-o", tmp_path / "x", "--approximate", capsys=capsys)
     assert code == 0 and "affine fit of nonlinear modules: worst relative error" in out.out
+    worst_fit = float(out.out.split("worst relative error ")[1].split()[0])
+    # every layer's figure measures the fitted map against the network itself: none is 0, the mean is no outlier
+    largest, mean = _max_error(out.out), _mean_error(out.out)
+    assert 0 < mean <= largest and worst_fit / 3 < largest < worst_fit * 3
+
+
+def test_export_lora_of_a_fitted_network_reports_its_error_against_the_network(tiny_folder, tmp_path, capsys):
+    network = hx.save(visible(hx.create([48, 32, 64], (1, 2, 1), "relu", seed=2), 2), tmp_path / "relu.pt")
+    output = tmp_path / "relu-lora.safetensors"
+    code, out = run_cli("export-lora", network, "--model", tiny_folder, "-o", output, "--approximate", capsys=capsys)
+    code_bake, baked = run_cli("bake", tiny_folder, network, "-o", tmp_path / "b", "--approximate", capsys=capsys)
+    assert code == code_bake == 0
+    assert 0 < _mean_error(out.out) <= _max_error(out.out)
+    # full rank carries what the fold carries except the value-side shift: never closer to the network
+    assert _max_error(out.out) >= 0.9 * _max_error(baked.out) and _mean_error(out.out) >= 0.9 * _mean_error(baked.out)
+
+
+def _per_layer(printed: str) -> str:
+    return next(line for line in printed.splitlines() if "per layer" in line)
 
 
 def _max_error(printed: str) -> float:
-    line = next(line for line in printed.splitlines() if "per layer" in line)
-    return float(line.split("max ")[1].split(",")[0])
+    return float(_per_layer(printed).split("max ")[1].split(",")[0])
+
+
+def _mean_error(printed: str) -> float:
+    return float(_per_layer(printed).split("mean ")[1])
 
 
 def test_export_lora_loads_in_diffusers_and_matches(tiny_folder, tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 
 import hypernetwork_ext as hx
 from hypernetwork_ext.errors import InvalidConfigError, PathEscapeError, UnknownNetworkError
-from hypernetwork_ext.library import MAX_TAGS, Library, fit_problem
+from hypernetwork_ext.library import MAX_TAGS, Library, distinct_names, fit_problem
 from tests.support.bounds import bounded  # noqa: F401 (fixture)
 
 
@@ -77,6 +77,57 @@ def test_subfolder_paths(library):
     assert library.resolve("styles/deep/anime").entry.suffix == ".safetensors"
     assert library.resolve("styles\\Watercolor").entry.name == "Watercolor"
     assert library.resolve("styles/Watercolor.safetensors").entry.name == "Watercolor"
+
+
+def test_a_name_with_its_suffix_resolves(library):
+    assert library.resolve("anime.pt").entry.relpath + library.resolve("anime.pt").entry.suffix == "anime.pt"
+    assert library.resolve("ink.safetensors").entry.suffix == ".safetensors"
+    assert library.resolve("Ink.pt").entry.relpath == "Ink"
+
+
+def test_one_name_in_two_formats_gets_a_note_that_can_be_followed(tmp_path):
+    root = tmp_path / "networks"
+    hx.save(small(seed=1, name="demo-trained"), root / "demo-trained.safetensors")
+    hx.save(small(seed=1, name="demo-trained"), root / "demo-trained.pt")
+    library = Library([str(root)])
+    note = library.resolve("demo-trained").note
+    assert "write demo-trained.pt or demo-trained.safetensors to choose" in note
+    for offered in ("demo-trained.pt", "demo-trained.safetensors"):  # each offered name picks its file
+        entry = library.resolve(offered).entry
+        assert entry.name + entry.suffix == offered and library.resolve(offered).note is None
+
+
+def test_one_name_in_two_folders_gets_a_note_that_says_which_wins(tmp_path):
+    first, second = tmp_path / "models", tmp_path / "demo"
+    hx.save(small(seed=1), first / "ink.safetensors")
+    hx.save(small(seed=2), second / "ink.safetensors")
+    resolution = Library([str(first), str(second)]).resolve("ink.safetensors")
+    assert resolution.entry.root == str(first)
+    assert resolution.note == (
+        f"'ink.safetensors' matches {first / 'ink.safetensors'}, {second / 'ink.safetensors'}; "
+        f"used {first / 'ink.safetensors'} (the first folder's file wins; rename one to choose)"
+    )
+
+
+def test_distinct_names_tell_every_file_apart(library, folder):
+    names = distinct_names(library.entries)
+    assert sorted(names) == ["Ink", "Watercolor", "anime", "ink", "styles/deep/anime"]
+    hx.save(small(seed=6), folder / "anime.safetensors")  # the same path in two formats
+    names = distinct_names(library.refresh())
+    assert sorted(names) == ["Ink", "Watercolor", "anime.pt", "anime.safetensors", "ink", "styles/deep/anime"]
+    for name, entry in names.items():  # every label resolves to its own file
+        assert library.resolve(name).entry == entry
+
+
+def test_unknown_names_name_the_folders_searched_missing_ones_too(folder, tmp_path):
+    missing = tmp_path / "models" / "hypernetworks"
+    library = Library([str(missing), str(folder)])
+    with pytest.raises(UnknownNetworkError) as caught:
+        library.resolve("nosuch")
+    assert f"in {folder} ({missing} does not exist)" in str(caught.value)
+    with pytest.raises(UnknownNetworkError) as caught:
+        Library([str(missing)]).resolve("demo")
+    assert str(caught.value) == f"no hypernetwork named 'demo' (searched nothing: {missing} does not exist)"
 
 
 @pytest.mark.parametrize(

@@ -440,3 +440,32 @@ def test_previews_show_the_training_batch_not_the_validation_caption(tmp_path, l
     assert {captions[i] for i in held_out}.isdisjoint(r.prompt for r in requests)
     assert [r.prompt for r in requests] == [p.last_prompt for p in progress]
     assert all(r.prompt in captions for r in requests)
+
+
+def test_a_run_shorter_than_the_preview_interval_still_leaves_its_card_a_preview(tmp_path, ldm_model, data):
+    """A finished run of fewer steps than create_image_every draws one preview at its last step, so
+    the new network's card has a picture; an interrupted one does not wait for a preview."""
+    from PIL import Image
+
+    requests = []
+
+    def draw(request):
+        requests.append(request)
+        return Image.new("RGB", (request.width, request.height), (10, 20, 30))
+
+    backend = LdmBackend(ldm_model, preview_generator=draw)
+    result = train(new_network(tmp_path), backend, config(tmp_path, data, steps=2, create_image_every=500))
+    assert result.stopped == "finished" and len(requests) == 1 and len(result.previews) == 1
+    assert result.preview_path == str(tmp_path / "style-2.preview.png")
+    assert Image.open(result.preview_path).getpixel((0, 0)) == (10, 20, 30)
+
+    steps = []
+    stopped = train(
+        new_network(tmp_path, name="other"),
+        backend,
+        config(tmp_path, data, steps=20, create_image_every=500, hypernetwork_name="other"),
+        TrainingCallbacks(on_progress=steps.append, should_stop=lambda: len(steps) >= 1),
+        progress_bar=False,
+    )
+    assert stopped.stopped == "interrupted" and stopped.step == 1
+    assert stopped.preview_path is None and len(requests) == 1

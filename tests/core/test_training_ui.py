@@ -111,3 +111,19 @@ def test_lists_are_fresh_when_the_page_loads(tiny_tab, tmp_path):
     assert len(on_load) == 1
     network_update, _templates, _presets = on_load[0].fn()
     assert network_update["choices"] == ["later"]
+
+
+def test_the_poll_shows_no_pending_state_and_the_chart_fits_its_column(tmp_path):
+    """The progress, chart and gallery are refreshed every second: with gradio's pending state they
+    kept an orange outline for as long as the page was open (A1111). The chart stretched to 480 px
+    whatever its column, cutting its line and label there."""
+    services = TrainingServices(hypernetwork_dir=str(tmp_path), make_backend=NoBackend())
+    with gr.Blocks() as blocks:
+        build_training_tab(TrainingJobs(services), blocks=blocks)
+    config = blocks.get_config_file()
+    ids = {c["id"]: c["props"].get("elem_id") for c in config["components"]}
+    polls = [d for d in config["dependencies"] if "hnx_train_progress" in {ids.get(o) for o in d["outputs"]}]
+    assert polls and all(d["show_progress"] == "hidden" for d in polls)
+    chart = loss_chart_html([(step, 1.0 / step) for step in range(1, 21)])
+    assert "width: 100%" in chart and "preserveAspectRatio='none'" in chart and " width='" not in chart
+    assert "non-scaling-stroke" in chart and "class='hnx-loss-label'" in chart

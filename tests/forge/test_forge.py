@@ -132,7 +132,7 @@ def test_editor_and_api_on_gradio_4(forge):
 def test_the_same_row_layout_is_the_same_tensor():
     """The patch runs at every attention call; one tensor per layout lets the rewriter's per-step
     caches (row flags, active stages) hit instead of being rebuilt at every layer."""
-    from hypernetwork_ext.hosts.forge import uncond_rows
+    from hypernetwork_ext.patches import uncond_rows
 
     with torch.inference_mode():  # where Forge samples
         first = uncond_rows({"cond_or_uncond": [1, 0]}, 4)

@@ -26,7 +26,9 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-EXTENSION_FOLDER = "sd-webui-hypernetworks"
+# The folder under extensions/; another name (HNX_EXTENSION_FOLDER) lets a second checkout be tested
+# in a host without touching the suite's usual one.
+EXTENSION_FOLDER = os.environ.get("HNX_EXTENSION_FOLDER", "").strip() or "sd-webui-hypernetworks"
 SUITE_MARKER = "hnx-host-suite"  # in the clone's .git: the suite may replace a clone it made itself
 ENV_DIR, ENV_URL, ENV_LAUNCH = "HNX_HOST_DIR", "HNX_HOST_URL", "HNX_HOST_LAUNCH"
 ENV_ARTIFACTS = "HNX_HOST_ARTIFACTS"

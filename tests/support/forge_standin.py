@@ -8,7 +8,9 @@ Names and behaviour from lllyasviel/stable-diffusion-webui-forge (dfdcbab): ``ba
 the inputs of ``to_q``/``to_k``/``to_v``; ``extra_options`` carries ``block``, ``block_index``,
 ``cond_or_uncond``, ``n_heads``, ``dim_head``). reForge's ``ldm_patched`` patcher has the same calls.
 
-The UNet is the real ldm ``UNetModel``; each transformer block is run the way Forge's block runs.
+The UNet is the real ldm ``UNetModel``; each transformer block is run the way Forge's block runs,
+adding its outputs in place as Forge does (reForge: out of place). The model Forge loads, its
+memory manager and LoRA merging are in ``forge_engine.py``.
 """
 
 from __future__ import annotations
@@ -84,18 +86,53 @@ class ForgeModel:
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
 
 
-def install(monkeypatch) -> None:
-    base = module("backend.patcher.base", ModelPatcher=ModelPatcher)
-    unet = module("backend.patcher.unet", UnetPatcher=UnetPatcher)
-    patcher_package = module("backend.patcher", __path__=[], base=base, unet=unet)
-    backend = module("backend", __path__=[], patcher=patcher_package)
-    for name, value in {
-        "backend": backend,
-        "backend.patcher": patcher_package,
-        "backend.patcher.base": base,
-        "backend.patcher.unet": unet,
-    }.items():
+FORGE_MODULES = ("backend", "backend.patcher", "backend.patcher.base", "backend.patcher.unet")
+REFORGE_MODULES = ("modules_forge", "modules_forge.unet_patcher")
+
+
+def install(monkeypatch, *, reforge: bool = False, memory=None) -> None:
+    """Forge's modules (``backend.patcher.*``, ``backend.memory_management``) or reForge's
+    (``modules_forge.unet_patcher``, ``ldm_patched.modules.model_management``); ``memory`` is the
+    memory manager (tests/support/forge_engine.py) when the test has one."""
+    if reforge:
+        unet = module("modules_forge.unet_patcher", UnetPatcher=UnetPatcher)
+        names = {
+            "modules_forge": module("modules_forge", __path__=[], unet_patcher=unet),
+            "modules_forge.unet_patcher": unet,
+        }
+        if memory is not None:
+            management = _memory_module("ldm_patched.modules.model_management", memory)
+            ldm_modules = module("ldm_patched.modules", __path__=[], model_management=management)
+            names.update(
+                {
+                    "ldm_patched": module("ldm_patched", __path__=[], modules=ldm_modules),
+                    "ldm_patched.modules": ldm_modules,
+                    "ldm_patched.modules.model_management": management,
+                }
+            )
+    else:
+        base = module("backend.patcher.base", ModelPatcher=ModelPatcher)
+        unet = module("backend.patcher.unet", UnetPatcher=UnetPatcher)
+        patcher_package = module("backend.patcher", __path__=[], base=base, unet=unet)
+        backend = module("backend", __path__=[], patcher=patcher_package)
+        names = {"backend": backend, "backend.patcher": patcher_package, "backend.patcher.base": base}
+        names["backend.patcher.unet"] = unet
+        if memory is not None:
+            names["backend.memory_management"] = backend.memory_management = _memory_module(
+                "backend.memory_management", memory
+            )
+    for name, value in names.items():
         monkeypatch.setitem(sys.modules, name, value)
+
+
+def _memory_module(name: str, memory):
+    return module(
+        name,
+        load_models_gpu=memory.load_models_gpu,
+        load_model_gpu=memory.load_model_gpu,
+        unload_all_models=memory.unload_all_models,
+        current_loaded_models=memory.current_loaded_models,
+    )
 
 
 def _attention(attn, n, context, value):
@@ -110,7 +147,16 @@ def _attention(attn, n, context, value):
     return attn.to_out(out.transpose(1, 2).reshape(n.shape[0], n.shape[1], -1))
 
 
-def _forge_block(block, state):
+def _forge_block(block, state, in_place: bool):
+    """``BasicTransformerBlock._forward``: Forge adds each output in place (``x += n``) to the
+    tensor its norms read; reForge (ldm_patched) adds out of place."""
+
+    def add(x, n):
+        if in_place:
+            x += n
+            return x
+        return n + x
+
     def forward(x, context=None):
         to = state["transformer_options"]
         patches = to.get("patches", {})
@@ -126,53 +172,75 @@ def _forge_block(block, state):
             value_attn1 = context_attn1
             for p in patches["attn1_patch"]:
                 n, context_attn1, value_attn1 = p(n, context_attn1, value_attn1, extra)
-        x = _attention(block.attn1, n, context_attn1, value_attn1) + x
+        x = add(x, _attention(block.attn1, n, context_attn1, value_attn1))
         n = block.norm2(x)
         context_attn2, value_attn2 = context, None
         if "attn2_patch" in patches:
             value_attn2 = context_attn2
             for p in patches["attn2_patch"]:
                 n, context_attn2, value_attn2 = p(n, context_attn2, value_attn2, extra)
-        x = _attention(block.attn2, n, context_attn2, value_attn2) + x
-        return block.ff(block.norm3(x)) + x
+        x = add(x, _attention(block.attn2, n, context_attn2, value_attn2))
+        skip = x
+        return add(block.ff(block.norm3(x)), skip)
 
     return forward
 
 
-class ForgeUnetRunner:
-    """Runs the real ldm UNet with Forge's transformer-block behaviour and ``transformer_options``."""
+def forge_unet(unet: nn.Module, *, in_place: bool = True) -> nn.Module:
+    """Give a real ldm ``UNetModel`` the behaviour of Forge's ``IntegratedUNet2DConditionModel``:
+    ``forward(x, timesteps, context, y, control, transformer_options)``, ``transformer_options``
+    carrying the running block (``block``, ``block_index``, ``original_shape``) to every
+    transformer block, and Forge's transformer blocks (``_forge_block``)."""
+    from ldm.modules.attention import BasicTransformerBlock
 
-    def __init__(self, unet: nn.Module):
-        from ldm.modules.attention import BasicTransformerBlock
+    state: dict = {"transformer_options": {}, "blocks_seen": []}
 
-        self.unet = unet
-        self.state: dict = {"transformer_options": {}}
-        self.calls: list[dict] = []
-        self.blocks_seen: list[tuple] = []
-        for index, block in enumerate(unet.input_blocks):
-            block.register_forward_pre_hook(self._set_block("input", index))
-        unet.middle_block.register_forward_pre_hook(self._set_block("middle", 0))
-        for index, block in enumerate(unet.output_blocks):
-            block.register_forward_pre_hook(self._set_block("output", index))
-        for block in unet.modules():
-            if isinstance(block, BasicTransformerBlock):
-                block.forward = _forge_block(block, self.state)
-
-    def _set_block(self, kind, index):
+    def set_block(kind, index):
         def hook(module, args):
-            self.state["transformer_options"]["block"] = (kind, index)
-            self.blocks_seen.append((kind, index))
-            self.state["transformer_options"]["block_index"] = 0
+            state["transformer_options"]["block"] = (kind, index)
+            state["transformer_options"]["block_index"] = 0
+            state["blocks_seen"].append((kind, index))
 
         return hook
+
+    for index, block in enumerate(unet.input_blocks):
+        block.register_forward_pre_hook(set_block("input", index))
+    unet.middle_block.register_forward_pre_hook(set_block("middle", 0))
+    for index, block in enumerate(unet.output_blocks):
+        block.register_forward_pre_hook(set_block("output", index))
+    for block in unet.modules():
+        if isinstance(block, BasicTransformerBlock):
+            block.forward = _forge_block(block, state, in_place)
+
+    def forward(x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
+        options = {} if transformer_options is None else transformer_options
+        options["original_shape"] = list(x.shape)
+        state["transformer_options"] = options
+        return type(unet).forward(unet, x, timesteps, context, y)
+
+    unet.forward = forward
+    unet.forge_state = state
+    return unet
+
+
+class ForgeUnetRunner:
+    """Runs the UNet as Forge's sampling does: the sampling patcher's ``transformer_options`` with
+    the batch layout, for the generation tests (which drive the UNet without a memory manager)."""
+
+    def __init__(self, unet: nn.Module):
+        self.unet = forge_unet(unet)
+        self.calls: list[dict] = []
+
+    @property
+    def blocks_seen(self) -> list[tuple]:
+        return self.unet.forge_state["blocks_seen"]
 
     def run(self, p):
         def call(x, t, context):
             patcher = p.sd_model.forge_objects.unet
             to = dict(patcher.model_options["transformer_options"])
             to["cond_or_uncond"] = [0, 1] if x.shape[0] % 2 == 0 and x.shape[0] > 1 else [0]
-            self.state["transformer_options"] = to
             self.calls.append(to)
-            return self.unet(x, t, context=context)
+            return self.unet(x, t, context=context, transformer_options=to)
 
         return call

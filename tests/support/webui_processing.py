@@ -19,6 +19,7 @@ solver runs does not matter to the extension).
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 import threading
 import time
@@ -294,7 +295,15 @@ class SdModelData:
         self.lock = threading.Lock()
 
 
-def make_sd_models(shared):
+class FakeInitialModel:
+    """Forge's ``model_data.sd_model`` until its first generation loads the chosen checkpoint."""
+
+    cond_stage_model = None
+
+
+def make_sd_models(shared, *, forge: bool = False):
+    """``modules.sd_models``; with ``forge``, Forge's lazy loading: the checkpoint chosen
+    (``forge_pending``) is loaded by ``forge_model_reload``, which generations call first."""
     from tests.support.webui_standin import module
 
     sd_models = module(
@@ -322,9 +331,23 @@ def make_sd_models(shared):
             sd_models.switches.append(checkpoint_info.title)
         return loaded
 
+    def forge_model_reload():
+        pending = sd_models.forge_pending
+        if pending is None:
+            return sd_models.model_data.sd_model, False
+        sd_models.forge_pending = None
+        shared.sd_model = sd_models.model_data.sd_model = pending
+        sd_models.on_forge_load(pending)
+        return pending, True
+
     sd_models.register = register
     sd_models.select_checkpoint = select_checkpoint
     sd_models.reload_model_weights = reload_model_weights
+    if forge:
+        sd_models.model_data.sd_model = FakeInitialModel()
+        sd_models.forge_pending = None
+        sd_models.on_forge_load = lambda sd_model: None
+        sd_models.forge_model_reload = forge_model_reload
     return sd_models
 
 
@@ -418,6 +441,8 @@ def make_processing(host, base_class):
 
     def process_images(p):
         stored = {k: shared.opts.data[k] for k in p.override_settings if k in shared.opts.data}
+        if host.forge and not host.reforge:  # Forge's manage_model_and_prompt_cache: the chosen checkpoint loads now
+            p.sd_model, _reloaded = sd_models.forge_model_reload()
         try:
             if sd_models.checkpoint_aliases.get(p.override_settings.get("sd_model_checkpoint")) is None:
                 p.override_settings.pop("sd_model_checkpoint", None)
@@ -434,6 +459,14 @@ def make_processing(host, base_class):
                     setattr(shared.opts, k, v)
 
     def process_images_inner(p):
+        """Forge and reForge run the loop inside ``torch.inference_mode()`` and, before each
+        sampling, reset the model's patchers to the post-Lora copy."""
+        with torch.inference_mode() if host.forge else contextlib.nullcontext():
+            return _process_images_inner(p)
+
+    def _process_images_inner(p):
+        if host.reforge:  # reForge reads its "advanced model sampling" script's arguments unchecked
+            next((s for s in p.scripts.alwayson_scripts if s.name == "advanced model sampling for reforge"), None)
         state = shared.state
         seed = get_fixed_seed(p.seed)
         p.all_prompts = [p.prompt] * p.batch_size * p.n_iter
@@ -452,6 +485,8 @@ def make_processing(host, base_class):
             p.prompts, p.extra_network_data = e.parse_prompts(p.prompts)
             if not p.disable_extra_networks:
                 e.activate(p, p.extra_network_data)
+            if host.forge:
+                p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
             if p.scripts is not None:
                 for script in p.scripts.script_instances:
                     script.process_before_every_sampling(p, x=None, noise=None, c=None, uc=None)

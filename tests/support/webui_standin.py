@@ -266,6 +266,16 @@ def make_script_callbacks(errors: Errors) -> types.ModuleType:
             except Exception:
                 errors.report(f"Error executing callback {category} for {c.script}", exc_info=True)
 
+    def ui_tabs():
+        """Each callback's (blocks, label, id) tabs, in order; a failing one is reported and skipped."""
+        tabs = []
+        for c in list(callback_map["callbacks_ui_tabs"]):
+            try:
+                tabs += c.callback() or []
+            except Exception:
+                errors.report(f"Error executing callback ui_tabs for {c.script}", exc_info=True)
+        return tabs
+
     def registration(category):
         def register(callback, *, name=None):
             add_callback(callback_map[f"callbacks_{category}"], callback, name=name, category=category)
@@ -286,6 +296,7 @@ def make_script_callbacks(errors: Errors) -> types.ModuleType:
         cfg_denoiser_callback=lambda params: fire("cfg_denoiser", params),
         infotext_pasted_callback=lambda infotext, params: fire("infotext_pasted", infotext, params),
         ui_train_tabs_callback=lambda params: fire("ui_train_tabs", params),
+        ui_tabs_callback=lambda: ui_tabs(),
         after_component_callback=lambda component, **kwargs: fire_component("after_component", component, kwargs),
         UiTrainTabParams=UiTrainTabParams,
         script_unloaded_callback=lambda: fire("script_unloaded", reverse=True),
@@ -723,6 +734,19 @@ class Script:
         pass
 
 
+class ScriptRunner:
+    """``modules.scripts.ScriptRunner``: the scripts one txt2img or img2img runs (here: always-on ones)."""
+
+    def __init__(self):
+        self.scripts = []
+        self.selectable_scripts = []
+        self.alwayson_scripts = []
+
+    @property
+    def script_instances(self):
+        return self.alwayson_scripts
+
+
 ScriptClassData = collections.namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
 
 
@@ -795,9 +819,10 @@ class StableDiffusionProcessing:
 class Host:
     """The stand-in's modules plus the host's sequence of calls (startup, reload, generation)."""
 
-    def __init__(self, monkeypatch, tmp_path, *, forge: bool = False):
+    def __init__(self, monkeypatch, tmp_path, *, forge: bool = False, reforge: bool = False):
         self.tmp_path = tmp_path
-        self.forge = forge
+        self.forge = forge or reforge
+        self.reforge = reforge
         self.errors = Errors()
         self.hypernetwork_dir = tmp_path / "models" / "hypernetworks"
         self.hypernetwork_dir.mkdir(parents=True)
@@ -841,13 +866,14 @@ class Host:
         self.scripts = module(
             "modules.scripts",
             Script=Script,
+            ScriptRunner=ScriptRunner,
             AlwaysVisible=AlwaysVisible,
             ScriptClassData=ScriptClassData,
             scripts_data=[],
             basedir=lambda: ROOT,
         )
         self.scripts.scripts_data.append(ScriptClassData(xyz_script, "scripts/xyz_grid.py", ROOT, self.xyz))
-        self.sd_models = wp.make_sd_models(self.shared)
+        self.sd_models = wp.make_sd_models(self.shared, forge=forge and not reforge)
         self.sd_samplers = wp.make_sd_samplers()
         self.progress = wp.make_progress(self.shared)
         self.call_queue = wp.make_call_queue(self.shared, self.progress)
@@ -906,44 +932,53 @@ class Host:
         self.script_callbacks.before_ui_callback()
         self.script_callbacks.ui_settings_callback()
 
+    def _host_component(self, component_class, *args, **kwargs):
+        """A component as the host's patched gradio constructors make it: ``after_component`` fires."""
+        component = component_class(*args, **kwargs)
+        self.script_callbacks.after_component_callback(component, **kwargs)
+        return component
+
+    def _txt2img_preview_components(self) -> list:
+        """The txt2img controls A1111 hands to Train tabs (and Forge has with the same elem_ids)."""
+        host = self._host_component
+        return [
+            host(gr.Textbox, label="Prompt", elem_id="txt2img_prompt", value="a red cube"),
+            host(gr.Textbox, label="Negative prompt", elem_id="txt2img_neg_prompt", value="blurry"),
+            host(gr.Slider, minimum=1, maximum=150, step=1, label="Sampling steps", value=3, elem_id="txt2img_steps"),
+            host(
+                gr.Dropdown,
+                label="Sampling method",
+                elem_id="txt2img_sampling",
+                choices=["Euler a"],
+                value="Euler a",
+            ),
+            host(
+                gr.Slider,
+                minimum=1.0,
+                maximum=30.0,
+                step=0.5,
+                label="CFG Scale",
+                value=5.0,
+                elem_id="txt2img_cfg_scale",
+            ),
+            host(gr.Number, label="Seed", value=11, elem_id="txt2img_seed", precision=0),
+            host(gr.Slider, minimum=64, maximum=2048, step=8, label="Width", value=64, elem_id="txt2img_width"),
+            host(gr.Slider, minimum=64, maximum=2048, step=8, label="Height", value=80, elem_id="txt2img_height"),
+        ]
+
+    def build_ui_tabs(self):
+        """``modules.ui.create_ui`` on Forge: the txt2img controls, then ``ui_tabs_callback``'s tabs."""
+        with gr.Blocks(analytics_enabled=False):
+            preview = self._txt2img_preview_components()
+        return self.script_callbacks.ui_tabs_callback(), preview
+
     def build_train_interface(self):
         """``modules.ui.create_ui``'s txt2img preview components and Train tab: the host's own
         hypernetwork controls (firing ``after_component`` as its patched gradio constructors do),
         then ``ui_train_tabs_callback`` inside ``gr.Tabs(elem_id="train_tabs")``."""
-        fire = self.script_callbacks.after_component_callback
-
-        def host(component_class, *args, **kwargs):
-            component = component_class(*args, **kwargs)
-            fire(component, **kwargs)
-            return component
-
+        host = self._host_component
         with gr.Blocks(analytics_enabled=False) as interface:
-            preview = [
-                host(gr.Textbox, label="Prompt", elem_id="txt2img_prompt", value="a red cube"),
-                host(gr.Textbox, label="Negative prompt", elem_id="txt2img_neg_prompt", value="blurry"),
-                host(
-                    gr.Slider, minimum=1, maximum=150, step=1, label="Sampling steps", value=3, elem_id="txt2img_steps"
-                ),
-                host(
-                    gr.Dropdown,
-                    label="Sampling method",
-                    elem_id="txt2img_sampling",
-                    choices=["Euler a"],
-                    value="Euler a",
-                ),
-                host(
-                    gr.Slider,
-                    minimum=1.0,
-                    maximum=30.0,
-                    step=0.5,
-                    label="CFG Scale",
-                    value=5.0,
-                    elem_id="txt2img_cfg_scale",
-                ),
-                host(gr.Number, label="Seed", value=11, elem_id="txt2img_seed", precision=0),
-                host(gr.Slider, minimum=64, maximum=2048, step=8, label="Width", value=64, elem_id="txt2img_width"),
-                host(gr.Slider, minimum=64, maximum=2048, step=8, label="Height", value=80, elem_id="txt2img_height"),
-            ]
+            preview = self._txt2img_preview_components()
             with gr.Tabs(elem_id="train_tabs"):
                 with gr.Tab(label="Create hypernetwork", id="create_hypernetwork"):
                     host(gr.Textbox, label="Name", elem_id="train_new_hypernetwork_name")
@@ -985,6 +1020,11 @@ class Host:
             p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
         for script in self.script_instances:
             script.process_before_every_sampling(p, x=None, noise=None, c=None, uc=None)
+
+    @property
+    def alwayson_scripts(self):
+        """The host as its txt2img ScriptRunner: the extension's script is always on."""
+        return self.script_instances
 
     @property
     def extension(self):

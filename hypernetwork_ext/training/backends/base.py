@@ -1,7 +1,8 @@
 """What the trainer needs from a model, and how the host's model is put back exactly as it was.
 
 A backend turns images into latents, captions into conditioning, and runs the denoiser; it also
-names the module the network attaches to (the UNet), the noise schedule and the prediction type.
+names the module the network attaches to (the UNet), the noise schedule and the prediction type,
+and says how the network is attached while it learns (hooks on to_k/to_v by default).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ...attach import apply
 
 Conditioning = torch.Tensor | dict[str, torch.Tensor]
 
@@ -44,6 +47,17 @@ class TrainingBackend:
     checkpoint_name: str | None = None
     checkpoint_hash: str | None = None
     preview_generator: PreviewGenerator | None = None
+    #: The host's memory manager decides where the weights live (Forge, reForge): the engine then
+    #: leaves devices and dtypes to it instead of putting them back as it found them.
+    host_places_weights: bool = False
+
+    def session(self) -> contextlib.AbstractContextManager:
+        """Around the whole run, before the host's model state is recorded (default: nothing)."""
+        return contextlib.nullcontext()
+
+    def attach(self, network: nn.Module) -> contextlib.AbstractContextManager:
+        """The network acting on the UNet while it learns (and while previews are drawn)."""
+        return apply(self.unet, [network])
 
     def alphas_cumprod(self) -> torch.Tensor:
         raise NotImplementedError
@@ -80,7 +94,9 @@ class ModelGuard:
 
     _CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
 
-    def __init__(self, modules: Sequence[nn.Module]):
+    def __init__(self, modules: Sequence[nn.Module], *, placement: bool = True):
+        """``placement``: also put devices and dtypes back (off where the host's memory manager owns them)."""
+        self.placement = placement
         seen: dict[int, nn.Module] = {}
         for root in modules:
             for module in root.modules():
@@ -104,7 +120,7 @@ class ModelGuard:
         parameters would get no gradient through it."""
         for _module, _name, tensor, *_ in self._tensors:
             if isinstance(tensor, nn.Parameter):
-                tensor.requires_grad_(False)
+                _set_requires_grad(tensor, False)
         for module, flag, _value in self._flags:
             setattr(module, flag, False)
 
@@ -121,10 +137,10 @@ class ModelGuard:
                     module._parameters[name] = tensor
                 else:
                     module._buffers[name] = tensor
-            if tensor.device != device or tensor.dtype != dtype:
+            if self.placement and (tensor.device != device or tensor.dtype != dtype):
                 tensor.data = tensor.data.to(device=device, dtype=dtype)
             if isinstance(tensor, nn.Parameter) and tensor.requires_grad != requires_grad:
-                tensor.requires_grad_(requires_grad)
+                _set_requires_grad(tensor, requires_grad)
         for module, flag, value in self._flags:
             setattr(module, flag, value)
 
@@ -135,3 +151,10 @@ class ModelGuard:
             yield self
         finally:
             self.restore()
+
+
+def _set_requires_grad(tensor: torch.Tensor, flag: bool) -> None:
+    """Forge and reForge load and move weights inside inference mode: the flag of such a tensor
+    may only be set there."""
+    with torch.inference_mode(tensor.is_inference()):
+        tensor.requires_grad_(flag)
