@@ -91,7 +91,9 @@ def install_extension(config: HostConfig) -> str:
     target = config.extension_dir
     copies = other_copies(config)
     if copies:
-        raise RuntimeError(f"another copy of this extension is enabled in the host: {', '.join(copies)}; remove it first")
+        raise RuntimeError(
+            f"another copy of this extension is enabled in the host: {', '.join(copies)}; remove it first"
+        )
     if target.exists():
         if not (target / ".git" / SUITE_MARKER).exists():
             raise RuntimeError(f"{target} exists and was not made by this suite; move it away first")
