@@ -89,6 +89,11 @@ def install_extension(config: HostConfig) -> str:
     *Extensions → Install from URL* does; returns the commit. Refuses to replace a folder of that
     name that this suite did not clone."""
     target = config.extension_dir
+    copies = other_copies(config)
+    if copies:
+        raise RuntimeError(
+            f"another copy of this extension is enabled in the host: {', '.join(copies)}; remove it first"
+        )
     if target.exists():
         if not (target / ".git" / SUITE_MARKER).exists():
             raise RuntimeError(f"{target} exists and was not made by this suite; move it away first")
@@ -96,6 +101,19 @@ def install_extension(config: HostConfig) -> str:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
     (target / ".git" / SUITE_MARKER).write_text("cloned by tests/hosts\n")
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=target, check=True, capture_output=True, text=True).stdout
+
+
+def other_copies(config: HostConfig) -> list[str]:
+    """Enabled extensions other than the suite's clone that hold this package: with two copies the host
+    loads the extension twice, and nothing the suite measures is about one copy."""
+    settings = config.folder / "config.json"
+    disabled = set(json.loads(settings.read_text()).get("disabled_extensions", [])) if settings.is_file() else set()
+    extensions = config.folder / "extensions"
+    return sorted(
+        folder.name
+        for folder in (extensions.iterdir() if extensions.is_dir() else ())
+        if folder.name not in disabled | {EXTENSION_FOLDER} and (folder / "hypernetwork_ext" / "__init__.py").is_file()
+    )
 
 
 def remove_extension(config: HostConfig) -> None:

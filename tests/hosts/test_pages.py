@@ -6,47 +6,24 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 
 import pytest
 from PIL.PngImagePlugin import PngInfo
 
+from tests.hosts import browser
 from tests.hosts import suite_files as files
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-UI_TIMEOUT = 300_000  # ms: a busy CPU host builds its UI and answers slowly
+from tests.hosts.browser import open_page
 
 
 @pytest.fixture(scope="module")
 def page(suite):
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"the page tests drive Debian's Chromium at {CHROMIUM}")
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
-        page.set_default_timeout(UI_TIMEOUT)
-        page.goto(suite.config.url)
-        page.wait_for_selector("#txt2img_prompt textarea")
+    with open_page(suite.config.url) as page:
         yield page
-        browser.close()
 
 
 def screenshot(suite, page, name: str) -> None:
-    folder = suite.config.artifacts / "screenshots"
-    folder.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+    browser.screenshot(suite.config.artifacts, page, name)
 
 
 def open_cards(page):
