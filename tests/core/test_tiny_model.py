@@ -3,10 +3,8 @@ the measurement reads pictures correctly, and the script that made it runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,20 +14,15 @@ from hypernetwork_ext import procedural
 from hypernetwork_ext.recognise import judge, parse_caption, score, style_share
 from hypernetwork_ext.tiny import TINY_VARIANTS, WEIGHTS_PATH, build_tiny_components, build_tokenizer, load_weights
 from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
+from tests.support.scripts import script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "train_tiny_model.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_tiny_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module(SCRIPT, "train_tiny_model") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_the_measurement_reads_every_drawn_scene_correctly():

@@ -5,27 +5,20 @@ The measurements are those of benchmarks/efficacy.py, on a small budget of steps
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
+from tests.support.scripts import script_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "efficacy.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_efficacy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with script_module(SCRIPT, "bench_efficacy") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 @pytest.fixture(scope="module")
