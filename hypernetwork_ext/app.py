@@ -14,6 +14,7 @@ import hashlib
 import html
 import json
 import os
+import random
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from .errors import HypernetworkError
 from .generate import GenerationSettings
 from .library import Library, distinct_names
 from .pipelines import ModelSource, load_model
+from .samplers import SAMPLERS, sampler_name
+from .shape import model_shape
 from .syntax import format_number
 from .training.jobs import TrainingJobs, TrainingServices
 from .ui.compat import launch_kwargs, update
@@ -41,6 +44,7 @@ class AppState:
     library: Library
     output_dir: str
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stop_generation: threading.Event = field(default_factory=threading.Event)
 
     def run_exclusive(self, work, job=None):
         with self.lock:
@@ -48,24 +52,57 @@ class AppState:
 
 
 # -- generate ---------------------------------------------------------------------------------------
-def generate_images(state: AppState, prompt, negative, steps, cfg, seed, width, height, batch):
-    """The Generate button: images, the infotext, and what went wrong with any tag."""
+def generate_images(
+    state: AppState, prompt, negative, steps, cfg, seed, width, height, batch, sampler="", on_step=None
+):
+    """The Generate button: images, the infotext, and what went wrong with any tag. A seed of -1
+    draws a random one (the infotext tells which); Interrupt stops after the current step."""
     try:
+        seed = int(seed)
         settings = GenerationSettings(
-            prompt or "", negative or "", int(steps), float(cfg), int(width), int(height), int(seed), int(batch)
+            prompt or "",
+            negative or "",
+            int(steps),
+            float(cfg),
+            int(width),
+            int(height),
+            random.randrange(2**32) if seed < 0 else seed,
+            int(batch),
+            sampler or "",
         )
         settings.check()
     except (HypernetworkError, ValueError, TypeError) as exc:
         return [], "", _messages([str(exc)])
     if not state.lock.acquire(blocking=False):
         return [], "", _messages(["the model is busy training; interrupt the training or wait for it to finish"])
+    state.stop_generation.clear()
+    reached = [0]
+
+    def step(done: int, total: int) -> None:
+        reached[0] = done
+        if on_step is not None:
+            on_step(done, total)
+
     try:
-        output = generate_with_tags(state.source, state.library, settings)
+        output = generate_with_tags(
+            state.source, state.library, settings, on_step=step, should_stop=state.stop_generation.is_set
+        )
     except HypernetworkError as exc:
         return [], "", _messages([str(exc)])
     finally:
         state.lock.release()
-    return output.images, output.infotext, _messages(output.problems, output.notes)
+    notes = list(output.notes)
+    if state.stop_generation.is_set() and reached[0] < settings.steps:
+        notes.append(f"interrupted after step {reached[0]} of {settings.steps}: the images are unfinished")
+    return output.images, output.infotext, _messages(output.problems, notes)
+
+
+def interrupt_generation(state: AppState) -> str:
+    """The Interrupt button: the running generation stops after its current step."""
+    if not state.lock.locked():
+        return _messages([], ["nothing is generating"])
+    state.stop_generation.set()
+    return _messages([], ["interrupting after the current step"])
 
 
 def _messages(problems, notes=()) -> str:
@@ -147,25 +184,50 @@ def _build_generate(state: AppState):
             )
             negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="hnx_app_negative")
             with gr.Row():
+                sampler = gr.Dropdown(
+                    list(SAMPLERS),
+                    value=sampler_name(state.source.pipe.scheduler),
+                    label="Sampler",
+                    elem_id="hnx_app_sampler",
+                )
                 steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="hnx_app_steps")
-                cfg = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale", elem_id="hnx_app_cfg")
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="hnx_app_seed")
+                cfg = gr.Slider(
+                    1.0, 30.0, value=_default_cfg(state.source), step=0.5, label="CFG scale", elem_id="hnx_app_cfg"
+                )
+            with gr.Row():
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="hnx_app_seed")
+                dice = gr.Button("\U0001f3b2 Random", elem_id="hnx_app_random_seed", scale=0)
             with gr.Row():
                 size = _default_size(state.source)
                 width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id="hnx_app_width")
                 height = gr.Slider(64, 2048, value=size, step=8, label="Height", elem_id="hnx_app_height")
                 batch = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="hnx_app_batch")
-            button = gr.Button("Generate", variant="primary", elem_id="hnx_app_generate")
+            with gr.Row():
+                button = gr.Button("Generate", variant="primary", elem_id="hnx_app_generate")
+                interrupt = gr.Button("Interrupt", elem_id="hnx_app_interrupt")
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Images", elem_id="hnx_app_gallery", columns=2)
             info = gr.Textbox(label="Parameters", lines=4, interactive=False, elem_id="hnx_app_infotext")
             messages = gr.HTML(elem_id="hnx_app_messages")
+
+    def run(prompt, negative, steps, cfg, seed, width, height, batch, sampler, progress=gr.Progress()):  # noqa: B008
+        def on_step(done: int, total: int) -> None:
+            progress((done, total), desc="Sampling", unit="steps")
+
+        return generate_images(state, prompt, negative, steps, cfg, seed, width, height, batch, sampler, on_step)
+
     button.click(
-        lambda *values: generate_images(state, *values),
-        inputs=[prompt, negative, steps, cfg, seed, width, height, batch],
+        run,
+        inputs=[prompt, negative, steps, cfg, seed, width, height, batch, sampler],
         outputs=[gallery, info, messages],
     )
+    interrupt.click(lambda: interrupt_generation(state), inputs=[], outputs=[messages])
+    dice.click(lambda: -1, inputs=[], outputs=[seed])
     return prompt
+
+
+def _default_cfg(source: ModelSource) -> float:
+    return 5.0 if source.path is None else 7.0  # the tiny model draws cleanest at 5
 
 
 def _default_size(source: ModelSource) -> int:
@@ -204,6 +266,7 @@ def _training_jobs(state: AppState) -> TrainingJobs:
         hypernetwork_dir=folder,
         make_backend=lambda: training_backend(state.source),
         model_family=lambda: state.source.family,
+        model_shape=lambda: model_shape(state.source.unet),
         run_exclusive=state.run_exclusive,
         on_saved=lambda path: state.library.refresh(),
         presets_dir=os.path.join(state.output_dir, "presets"),

@@ -599,31 +599,14 @@ def _setup_processes(args) -> str:
 
 
 def _demo(args) -> int:
-    from .workflows import run_demo
+    from .workflows import demo_report, run_demo
 
     steps = _limited_steps(args.steps)
     source = _load_source(args)
     result = run_demo(args.output, source, steps=steps, seed=args.seed, log=lambda text: print(text, flush=True))
     latest = _link_latest(args.output, result.folder)
-    summary = result.summary
     print()
-    print(
-        f"demo finished in {summary['total_seconds']} s ({summary['steps']} training steps, {summary['steps_per_second']} steps/s)"
-    )
-    print(
-        f"loss: {summary['loss_first_steps_mean']} over the first steps -> {summary['loss_last_steps_mean']} over the last"
-    )
-    if summary["validation_loss"]:
-        first, last = summary["validation_loss"][0], summary["validation_loss"][-1]
-        print(f"held-out loss: {first[1]} at step {first[0]} -> {last[1]} at step {last[0]}")
-    print(
-        "mean pixel difference from multiplier 0: "
-        + ", ".join(f"x{k}: {v}" for k, v in summary["mean_pixel_difference_from_multiplier_0"].items())
-    )
-    print(f"network: {result.network_path} (A1111 copy: {result.network_pt_path})")
-    print(f"multiplier grid: {result.grid_path}")
-    print(f"loss plot: {result.loss_plot_path}")
-    print(f"everything: {result.folder}" + (f" (also {latest}, where generate finds its networks)" if latest else ""))
+    print("\n".join(demo_report(result, latest)))
     return EXIT_OK
 
 
@@ -775,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--output", default=DEMO_OUTPUT, help="a new run-* folder is made in here, and 'latest' points to it"
     )
-    demo.add_argument("--steps", type=_positive, default=120)
+    demo.add_argument("--steps", type=_positive, default=600)
     demo.add_argument("--seed", type=int, default=0)
     _add_model_options(demo)
 

@@ -7,6 +7,7 @@ step windows and negative-pass factors exactly as the WebUI adapters do.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 
 from .attach import Attachment, NetworkSpec
 from .errors import InvalidConfigError
+from .samplers import using_sampler
 
 
 @dataclass
@@ -26,8 +28,13 @@ class GenerationSettings:
     height: int | None = None
     seed: int = 0
     batch_size: int = 1
+    sampler: str = ""  # an A1111 name of hypernetwork_ext.samplers.SAMPLERS; empty: the model's own
 
     def check(self) -> None:
+        from .samplers import SAMPLERS
+
+        if self.sampler and self.sampler not in SAMPLERS:
+            raise InvalidConfigError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if self.steps < 1:
             raise InvalidConfigError(f"steps must be at least 1, found {self.steps}")
         if self.batch_size < 1:
@@ -38,21 +45,36 @@ class GenerationSettings:
                 raise InvalidConfigError(f"{name} must be a multiple of 8, found {value}")
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Without transformers' notices while diffusers looks up the pipeline's optional parts (without
+    torchvision, every process was told twice that an image processor falls back to PIL)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 def pipeline_from_components(components):
     """A diffusers ``StableDiffusionPipeline`` over objects carrying ``vae``, ``text_encoder``,
     ``tokenizer``, ``unet`` and ``scheduler`` (no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+    with quiet_transformers():
+        from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=components.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        return StableDiffusionPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            tokenizer=components.tokenizer,
+            unet=components.unet,
+            scheduler=components.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
 
 def run_txt2img(pipe, request, generator: torch.Generator, **extra):
@@ -99,7 +121,8 @@ def generate(
 
     generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
     try:
-        result = run_txt2img(pipe, settings, generator, num_images_per_prompt=rows, callback_on_step_end=step_end)
+        with using_sampler(pipe, settings.sampler):
+            result = run_txt2img(pipe, settings, generator, num_images_per_prompt=rows, callback_on_step_end=step_end)
     finally:
         attachment.remove()
     return list(result.images)

@@ -56,9 +56,9 @@ def attention_widths(unet: torch.nn.Module) -> list[int]:
 def load_model(
     path: str | os.PathLike | None = None, *, config: str | None = None, allow_download: bool = False
 ) -> ModelSource:
-    """Load a model source; ``None`` is the embedded tiny model."""
+    """Load a model source; ``None`` is the embedded tiny model (its trained weights)."""
     if path is None:
-        components = build_tiny_components(0)
+        components = build_tiny_components()
         return ModelSource(components.pipeline(), TINY_MODEL_NAME, None, False)
     path = os.fspath(path)
     if os.path.isdir(path):

@@ -10,16 +10,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import InvalidConfigError
 from .generate import GenerationSettings, generate
 from .images import grid, line_chart
 from .library import ActivationPlan, Library
 from .network import Hypernetwork, create
 from .pipelines import ModelSource
+from .samplers import sampler_name
 from .shape import model_shape
 from .syntax import find_tags, format_hashes, format_number, set_multipliers, strip_tags
+
+if TYPE_CHECKING:
+    from .training import TrainingConfig
 
 
 # -- generation -------------------------------------------------------------------------------------
@@ -68,7 +74,7 @@ def infotext(settings: GenerationSettings, source: ModelSource, hashes: dict[str
     width, height = settings.width or "auto", settings.height or "auto"
     fields = [
         f"Steps: {settings.steps}",
-        f"Sampler: {type(source.pipe.scheduler).__name__}",
+        f"Sampler: {settings.sampler or sampler_name(source.pipe.scheduler)}",
         f"CFG scale: {format_number(settings.cfg_scale)}",
         f"Seed: {settings.seed}",
         f"Size: {width}x{height}",
@@ -100,8 +106,12 @@ def multiplier_grid(
     prompts: Sequence[str],
     multipliers: Sequence[float],
     settings: GenerationSettings,
+    *,
+    on_tile: Callable[[int, int], None] | None = None,
+    tile_size: int | None = None,
 ) -> tuple[object, list[GenerationOutput]]:
-    """One row per prompt, one column per multiplier (every tag's multiplier set to it)."""
+    """One row per prompt, one column per multiplier (every tag's multiplier set to it);
+    ``on_tile(done, total)`` reports progress; ``tile_size`` scales the pictures in the grid."""
     outputs, tiles = [], []
     for prompt in prompts:
         for multiplier in multipliers:
@@ -109,8 +119,14 @@ def multiplier_grid(
             output = generate_with_tags(source, library, dataclasses.replace(settings, prompt=tagged))
             outputs.append(output)
             tiles.append(output.images[0])
+            if on_tile is not None:
+                on_tile(len(tiles), len(prompts) * len(multipliers))
     labels = [f"x{format_number(m)}" for m in multipliers]
-    rows = [strip_tags(p).strip()[:24] for p in prompts]
+    rows = [strip_tags(p).strip()[:48] for p in prompts]
+    if tile_size:
+        from PIL import Image
+
+        tiles = [tile.resize((tile_size, tile_size), Image.Resampling.LANCZOS) for tile in tiles]
     return grid(tiles, len(multipliers), column_labels=labels, row_labels=rows), outputs
 
 
@@ -132,12 +148,17 @@ def training_backend(source: ModelSource, device: torch.device | str | None = No
 
 
 # -- the demo ---------------------------------------------------------------------------------------
+# The network learns the "night" style (see procedural.STYLES) from pictures of a few colours and
+# shapes; the grid asks for others, so what it shows was not in the dataset.
+DEMO_STYLE = "night"
+DEMO_DATA_COLOURS = ("red", "yellow", "purple", "orange")
+DEMO_DATA_SHAPES = ("circle", "square", "diamond")
 DEMO_PROMPTS = (
-    "a red circle <hypernet:{name}:1>",
-    "a blue square <hypernet:{name}:1>",
-    "a green triangle <hypernet:{name}:1>",
+    "a green triangle on a white background <hypernet:{name}:1>",
+    "a blue circle on a cream background <hypernet:{name}:1>",
+    "a red triangle on a grey background <hypernet:{name}:1>",
 )
-DEMO_MULTIPLIERS = (-1.0, 0.0, 0.5, 1.0, 1.5)
+DEMO_MULTIPLIERS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -151,50 +172,72 @@ class DemoResult:
     summary: dict
 
 
-def run_demo(
-    output_root: str | os.PathLike,
-    source: ModelSource,
-    *,
-    steps: int = 150,
-    seed: int = 0,
-    image_count: int = 8,
-    image_size: int = 64,
-    learn_rate: str = "0.001",
-    log: Callable[[str], None] = print,
-) -> DemoResult:
-    """Create, train, save and try out a network end to end; every output lands in a new folder."""
-    from .formats import save
-    from .tiny import procedural_images
-    from .training import TrainingCallbacks, TrainingConfig, train
+def demo_config(folder: Path, *, steps: int, seed: int, image_size: int, learn_rate: str) -> TrainingConfig:
+    from .training import TrainingConfig
 
-    started = time.monotonic()
-    folder = _fresh_folder(output_root)
-    dataset = procedural_images(folder / "dataset", image_count, seed=seed, size=image_size, colour="red")
-    log(f"dataset: {len(dataset)} procedurally drawn images in {folder / 'dataset'}")
-    network = new_network_for(
-        source, "demo", layer_structure=(1, 2, 1), activation="relu", weight_init="XavierNormal", seed=seed
-    )
-    initial = save(network, folder / "networks" / "demo.safetensors")
-    log(f"created {initial}\n" + network.describe())
-    config = TrainingConfig(
+    every = max(steps // 3, 1)
+    return TrainingConfig(
         hypernetwork_name="demo",
         data_root=str(folder / "dataset"),
         log_directory=str(folder / "logs"),
         learn_rate=learn_rate,
-        batch_size=2,
+        batch_size=4,
         training_width=image_size,
         training_height=image_size,
         steps=steps,
         template_filename="filewords.txt",
-        create_image_every=max(steps // 3, 1),
-        save_hypernetwork_every=max(steps // 3, 1),
+        create_image_every=every,
+        save_hypernetwork_every=every,
         preview_steps=10,
         validation_split=0.25,
         validation_every=max(steps // 10, 1),
+        training_write_csv_every=max(steps // 100, 1),
         seed=seed,
         output_name="demo-trained",
         file_format="safetensors",
     )
+
+
+def run_demo(
+    output_root: str | os.PathLike,
+    source: ModelSource,
+    *,
+    steps: int = 600,
+    seed: int = 0,
+    image_count: int = 32,
+    image_size: int = 64,
+    learn_rate: str = "0.002",
+    log: Callable[[str], None] = print,
+    progress_bar: bool = True,
+) -> DemoResult:
+    """Create, train, save and try out a network end to end; every output lands in a new folder.
+
+    Every option is checked before anything is written: a bad one leaves no folder behind.
+    """
+    from .formats import save
+    from .procedural import STYLES, write_dataset
+    from .training import TrainingCallbacks, train
+
+    if image_count < 4:
+        raise InvalidConfigError(f"image count must be at least 4, found {image_count}")
+    demo_config(Path(output_root), steps=steps, seed=seed, image_size=image_size, learn_rate=learn_rate).check()
+    started = time.monotonic()
+    folder = _fresh_folder(output_root)
+    style = STYLES[DEMO_STYLE]
+    dataset = write_dataset(
+        folder / "dataset",
+        image_count,
+        seed=seed,
+        size=image_size,
+        style=style,
+        colours=DEMO_DATA_COLOURS,
+        shapes=DEMO_DATA_SHAPES,
+    )
+    log(f"dataset: {len(dataset)} pictures in the {style.name} style in {folder / 'dataset'}")
+    network = new_network_for(source, "demo", layer_structure=(1, 2, 1), activation="relu", seed=seed)
+    initial = save(network, folder / "networks" / "demo.safetensors")
+    log(f"created {initial} (widths {', '.join(map(str, network.widths))}, {network.parameter_count():,} parameters)")
+    config = demo_config(folder, steps=steps, seed=seed, image_size=image_size, learn_rate=learn_rate)
     train_started = time.monotonic()
     result = train(
         network,
@@ -203,6 +246,7 @@ def run_demo(
         TrainingCallbacks(on_message=log),
         source_path=initial,
         output_dir=str(folder / "networks"),
+        progress_bar=progress_bar,
     )
     train_seconds = time.monotonic() - train_started
     pt_path = save(result.network, folder / "networks" / "demo-trained.pt")
@@ -214,14 +258,42 @@ def run_demo(
     chart.save(loss_plot)
     library = Library([str(folder / "networks")])
     prompts = [p.format(name="demo-trained") for p in DEMO_PROMPTS]
-    settings = GenerationSettings("", steps=12, cfg_scale=6.0, width=image_size, height=image_size, seed=seed + 1)
-    picture, outputs = multiplier_grid(source, library, prompts, DEMO_MULTIPLIERS, settings)
+    settings = GenerationSettings("", steps=20, cfg_scale=5.0, width=image_size, height=image_size, seed=seed + 1)
+    picture, outputs = multiplier_grid(
+        source,
+        library,
+        prompts,
+        DEMO_MULTIPLIERS,
+        settings,
+        on_tile=_tile_progress(log, progress_bar),
+        tile_size=max(image_size, 128),
+    )
     grid_path = folder / "multiplier-grid.png"
     save_png(picture, grid_path, outputs[-1].infotext)
-    summary = _demo_summary(result, train_seconds, time.monotonic() - started, outputs, source)
+    summary = _demo_summary(result, train_seconds, time.monotonic() - started, outputs, source, dataset)
     summary_path = folder / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2))
     return DemoResult(str(folder), result.path, pt_path, str(grid_path), str(loss_plot), str(summary_path), summary)
+
+
+def _tile_progress(log: Callable[[str], None], progress_bar: bool) -> Callable[[int, int], None]:
+    """Progress while the grid renders: a tqdm bar in a console, else a line per row."""
+    bar = None
+
+    def on_tile(done: int, total: int) -> None:
+        nonlocal bar
+        if progress_bar:
+            if bar is None:
+                import tqdm
+
+                bar = tqdm.tqdm(total=total, desc="Rendering the multiplier grid")
+            bar.update(1)
+            if done == total:
+                bar.close()
+        elif done == total or done % len(DEMO_MULTIPLIERS) == 0:
+            log(f"multiplier grid: {done}/{total} pictures")
+
+    return on_tile
 
 
 def _fresh_folder(root: str | os.PathLike) -> Path:
@@ -235,24 +307,42 @@ def _fresh_folder(root: str | os.PathLike) -> Path:
 
 
 def _demo_summary(
-    result, train_seconds: float, total_seconds: float, outputs: list[GenerationOutput], source: ModelSource
+    result,
+    train_seconds: float,
+    total_seconds: float,
+    outputs: list[GenerationOutput],
+    source: ModelSource,
+    dataset: Sequence[Path],
 ) -> dict:
     import numpy
+    from PIL import Image
 
+    from .procedural import STYLES
+    from .recognise import judge, style_share
+
+    style = STYLES[DEMO_STYLE]
     losses = [loss for _, loss in result.losses]
     window = max(1, min(10, len(losses) // 4))
     per_prompt = len(DEMO_MULTIPLIERS)
+    rows = len(outputs) // per_prompt
     zero = DEMO_MULTIPLIERS.index(0.0)
-    differences = {}
+    differences, shares, recognised = {}, {}, {}
     for column, multiplier in enumerate(DEMO_MULTIPLIERS):
-        total = 0.0
-        for row in range(len(outputs) // per_prompt):
+        total = share = kept = 0.0
+        for row in range(rows):
+            image = outputs[row * per_prompt + column].images[0]
             a = numpy.asarray(outputs[row * per_prompt + zero].images[0], dtype=numpy.float64)
-            b = numpy.asarray(outputs[row * per_prompt + column].images[0], dtype=numpy.float64)
-            total += float(numpy.abs(a - b).mean())
-        differences[format_number(multiplier)] = round(total / (len(outputs) // per_prompt), 3)
+            total += float(numpy.abs(a - numpy.asarray(image, dtype=numpy.float64)).mean())
+            share += style_share(image, style)
+            kept += judge(image, strip_tags(DEMO_PROMPTS[row]).strip()).shape
+        key = format_number(multiplier)
+        differences[key] = round(total / rows, 3)
+        shares[key] = round(share / rows, 3)
+        recognised[key] = round(kept / rows, 3)
+    dataset_share = sum(style_share(Image.open(path), style) for path in dataset) / len(dataset)
     return {
         "model": source.name,
+        "style": style.name,
         "steps": result.step,
         "stopped": result.stopped,
         "training_seconds": round(train_seconds, 2),
@@ -261,9 +351,38 @@ def _demo_summary(
         "loss_first_steps_mean": round(sum(losses[:window]) / window, 5) if losses else None,
         "loss_last_steps_mean": round(sum(losses[-window:]) / window, 5) if losses else None,
         "validation_loss": [[s, round(v, 5)] for s, v in result.validation_losses],
+        "style_share_by_multiplier": shares,
+        "style_share_of_dataset": round(dataset_share, 3),
+        "shape_kept_by_multiplier": recognised,
         "mean_pixel_difference_from_multiplier_0": differences,
         "network": result.path,
         "copies": result.copies,
         "previews": result.previews,
         "hypernet_hashes": outputs[-1].hashes,
     }
+
+
+def demo_report(result: DemoResult, latest: str | None = None) -> list[str]:
+    """What the demo achieved, in a few lines for a console; ``latest`` is the link to the run's folder."""
+    summary = result.summary
+    lines = [
+        f"demo finished in {summary['total_seconds']} s ({summary['steps']} training steps, "
+        f"{summary['steps_per_second']} steps/s)",
+        f"loss: {summary['loss_first_steps_mean']} over the first steps -> {summary['loss_last_steps_mean']} "
+        "over the last",
+    ]
+    if summary["validation_loss"]:
+        first, last = summary["validation_loss"][0], summary["validation_loss"][-1]
+        lines.append(f"held-out loss: {first[1]} at step {first[0]} -> {last[1]} at step {last[0]}")
+    shares = summary["style_share_by_multiplier"]
+    lines.append(
+        f"{summary['style']} style on prompts not in the dataset (share of pixels in its colours; the dataset: "
+        f"{summary['style_share_of_dataset']:.0%}): " + ", ".join(f"x{k}: {v:.0%}" for k, v in shares.items())
+    )
+    lines += [
+        f"network: {result.network_path} (A1111 copy: {result.network_pt_path})",
+        f"multiplier grid: {result.grid_path}",
+        f"loss plot: {result.loss_plot_path}",
+        f"everything: {result.folder}" + (f" (also {latest}, where generate finds its networks)" if latest else ""),
+    ]
+    return lines

@@ -581,6 +581,7 @@ def train(
     if network is None:
         raise InvalidConfigError("hypernetwork_name: no network to train")
     source_path = source_path or network.filename
+    _check_attaches(network, backend.unet)
     if config.seed < 0:
         saved_seed = ((sidecar.extra.get("training_state") or {}).get("seed")) if sidecar else None
         seed = int(saved_seed) if saved_seed is not None else random.randrange(2**31)
@@ -604,6 +605,19 @@ def train(
             run.seed,
         )  # fmt: skip
     return _execute(run)
+
+
+def _check_attaches(network: Hypernetwork, unet: torch.nn.Module) -> None:
+    """A network none of whose widths the model has would train nothing (torch only says that
+    "element 0 of tensors does not require grad")."""
+    from ..shape import model_shape
+
+    model_widths = model_shape(unet).default_widths
+    if model_widths and not set(network.widths) & set(model_widths):
+        raise InvalidConfigError(
+            f"hypernetwork_name: {network.name} has widths {', '.join(map(str, network.widths))}, but the model's "
+            f"attention has {', '.join(map(str, model_widths))}; create a network with the model's widths"
+        )
 
 
 def _execute(run: _Run) -> TrainingResult:

@@ -19,9 +19,10 @@ from typing import Any
 
 from .. import formats
 from ..errors import HypernetworkError, InvalidConfigError
-from ..families import FAMILIES
+from ..families import FAMILIES, widths_fit
 from ..library import Library
 from ..network import WEIGHT_INITS, create, usable_activation_names
+from ..shape import ModelShape
 from .config import FieldProblems, TrainingConfig
 from .data import list_templates
 from .engine import TrainingCallbacks, TrainingProgress, train
@@ -87,15 +88,18 @@ def sanitise_name(name: str) -> str:
     return "".join(ch for ch in str(name) if ch.isalnum() or ch in "._- ").strip()
 
 
-def create_network_file(request: CreateRequest, directory: str, family: str | None = None) -> tuple[str, object]:
-    """Create and save a new network; every invalid field is reported at once."""
+def create_network_file(
+    request: CreateRequest, directory: str, family: str | None = None, model_widths: list[int] | None = None
+) -> tuple[str, object]:
+    """Create and save a new network; every invalid field is reported at once. Without widths in
+    the request it gets ``model_widths`` (the loaded model's), else its family's."""
     problems: dict[str, str] = {}
     name = sanitise_name(request.name)
     if not name:
         problems["name"] = "give the network a name (letters, digits, spaces, '.', '_' or '-')"
     if request.file_format not in ("pt", "safetensors"):
         problems["file_format"] = f"{request.file_format!r} is not 'pt' or 'safetensors'"
-    widths = default_widths(family) if not request.enable_sizes else []
+    widths = (model_widths or default_widths(family)) if not request.enable_sizes else []
     for width in request.enable_sizes or []:
         try:
             widths.append(int(width))
@@ -144,12 +148,15 @@ class TrainingServices:
     """What a host provides. Only ``hypernetwork_dir`` and ``make_backend`` are required.
 
     ``run_exclusive(work, job)`` runs a job's training (the host takes its GPU queue around it);
-    ``network_names`` lists what the tab offers (default: the files of ``hypernetwork_dir``).
+    ``network_names`` lists what the tab offers (default: the files of ``hypernetwork_dir``);
+    ``model_shape`` describes the loaded model's attention (widths for Create, and a network that
+    would not attach to it is refused before its training starts).
     """
 
     hypernetwork_dir: str
     make_backend: Callable[[], Any]
     model_family: Callable[[], str | None] = lambda: None
+    model_shape: Callable[[], ModelShape | None] = lambda: None
     template_dirs: Callable[[], list[str]] = list
     resolve_network: Callable[[str], str] | None = None
     network_names: Callable[[], list[str]] | None = None
@@ -170,6 +177,11 @@ class TrainingServices:
         if self.network_names is not None:
             return list(self.network_names())
         return sorted(list_networks(self.hypernetwork_dir))
+
+    def new_network_widths(self) -> list[int]:
+        """The widths Create offers first: the loaded model's when known, else its family's."""
+        shape = self.model_shape()
+        return (shape.default_widths if shape else None) or default_widths(self.model_family())
 
 
 def list_networks(directory: str) -> dict[str, str]:
@@ -241,7 +253,9 @@ class TrainingJobs:
         if isinstance(request, dict):
             request = CreateRequest.from_dict(request)
         os.makedirs(self.services.hypernetwork_dir, exist_ok=True)
-        path, network = create_network_file(request, self.services.hypernetwork_dir, self.services.model_family())
+        path, network = create_network_file(
+            request, self.services.hypernetwork_dir, self.services.model_family(), self.services.new_network_widths()
+        )
         self.services.on_saved(path)
         return {"path": path, "name": network.name, "widths": network.widths, "parameters": network.parameter_count()}
 
@@ -258,6 +272,8 @@ class TrainingJobs:
                 problems["hypernetwork_name"] = exc.problem
         if config.resume_from.strip() and not os.path.isfile(config.resume_from):
             problems["resume_from"] = f"no such file: {config.resume_from}"
+        if not problems:
+            problems.update(self._network_problems(config.resume_from.strip() or source, config))
         if problems:
             raise FieldProblems(problems)
         with self._lock:
@@ -274,6 +290,27 @@ class TrainingJobs:
         else:
             runner.run()
         return job.id
+
+    def _network_problems(self, path: str, config: TrainingConfig) -> dict[str, str]:
+        """What would make the run pointless, found before it starts: a network already at the
+        steps asked for, or one whose widths the loaded model does not have."""
+        try:
+            network = formats.load(path)
+        except HypernetworkError as exc:
+            return {"hypernetwork_name": str(exc)}
+        problems = {}
+        if network.step >= config.steps:
+            problems["steps"] = (
+                f"the network is already at step {network.step}; steps count earlier sessions, so ask for more "
+                f"than {network.step}"
+            )
+        shape = self.services.model_shape()
+        if shape is not None and not widths_fit(network.widths, shape.context_width, shape.self_widths):
+            problems["hypernetwork_name"] = (
+                f"{os.path.basename(path)} has widths {', '.join(map(str, network.widths))}, but the loaded model's "
+                f"attention has {', '.join(map(str, shape.default_widths))}: it would change nothing there"
+            )
+        return problems
 
     def _callbacks(self, job: JobStatus) -> TrainingCallbacks:
         host = self.services.host_callbacks() or TrainingCallbacks()
@@ -331,9 +368,11 @@ class TrainingJobs:
             job.result_path = result.path
             job.step = result.step
             job.message = result.message
-            job.state = {"finished": "finished", "already trained": "finished", "interrupted": "interrupted"}.get(
+            job.state = {"finished": "finished", "already trained": "failed", "interrupted": "interrupted"}.get(
                 result.stopped, result.stopped
             )
+            if result.stopped == "already trained":  # nothing was trained: not "finished step 120/10"
+                job.error = result.message
             if result.preview_path:
                 job.last_preview = result.preview_path
             if result.path:

@@ -26,7 +26,7 @@ from ..training.config import (
     load_preset,
     save_preset,
 )
-from ..training.jobs import CreateRequest, TrainingJobs, default_widths
+from ..training.jobs import CreateRequest, TrainingJobs
 from ..training.optimizers import OPTIMIZERS
 from ..training.schedules import LR_SCHEDULERS
 from .compat import js_kwargs, poll, update
@@ -240,14 +240,24 @@ class TrainingTab:
     train_inputs: dict = dataclasses.field(default_factory=dict)
     train_errors: object = None
     current_job: str | None = None
+    list_components: list = dataclasses.field(default_factory=list)
 
     # -- handlers ---------------------------------------------------------------------------
     def network_names(self) -> list[str]:
         return self.jobs.services.names()
 
     def default_sizes(self):
-        """The Create tab's widths for the model loaded now."""
-        return update(value=[str(w) for w in default_widths(self.jobs.services.model_family())])
+        """The Create tab's widths for the model loaded now (offered, and ticked)."""
+        widths = self.jobs.services.new_network_widths()
+        return update(choices=width_choices(widths), value=[str(w) for w in widths])
+
+    def lists(self):
+        """Fresh choices for the network, template and preset lists (after a reload too)."""
+        return (
+            update(choices=self.network_names()),
+            update(choices=self.template_names()),
+            update(choices=self.preset_names()),
+        )
 
     def template_names(self) -> list[str]:
         return sorted(self.jobs.services.templates())
@@ -372,11 +382,10 @@ def build_training_tab(
 ) -> TrainingTab:
     """Build the tab inside the current gradio context (``blocks`` is the enclosing Blocks)."""
     tab = TrainingTab(jobs)
-    family = jobs.services.model_family()
     with gr.Row():
         with gr.Column(scale=3), gr.Tabs():
             with gr.Tab("Create hypernetwork"):
-                _build_create(tab, family)
+                _build_create(tab)
             with gr.Tab("Train hypernetwork"):
                 _build_train(tab, host or HostHooks())
         with gr.Column(scale=2, min_width=360, elem_id="hnx_train_output"):
@@ -384,17 +393,24 @@ def build_training_tab(
             chart = gr.HTML(loss_chart_html([]), elem_id="hnx_train_loss_chart")
             gallery = gr.Gallery(label="Previews", elem_id="hnx_train_gallery", columns=4)
     poll(tab.refresh, [], [progress, chart, gallery], poll_seconds, blocks=blocks)
-    # A host may still be loading its checkpoint while the tab is built: widths follow it on page load.
+    # A host may still be loading its checkpoint while the tab is built: widths follow it on page load,
+    # and the lists show what exists now, not what existed when the page was built.
     blocks.load(tab.default_sizes, inputs=[], outputs=[tab.create_inputs["enable_sizes"]])
+    blocks.load(tab.lists, inputs=[], outputs=tab.list_components)
     return tab
 
 
-def _build_create(tab: TrainingTab, family: str | None) -> None:
-    widths = [str(w) for w in default_widths(family)]
+def width_choices(model_widths: Sequence[int]) -> list[str]:
+    """The widths Create offers: the model's first, then every Stable Diffusion width."""
+    return [str(w) for w in dict.fromkeys([*model_widths, *ALL_WIDTHS])]
+
+
+def _build_create(tab: TrainingTab) -> None:
+    widths = tab.jobs.services.new_network_widths()
     factories = {
         "name": lambda: gr.Textbox(label="Name", elem_id="hnx_create_name"),
         "enable_sizes": lambda: gr.CheckboxGroup(
-            label="Modules (widths)", choices=[str(w) for w in ALL_WIDTHS], value=widths
+            label="Modules (widths)", choices=width_choices(widths), value=[str(w) for w in widths]
         ),
         "layer_structure": lambda: gr.Textbox(label="Layer structure", value="1, 2, 1"),
         "activation_func": lambda: gr.Dropdown(
@@ -453,15 +469,8 @@ def _build_train(tab: TrainingTab, host: HostHooks) -> None:
     stop.click(tab.interrupt, inputs=[], outputs=[message])
     save.click(tab.save_preset_file, inputs=[preset, network, template, *values], outputs=[message])
     load.click(tab.load_preset_file, inputs=[preset, network, template, *values], outputs=[message, template, *values])
-    refresh.click(
-        lambda: (
-            update(choices=tab.network_names()),
-            update(choices=tab.template_names()),
-            update(choices=tab.preset_names()),
-        ),
-        inputs=[],
-        outputs=[network, template, preset],
-    )
+    tab.list_components = [network, template, preset]
+    refresh.click(tab.lists, inputs=[], outputs=tab.list_components)
     tab.create_button.click(
         tab.create,
         inputs=[tab.create_inputs[name] for name in CREATE_FIELDS],

@@ -222,13 +222,16 @@ def test_train_under_accelerate_launch(tmp_path):
 
 
 def test_demo_runs_end_to_end_and_generate_finds_its_networks(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    code = main(["demo", "--steps", "6"])
-    printed = capsys.readouterr().out
-    assert code == 0
+    """In a process of its own, as users run it: its console shows progress and the results, and
+    neither the untrained network's inspect block nor transformers' notices about torchvision."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "hypernetwork_ext", "demo", "--steps", "6"]
+    finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
     run = next((tmp_path / "hypernetwork-demo").glob("run-*"))
     assert (tmp_path / "hypernetwork-demo" / "latest").resolve() == run.resolve()
     # the README's next command, verbatim but smaller: the demo's network by name, suffix included
+    monkeypatch.chdir(tmp_path)
     small = ["--steps", "2", "--width", "64", "--height", "64", "--quiet"]
     assert main(["generate", "a red circle <hypernet:demo-trained.safetensors:0.8>", *small, "-o", "a.png"]) == 0
     assert main(["generate", "a red circle <hypernet:demo-trained>", *small, "-o", "b.png"]) == 0
@@ -239,6 +242,27 @@ def test_demo_runs_end_to_end_and_generate_finds_its_networks(tmp_path, monkeypa
     for name in ("multiplier-grid.png", "loss.png", "networks/demo-trained.safetensors", "networks/demo-trained.pt"):
         assert (run / name).exists(), name
     assert hx.load(run / "networks" / "demo-trained.pt").step == 6
+    rows = next(run.glob("logs/**/hypernetwork_loss.csv")).read_text().splitlines()
+    assert len(rows) == 7  # a header and every step (the host's default of 500 wrote nothing in 120 steps)
     differences = summary["mean_pixel_difference_from_multiplier_0"]
     assert differences["0"] == 0 and differences["1"] > 0
-    assert "multiplier grid:" in printed and run.name in printed
+    assert summary["style_share_of_dataset"] > 0.7 and set(summary["style_share_by_multiplier"]) == {
+        "0", "0.25", "0.5", "0.75", "1"
+    }  # fmt: skip
+    printed, errors = finished.stdout, finished.stderr
+    assert "multiplier grid:" in printed and run.name in printed and "night style" in printed
+    assert "layer structure:" not in printed  # the untrained network's inspect block
+    assert "Rendering the multiplier grid" in errors and "Training hypernetwork" in errors  # progress bars
+    assert "[transformers]" not in errors and "torchvision" not in errors
+
+
+@pytest.mark.parametrize("option", [["--steps", "-3"], ["--steps", "0"], ["--model", "no-such-model"], ["--seed", "x"]])
+def test_a_bad_demo_option_leaves_nothing_behind(tmp_path, capsys, option):
+    """Every option is checked before anything is written (``--steps -3`` used to leave a run folder)."""
+    try:
+        code = main(["demo", "--output", str(tmp_path / "demo"), *option])
+    except SystemExit as exit_:  # argparse refuses what is not a number
+        code = exit_.code
+    assert code == 2
+    assert not (tmp_path / "demo").exists()
+    assert "error" in capsys.readouterr().err

@@ -29,6 +29,7 @@ NOT_RUNNABLE = {
     "long-running": "serves until interrupted (tests/core/test_app.py drives the app in Chromium)",
     "benchmark": "a benchmark: minutes of CPU time (tests/core/test_benchmark_script.py runs it small)",
     "test-suite": "runs the test suite this test belongs to, or builds its environments",
+    "long-training": "trains the embedded model for an hour (tests/core/test_tiny_model.py runs each stage 2 steps)",
 }
 SETUP = "setup"  # the README's set-up commands: run first, by the fixture
 RUNNABLE = {"sh", "python"}

@@ -127,3 +127,50 @@ def test_default_widths_follow_the_model_family():
     assert default_widths("sd1") == [768, 320, 640, 1280]
     assert default_widths("sd2") == [1024, 320, 640, 1280]
     assert default_widths("sdxl") == [2048, 640, 1280]
+
+
+def test_a_network_already_past_the_steps_asked_is_refused_before_starting(setup):
+    """It used to start, "finish" at once and show "finished step 120/10"."""
+    client, jobs, data, tmp_path = setup
+    network = hx.create(TINY_WIDTHS, name="old")
+    network.step = 120
+    hx.save(network, tmp_path / "hypernetworks" / "old.safetensors")
+    answer = client.post("/hypernetworks/v1/train", json=train_body(data, tmp_path, hypernetwork_name="old", steps=10))
+    assert answer.status_code == 422
+    assert "already at step 120" in answer.json()["detail"]["problems"]["steps"]
+    assert jobs.latest() is None
+
+
+def test_a_network_the_loaded_model_cannot_use_is_refused_before_starting(setup, components):
+    """An SD1 network on the tiny model used to start, then fail with torch's "element 0 of tensors
+    does not require grad" while the page said "Training started"."""
+    from hypernetwork_ext.shape import model_shape
+
+    client, jobs, data, tmp_path = setup
+    jobs.services.model_shape = lambda: model_shape(components.unet)
+    hx.save(hx.create([768, 320, 640, 1280], name="sd1net"), tmp_path / "hypernetworks" / "sd1net.safetensors")
+    answer = client.post("/hypernetworks/v1/train", json=train_body(data, tmp_path, hypernetwork_name="sd1net"))
+    assert answer.status_code == 422
+    problem = answer.json()["detail"]["problems"]["hypernetwork_name"]
+    assert "768, 320, 640, 1280" in problem and "48, 32, 64" in problem
+
+
+def test_the_engine_names_widths_that_match_nothing(tmp_path, components):
+    """Whatever calls it, training a network with none of the model's widths explains itself."""
+    from hypernetwork_ext.training import TrainingConfig, train
+
+    data = dataset_folder(tmp_path / "data", 2)
+    config = TrainingConfig.from_dict({**train_body(data, tmp_path), "hypernetwork_name": "sd1net"})
+    network = hx.create([768, 320, 640, 1280], name="sd1net")
+    with pytest.raises(hx.InvalidConfigError, match=r"768, 320, 640, 1280.*48, 32, 64"):
+        train(network, DiffusersBackend.from_components(components), config, progress_bar=False)
+
+
+def test_create_without_widths_uses_the_loaded_models(tmp_path, components):
+    """On the tiny model (no known family) Create used to make an SD1 network that could not train."""
+    from hypernetwork_ext.shape import model_shape
+
+    services = TrainingServices(
+        str(tmp_path), make_backend=lambda: None, model_shape=lambda: model_shape(components.unet)
+    )
+    assert TrainingJobs(services).create(CreateRequest(name="fits"))["widths"] == list(TINY_WIDTHS)

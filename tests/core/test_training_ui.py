@@ -71,6 +71,48 @@ def test_refresh_without_jobs_and_loss_chart(tab):
     assert svg.count("<polyline") == 2 and "step 3" in svg
 
 
+@pytest.fixture
+def tiny_tab(tmp_path) -> tuple[TrainingTab, gr.Blocks]:
+    from hypernetwork_ext.shape import ModelShape
+
+    services = TrainingServices(
+        hypernetwork_dir=str(tmp_path / "hn"),
+        make_backend=NoBackend(),
+        model_shape=lambda: ModelShape(48, (32, 64), ()),
+        presets_dir=str(tmp_path / "presets"),
+    )
+    with gr.Blocks() as blocks:
+        built = build_training_tab(TrainingJobs(services), blocks=blocks)
+    return built, blocks
+
+
+def test_create_offers_and_ticks_the_loaded_models_widths(tiny_tab):
+    """A model of no known family (the tiny one) used to get SD1's widths, not even offering its own."""
+    tab, _blocks = tiny_tab
+    sizes = tab.create_inputs["enable_sizes"]
+    assert sizes.value == ["48", "32", "64"]
+    assert [choice[0] for choice in sizes.choices][:3] == ["48", "32", "64"]
+    assert tab.default_sizes()["value"] == ["48", "32", "64"]
+    message, *_ = tab.create(*create_values(tab, name="mine"))
+    assert "Created" in message
+
+
+def test_lists_are_fresh_when_the_page_loads(tiny_tab, tmp_path):
+    """After a reload the network list showed what existed when the app started, until "Refresh lists"."""
+    import hypernetwork_ext as hx
+
+    tab, blocks = tiny_tab
+    hx.save(hx.create([48, 32, 64], name="later"), tmp_path / "hn" / "later.pt")
+    on_load = [
+        fn
+        for fn in blocks.fns.values()
+        if any(trigger == "load" for _block, trigger in fn.targets) and tab.list_components[0] in fn.outputs
+    ]
+    assert len(on_load) == 1
+    network_update, _templates, _presets = on_load[0].fn()
+    assert network_update["choices"] == ["later"]
+
+
 def test_the_poll_shows_no_pending_state_and_the_chart_fits_its_column(tmp_path):
     """The progress, chart and gallery are refreshed every second: with gradio's pending state they
     kept an orange outline for as long as the page was open (A1111). The chart stretched to 480 px

@@ -1,0 +1,67 @@
+"""The local app without a browser: Generate's sampler choice, random seeds, progress and Interrupt,
+and the Train tab on the loaded model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from hypernetwork_ext.library import Library
+from hypernetwork_ext.pipelines import ModelSource
+from hypernetwork_ext.tiny import build_tiny_components
+from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
+
+gradio = pytest.importorskip("gradio")
+from hypernetwork_ext.app import AppState, build_app, generate_images, interrupt_generation  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    components = build_tiny_components(0)
+    source = ModelSource(components.pipeline(), "tiny", None, False)
+    return AppState(source, Library([]), str(tmp_path_factory.mktemp("out")))
+
+
+def generate(state, *, seed=3, sampler="", steps=4, on_step=None):
+    return generate_images(state, "a red circle", "", steps, 5.0, seed, 64, 64, 1, sampler, on_step)
+
+
+def test_the_sampler_chosen_samples_and_is_recorded(state):
+    images, infotext, messages = generate(state, sampler="DDIM")
+    assert len(images) == 1 and "Sampler: DDIM" in infotext and not messages
+    euler, euler_info, _ = generate(state, sampler="Euler")
+    assert "Sampler: Euler," in euler_info and euler[0].tobytes() != images[0].tobytes()
+    assert type(state.source.pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # put back afterwards
+    assert "unknown sampler" in generate(state, sampler="Nope")[2]
+
+
+def test_a_seed_of_minus_one_draws_one_and_says_which(state):
+    seeds = set()
+    for _ in range(2):
+        _images, infotext, _ = generate(state, seed=-1, steps=1)
+        seeds.add(int(re.search(r"Seed: (\d+)", infotext)[1]))
+    assert len(seeds) == 2
+
+
+def test_progress_is_reported_and_interrupt_stops_after_the_current_step(state):
+    seen = []
+
+    def on_step(done, total):
+        seen.append((done, total))
+        if done == 2:
+            interrupt_generation(state)
+
+    images, _infotext, messages = generate(state, steps=6, on_step=on_step)
+    assert seen == [(1, 6), (2, 6)] and len(images) == 1
+    assert "interrupted after step 2 of 6" in messages
+    assert "nothing is generating" in interrupt_generation(state)
+    _images, _info, messages = generate(state, steps=2)
+    assert "interrupted" not in messages  # the next generation is not stopped by the last Interrupt
+
+
+def test_create_offers_the_loaded_models_widths(state):
+    """On the tiny model Create used to tick SD1's widths (a network that could not train on it)."""
+    app = build_app(state)
+    sizes = [b for b in app.blocks.values() if isinstance(b, gradio.CheckboxGroup) and b.label == "Modules (widths)"]
+    assert len(sizes) == 1 and sizes[0].value == ["48", "32", "64"]
