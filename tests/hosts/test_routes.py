@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 
 from tests.hosts import suite_files as files
 from tests.hosts.real_host import HttpError, max_difference
+from tests.hosts.test_render import TOLERANCE
 
 
 def test_routes_answered_while_the_checkpoint_was_loading(suite):
@@ -43,6 +45,18 @@ def test_routes_answer_during_a_checkpoint_switch(suite):
         suite.server.post("/sdapi/v1/refresh-checkpoints")
     assert statuses and all(status == 200 for status in statuses), statuses
     assert max_difference(tagged, suite.before_tags) > 2
+    rebaseline_after_the_switch(suite)
+
+
+def rebaseline_after_the_switch(suite) -> None:
+    """A1111 1.10.1 itself, without this extension, draws SDXL's no-tag image 1/255 differently after
+    switching to another checkpoint and back (measured with --disable-extra-extensions): the later
+    "no tag unchanged" checks compare with the image drawn after the switch; the drift is recorded."""
+    plain = suite.server.txt2img(files.NO_TAG)
+    drift = max_difference(plain, suite.before_tags)
+    (suite.config.artifacts / "checkpoint-switch-drift.json").write_text(json.dumps({"max_difference": drift}))
+    assert drift <= TOLERANCE, f"the no-tag image changed by {drift}/255 after switching back"
+    suite.before_tags = plain
 
 
 def test_network_listing_and_metadata(suite):
