@@ -34,6 +34,7 @@ ENV_DIR, ENV_URL, ENV_LAUNCH = "HNX_HOST_DIR", "HNX_HOST_URL", "HNX_HOST_LAUNCH"
 ENV_ARTIFACTS = "HNX_HOST_ARTIFACTS"
 START_TIMEOUT = float(os.environ.get("HNX_HOST_START_TIMEOUT", "1200"))
 REQUEST_TIMEOUT = 1800
+TOLERANCE = 2  # in 1/255, between images that should agree: CPU float32 kernels in another order, PNG rounding
 STARTED = "Startup time:"  # what A1111, Forge and reForge log once their UI and API are ready
 USAGE = (
     "the real-host suite needs a WebUI to start: set HNX_HOST_DIR (its folder), HNX_HOST_URL (e.g. "

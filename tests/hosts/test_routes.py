@@ -8,8 +8,7 @@ import threading
 import time
 
 from tests.hosts import suite_files as files
-from tests.hosts.real_host import HttpError, max_difference
-from tests.hosts.test_render import TOLERANCE
+from tests.hosts.real_host import TOLERANCE, HttpError, max_difference
 
 
 def test_routes_answered_while_the_checkpoint_was_loading(suite):
@@ -44,7 +43,7 @@ def test_routes_answer_during_a_checkpoint_switch(suite):
         link.unlink(missing_ok=True)
         suite.server.post("/sdapi/v1/refresh-checkpoints")
     assert statuses and all(status == 200 for status in statuses), statuses
-    assert max_difference(tagged, suite.before_tags) > 2
+    assert max_difference(tagged, suite.before_tags) > TOLERANCE
     rebaseline_after_the_switch(suite)
 
 
