@@ -464,6 +464,7 @@ _TRAINING_HELP = {
     "log_directory": "logs, copies and previews go to <log>/<date>/<name>/",
     "steps": "max steps, counting earlier sessions",
     "template_filename": "prompt template: a name (ours or --template-dir) or a path",
+    "caption_dropout": "share of samples trained on the empty negative prompt's conditioning; -1 = auto (0.1 on SDXL)",
     "optimizer": "AdamW, AdamW8bit, Lion, Prodigy, or any torch.optim class",
     "resume_from": "a saved copy to continue from (with its .optim sidecar when saved)",
 }

@@ -95,6 +95,10 @@ class TrainingConfig:
     ema_decay: float = 0.0
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
+    # The share of samples trained on the conditioning of an empty negative prompt, so the network
+    # learns the pass that classifier-free guidance subtracts. -1 = auto: 0.1 where the host samples
+    # that pass with zeros instead of encoding "" (SDXL), which a network never sees otherwise.
+    caption_dropout: float = -1.0
     bucketing: bool = False
     bucket_step: int = 64
     keep_tags: int = 0
@@ -152,6 +156,8 @@ class TrainingConfig:
             value = getattr(self, name)
             if not low <= value < high and not (name == "lr_min_ratio" and value == 1.0):
                 found[name] = f"must be between {low} and {high} (is {value})"
+        if self.caption_dropout != -1.0 and not 0.0 <= self.caption_dropout < 1.0:
+            found["caption_dropout"] = f"must be between 0 and 1, or -1 for auto (is {self.caption_dropout})"
         for name in ("weight_decay", "min_snr_gamma", "noise_offset"):
             if getattr(self, name) < 0:
                 found[name] = f"must be 0 or more (is {getattr(self, name)})"

@@ -32,7 +32,7 @@ from ..formats.optim import read_optimizer_sidecar, write_optimizer_sidecar
 from ..network import Hypernetwork
 from . import data as data_mod
 from . import distributed, logs
-from .backends.base import ModelGuard, PreviewRequest, TrainingBackend, cat_conditioning
+from .backends.base import ModelGuard, PreviewRequest, TrainingBackend, cat_conditioning, text_part
 from .checkpointing import gradient_checkpointing
 from .config import PREVIEW_FIELDS, TrainingConfig
 from .divergence import Diverged, DivergenceGuard, all_finite
@@ -180,8 +180,11 @@ class ConditioningCache:
         self.limit = limit
         self.items: OrderedDict = OrderedDict()
 
-    def get(self, texts: list[str], size: tuple[int, int]):
-        missing = [text for text in dict.fromkeys(texts) if (text, size) not in self.items]
+    def get(self, texts: list[str | None], size: tuple[int, int]):
+        """Conditioning of ``texts``; None stands for the host's empty negative prompt."""
+        if None in texts:
+            self.unconditional(size)
+        missing = [text for text in dict.fromkeys(texts) if text is not None and (text, size) not in self.items]
         if missing:
             encoded = self.backend.encode_text(missing, size)
             for index, text in enumerate(missing):
@@ -189,6 +192,21 @@ class ConditioningCache:
             while len(self.items) > self.limit:
                 self.items.popitem(last=False)
         return cat_conditioning([self.items[(text, size)] for text in texts])
+
+    def unconditional(self, size: tuple[int, int]):
+        if (None, size) not in self.items:
+            self.items[(None, size)] = self.backend.encode_unconditional(1, size)
+        return self.items[(None, size)]
+
+    def dropout_rate(self, configured: float, size: tuple[int, int]) -> float:
+        """``configured``, or for auto (-1) the share that teaches a network the empty negative's
+        pass where the host samples it as zeros (SDXL): never seen in training otherwise."""
+        if configured != -1.0:
+            return configured
+        return _AUTO_CAPTION_DROPOUT if not text_part(self.unconditional(size)).any() else 0.0
+
+
+_AUTO_CAPTION_DROPOUT = 0.1
 
 
 def _row(cond, index: int):
@@ -332,6 +350,13 @@ class _Run:
     def captions_for(self, indices, captions_rng: random.Random) -> list[str]:
         return [self.captions.build(self.dataset.entries[i].filewords, captions_rng) for i in indices]
 
+    def dropped(self, texts: list[str], indices, rng: random.Random) -> list[str | None]:
+        """Each caption replaced by the empty negative prompt (None) at the caption-dropout rate."""
+        rate = self.conditioning.dropout_rate(self.config.caption_dropout, self.dataset.entries[indices[0]].size)
+        if rate <= 0:
+            return list(texts)
+        return [None if rng.random() < rate else text for text in texts]
+
     def loss_for(self, indices, texts: list[str], generator=None, *, fixed_noise=False) -> torch.Tensor:
         backend = self.backend
         size = self.dataset.entries[indices[0]].size
@@ -382,7 +407,7 @@ class _Run:
                 rng = random.Random(data_mod.derive_seed(self.seed, "captions", step, j, *process))
                 texts = self.captions_for(indices, rng)
                 self.last_prompt, self.last_batch = texts[0], indices  # what a preview without txt2img settings shows
-                loss = self.loss_for(indices, texts) / config.gradient_step
+                loss = self.loss_for(indices, self.dropped(texts, indices, rng)) / config.gradient_step
                 value = loss.item()  # one device sync per micro-batch
                 if not math.isfinite(value):
                     self.guard.diverged(f"the loss became {value} at step {step + 1}", non_finite=True)

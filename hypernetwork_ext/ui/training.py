@@ -143,6 +143,10 @@ def _train_components() -> list[tuple[str, gr.components.Component]]:
             add("ema_decay", gr.Number(label="EMA decay (0 = off)", value=d.ema_decay))
             add("min_snr_gamma", gr.Number(label="Min-SNR gamma (0 = off)", value=d.min_snr_gamma))
             add("noise_offset", gr.Number(label="Noise offset", value=d.noise_offset))
+            add(
+                "caption_dropout",
+                gr.Number(label="Caption dropout (-1 = auto: 0.1 on SDXL)", value=d.caption_dropout),
+            )
         with gr.Row():
             add("validation_split", gr.Number(label="Held-out validation fraction", value=d.validation_split))
             add("validation_every", gr.Number(label="Validation every N steps", value=d.validation_every, precision=0))

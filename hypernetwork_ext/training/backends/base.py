@@ -70,6 +70,11 @@ class TrainingBackend:
         """Captions -> conditioning for a batch; ``size`` is the (width, height) of the images."""
         raise NotImplementedError
 
+    def encode_unconditional(self, count: int, size: tuple[int, int]) -> Conditioning:
+        """The conditioning the host samples an empty negative prompt with: the pass that
+        classifier-free guidance subtracts (default: the empty caption, encoded)."""
+        return self.encode_text([""] * count, size)
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         raise NotImplementedError
 
@@ -82,6 +87,16 @@ def cat_conditioning(parts: Sequence[Conditioning]) -> Conditioning:
     if isinstance(parts[0], dict):
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     return torch.cat(list(parts))
+
+
+def text_part(cond: Conditioning) -> torch.Tensor:
+    """The per-token text conditioning (the cross-attention context) of any backend's conditioning."""
+    if isinstance(cond, dict):
+        for key in ("encoder_hidden_states", "crossattn", "c_crossattn"):
+            if key in cond:
+                return cond[key]
+        raise KeyError(f"no cross-attention context among {sorted(cond)}")
+    return cond
 
 
 def first_parameter(module: nn.Module) -> torch.Tensor | None:

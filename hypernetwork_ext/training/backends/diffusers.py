@@ -33,6 +33,7 @@ class DiffusersBackend(TrainingBackend):
         model_family: str | None = None,
         checkpoint_name: str | None = None,
         checkpoint_hash: str | None = None,
+        zeros_for_empty_prompt: bool = True,
     ):
         self.unet = unet
         self.vae = vae
@@ -48,6 +49,7 @@ class DiffusersBackend(TrainingBackend):
         self.model_family = model_family
         self.checkpoint_name = checkpoint_name
         self.checkpoint_hash = checkpoint_hash
+        self.zeros_for_empty_prompt = zeros_for_empty_prompt
 
     @classmethod
     def from_components(cls, components, **kwargs) -> DiffusersBackend:
@@ -61,6 +63,7 @@ class DiffusersBackend(TrainingBackend):
             components.scheduler,
             text_encoder_2=getattr(components, "text_encoder_2", None),
             tokenizer_2=getattr(components, "tokenizer_2", None),
+            zeros_for_empty_prompt=_pipeline_option(components, "force_zeros_for_empty_prompt", True),
             **kwargs,
         )
         if backend.preview_generator is None:
@@ -107,6 +110,16 @@ class DiffusersBackend(TrainingBackend):
             "time_ids": time_ids.repeat(len(texts), 1),
         }
 
+    @torch.no_grad()
+    def encode_unconditional(self, count: int, size: tuple[int, int]) -> Conditioning:
+        """StableDiffusionXLPipeline samples an empty negative prompt as zeros (context and pooled
+        text; its ``force_zeros_for_empty_prompt``), as A1111 and Forge do on SDXL."""
+        cond = self.encode_text([""] * count, size)
+        if self.is_sdxl and self.zeros_for_empty_prompt:
+            cond = {**cond, "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
+            cond["text_embeds"] = torch.zeros_like(cond["text_embeds"])
+        return cond
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if isinstance(cond, dict):
             added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
@@ -115,6 +128,11 @@ class DiffusersBackend(TrainingBackend):
 
     def host_modules(self) -> list[nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
+
+
+def _pipeline_option(components, name: str, default):
+    config = getattr(components, "config", None)
+    return config.get(name, default) if hasattr(config, "get") else default
 
 
 class PipelinePreviews:

@@ -264,6 +264,11 @@ class ForgeBackend(TrainingBackend):
             cond = self.sd_model.get_learned_conditioning(SizedPrompts(texts, *size))
         return _normal(cond)
 
+    def encode_unconditional(self, count: int, size: tuple[int, int]) -> Conditioning:
+        with self._host_call(), torch.no_grad():
+            cond = self.sd_model.get_learned_conditioning(SizedPrompts([""] * count, *size, negative=True))
+        return _normal(cond)
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         context, vector = (cond["crossattn"], cond.get("vector")) if isinstance(cond, dict) else (cond, None)
         dtype = self.compute_dtype

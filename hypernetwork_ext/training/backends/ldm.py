@@ -20,11 +20,11 @@ from .base import Conditioning, PreviewGenerator, TrainingBackend, first_paramet
 class SizedPrompts(list):
     """A list of prompts that also says the image size (A1111's ``SdConditioning`` shape)."""
 
-    def __init__(self, prompts: Sequence[str], width: int, height: int):
+    def __init__(self, prompts: Sequence[str], width: int, height: int, *, negative: bool = False):
         super().__init__(prompts)
         self.width = width
         self.height = height
-        self.is_negative_prompt = False
+        self.is_negative_prompt = negative  # A1111 and Forge encode an empty negative as zeros on SDXL
 
 
 class LdmBackend(TrainingBackend):
@@ -76,6 +76,10 @@ class LdmBackend(TrainingBackend):
     def encode_text(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
         return self.sd_model.get_learned_conditioning(SizedPrompts(texts, *size))
 
+    @torch.no_grad()
+    def encode_unconditional(self, count: int, size: tuple[int, int]) -> Conditioning:
+        return self.sd_model.get_learned_conditioning(SizedPrompts([""] * count, *size, negative=True))
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.sd_model.apply_model(noisy, timesteps, cond)
 
@@ -125,7 +129,14 @@ class SgmBackend(LdmBackend):
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
-        prompts = SizedPrompts(texts, *size)
+        return self._encode(texts, size, negative=False)
+
+    @torch.no_grad()
+    def encode_unconditional(self, count: int, size: tuple[int, int]) -> Conditioning:
+        return self._encode([""] * count, size, negative=True)
+
+    def _encode(self, texts: Sequence[str], size: tuple[int, int], *, negative: bool) -> Conditioning:
+        prompts = SizedPrompts(texts, *size, negative=negative)
         if hasattr(self.sd_model, "get_learned_conditioning"):
             return self.sd_model.get_learned_conditioning(prompts)
         for embedder in self.sd_model.conditioner.embedders:
@@ -140,7 +151,9 @@ class SgmBackend(LdmBackend):
             "target_size_as_tuple": torch.tensor([height, width], **options).repeat(count, 1),
             "aesthetic_score": torch.tensor([6.0], **options).repeat(count, 1),
         }
-        return self.sd_model.conditioner(batch, force_zero_embeddings=[])
+        # as A1111 does for an empty negative prompt on SDXL
+        zeroed = ["txt"] if negative and not any(texts) else []
+        return self.sd_model.conditioner(batch, force_zero_embeddings=zeroed)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if hasattr(self.sd_model, "apply_model"):
