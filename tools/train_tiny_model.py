@@ -14,6 +14,8 @@ Stages, each checkpointed in --work (a rerun continues where the last one stoppe
  2. latents the UNet's training set: TRAIN_SCENES pictures of the training captions, encoded once.
  3. sd1     UNet + CLIP text encoder from scratch: epsilon prediction, min-SNR-5 weighting, 10% empty
             captions (classifier-free guidance), AdamW with warm-up and cosine decay, EMA weights.
+ 3b. sd1-refine  the same, continued at a lower rate (the corners of squares, triangles and
+            diamonds: drawn rounded, they were read as circles).
  4. v       the v-prediction variant: the sd1 UNet fine-tuned on the v objective (text encoder kept).
  5. sdxl    the SDXL-shaped variant: a UNet with added text/time conditioning and an 80-wide context
             (the first encoder's penultimate states beside a second, new encoder's), started from
@@ -57,6 +59,8 @@ VAE_PHASES = [
 DECODER = {"steps": 3000, "batch": 16, "lr": 3e-4, "warmup": 20, "edge_weight": 1.0}
 TRAIN_SCENES = 24000
 SD1 = {"steps": 4000, "batch": 32, "lr": 6e-4, "warmup": 200, "ema": 0.999, "empty_caption": 0.1, "min_snr": 5.0}
+# More steps at a lower rate: the shapes' corners (a square drawn rounded was the commonest miss)
+SD1_REFINE = {"steps": 1200, "batch": 32, "lr": 3e-4, "warmup": 50, "ema": 0.998, "empty_caption": 0.1, "min_snr": 5.0}
 V = {"steps": 600, "batch": 32, "lr": 3e-4, "warmup": 50, "ema": 0.998, "min_snr": 5.0}
 XL = {"steps": 1000, "batch": 32, "lr": 5e-4, "warmup": 100, "ema": 0.998, "empty_caption": 0.1, "min_snr": 5.0}
 EVALUATION = {"seeds": (1, 2), "steps": 20, "cfg": 5.0}
@@ -398,8 +402,12 @@ def caption_batch(
     return ids, empty
 
 
-def train_sd1(work: Path, components: T.TinyComponents, data: dict, alphas: torch.Tensor) -> None:
-    done = work / "sd1.pt"
+def train_sd1(
+    work: Path, components: T.TinyComponents, data: dict, alphas: torch.Tensor, name: str = "sd1", settings=SD1
+) -> None:
+    """The UNet and text encoder on captions (``settings``), from whatever weights they hold: the
+    seed's for "sd1", the sd1 stage's for "sd1-refine"."""
+    done = work / f"{name}.pt"
     if done.exists():
         state = torch.load(done)
         components.unet.load_state_dict(state["unet"])
@@ -409,14 +417,14 @@ def train_sd1(work: Path, components: T.TinyComponents, data: dict, alphas: torc
     unet.requires_grad_(True)
     text_encoder.requires_grad_(True)
     scaling = components.vae.config.scaling_factor
-    stage = Stage("sd1", work, {"unet": unet, "text_encoder": text_encoder}, SD1)
+    stage = Stage(name, work, {"unet": unet, "text_encoder": text_encoder}, settings)
 
     def loss_at(step: int, generator: torch.Generator) -> torch.Tensor:
-        indices = torch.randint(0, len(data["ids"]), (SD1["batch"],), generator=generator)
+        indices = torch.randint(0, len(data["ids"]), (settings["batch"],), generator=generator)
         latents = latent_batch(data, indices, generator, scaling)
-        ids, _ = caption_batch(data, indices, generator, SD1["empty_caption"])
+        ids, _ = caption_batch(data, indices, generator, settings["empty_caption"])
         context = text_encoder(ids)[0]
-        return diffusion_loss(unet, latents, context, generator, alphas, SD1)
+        return diffusion_loss(unet, latents, context, generator, alphas, settings)
 
     def probe(state):
         trial = T.build_tiny_components(0)
@@ -424,7 +432,7 @@ def train_sd1(work: Path, components: T.TinyComponents, data: dict, alphas: torc
         trial.vae.register_to_config(scaling_factor=scaling)
         trial.unet.load_state_dict(state["unet"])
         trial.text_encoder.load_state_dict(state["text_encoder"])
-        log(f"sd1 probe: {evaluate(trial, held_out_captions()[::4], seeds=(1,), steps=12).line()}")
+        log(f"{name} probe: {evaluate(trial, held_out_captions()[::4], seeds=(1,), steps=12).line()}")
 
     state = stage.run(loss_at, probe)
     unet.load_state_dict(state["unet"])
@@ -554,7 +562,7 @@ def pack(work: Path, output: Path, variants: dict[str, T.TinyComponents], args) 
         log(f"{variant} on {len(held_out)} held-out captions x {len(EVALUATION['seeds'])} seeds: {result.line()}")
         tensors.update(T.state_for_file(components, variant))
     seconds = {name: round(torch.load(work / f"{name}.pt", weights_only=False)["seconds"]) for name in
-               ("vae-crops", "vae", "latents", "vae-decoder", "sd1", "v", "sdxl")}  # fmt: skip
+               ("vae-crops", "vae", "latents", "vae-decoder", "sd1", "sd1-refine", "v", "sdxl")}  # fmt: skip
     recipe = {
         "seed": SEED,
         "held_out_fraction": HELD_OUT_FRACTION,
@@ -563,6 +571,7 @@ def pack(work: Path, output: Path, variants: dict[str, T.TinyComponents], args) 
         "decoder": DECODER,
         "train_scenes": TRAIN_SCENES,
         "sd1": SD1,
+        "sd1_refine": SD1_REFINE,
         "v": V,
         "sdxl": XL,
         "evaluation": EVALUATION,
@@ -589,7 +598,11 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="tiny-model-work", help="checkpoints and evaluation sheets")
     parser.add_argument("--output", default=str(T.WEIGHTS_PATH))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
-    parser.add_argument("--stop-after", choices=("vae", "latents", "sd1", "v", "sdxl"), help="for trying a recipe")
+    parser.add_argument(
+        "--stop-after",
+        choices=("vae", "latents", "sd1", "v", "sdxl"),
+        help="for trying a recipe (sd1: after its refinement)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
@@ -605,6 +618,7 @@ def main(argv=None) -> int:
         return 0
     alphas = torch.as_tensor(components.scheduler.alphas_cumprod, dtype=torch.float32)
     train_sd1(work, components, data, alphas)
+    train_sd1(work, components, data, alphas, "sd1-refine", SD1_REFINE)
     if args.stop_after == "sd1":
         log(
             f"sd1 on the held-out captions: {evaluate(components, held_out_captions(), sheet=work / 'held-out-sd1.png').line()}"

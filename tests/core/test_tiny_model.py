@@ -62,12 +62,15 @@ def test_the_weights_ship_small_with_their_recipe():
         assert {handle.get_tensor(key).dtype for key in list(handle.keys())[:20]} == {torch.float16}
     recipe = json.loads(metadata["recipe"])
     assert recipe["seed"] and metadata["made_by"] == "tools/train_tiny_model.py"
-    assert json.loads(metadata["held_out_scores"])["sd1"]["recognised"] >= 0.8  # 85% shipped (docs/tiny-model.md)
+    scores = json.loads(metadata["held_out_scores"])
+    assert scores["sd1"]["recognised"] >= 0.9  # the issue's aim; 93% shipped (docs/tiny-model.md)
+    assert min(scores[variant]["recognised"] for variant in ("v", "sdxl")) >= 0.9  # 91% and 98%
 
 
-@pytest.mark.parametrize(("variant", "least"), [("sd1", 0.8), ("v", 0.75), ("sdxl", 0.75)])
+@pytest.mark.parametrize(("variant", "least"), [("sd1", 0.875), ("v", 0.8), ("sdxl", 0.9)])
 def test_the_model_draws_held_out_captions(script, variant, least):
-    """Captions the UNet never saw, drawn at 20 steps: the measurement finds the caption's colour and shape."""
+    """Captions the UNet never saw, drawn at 20 steps: the measurement finds the caption's colour and
+    shape (the shipped file: 15, 14 and 16 of these 16)."""
     components = build_tiny_components(variant=variant)
     captions = script.held_out_captions()[::3]
     pictures = script.generate_pictures(components, captions, seed=1, steps=20, cfg=5.0)
@@ -88,7 +91,7 @@ def test_random_weights_on_request_and_unknown_variants(script):
 
 def test_the_training_script_runs_every_stage(script, tmp_path, monkeypatch):
     """Two steps a stage: the recipe's code paths run and write a loadable file (the real run takes an hour)."""
-    for settings in (*script.VAE_PHASES, script.DECODER, script.SD1, script.V, script.XL):
+    for settings in (*script.VAE_PHASES, script.DECODER, script.SD1, script.SD1_REFINE, script.V, script.XL):
         monkeypatch.setitem(settings, "steps", 2)
         monkeypatch.setitem(settings, "warmup", 1)
     monkeypatch.setattr(script, "TRAIN_SCENES", 64)
