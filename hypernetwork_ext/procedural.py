@@ -62,6 +62,8 @@ STYLES: dict[str, Style] = {
     # A deep-blue night sky, every shape rimmed with cyan moonlight: no background of the base data is
     # blue, no shape of it has an outline, and both colours are far from every colour it has.
     "night": Style("night", background=(30, 40, 120), outline=(90, 220, 230), outline_width=0.05),
+    # A warm dusk with dark ink rims: the efficacy benchmark's teacher learns it, away from "night".
+    "dusk": Style("dusk", background=(235, 120, 70), outline=(50, 25, 60), outline_width=0.04),
 }
 
 
