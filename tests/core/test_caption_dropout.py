@@ -13,7 +13,7 @@ from hypernetwork_ext.training import DiffusersBackend, TrainingConfig, train
 from hypernetwork_ext.training.backends.base import text_part
 from hypernetwork_ext.training.backends.ldm import SgmBackend
 from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
-from tests.support.training_models import dataset_folder, tiny_diffusion_engine
+from tests.support.training_models import dataset_folder, tiny_diffusion_engine, training_config
 
 
 @pytest.fixture(scope="module")
@@ -35,27 +35,6 @@ def sd1_pipeline():
     from hypernetwork_ext.tiny import build_tiny_components
 
     return build_tiny_components(0).pipeline()
-
-
-def settings(tmp_path, data, **changes) -> TrainingConfig:
-    values = dict(
-        hypernetwork_name="style",
-        learn_rate="0.001",
-        data_root=str(data),
-        log_directory=str(tmp_path / "logs"),
-        training_width=64,
-        training_height=64,
-        steps=12,
-        batch_size=4,
-        create_image_every=0,
-        save_hypernetwork_every=0,
-        template_filename="filewords.txt",
-        seed=3,
-        training_write_csv_every=0,
-        save_training_settings_to_txt=False,
-    )
-    values.update(changes)
-    return TrainingConfig(**values)
 
 
 class Recording(DiffusersBackend):
@@ -82,7 +61,22 @@ def run(tmp_path, data, pipe, **changes):
 
     backend = Recording.from_components(pipe)
     network = hx.create(model_shape(pipe.unet).default_widths, (1, 2, 1), "relu", seed=1, name="style")
-    result = train(network, backend, settings(tmp_path, data, **changes), output_dir=str(tmp_path), progress_bar=False)
+    result = train(
+        network,
+        backend,
+        training_config(
+            tmp_path,
+            data,
+            steps=12,
+            batch_size=4,
+            seed=3,
+            training_write_csv_every=0,
+            save_training_settings_to_txt=False,
+            **changes,
+        ),
+        output_dir=str(tmp_path),
+        progress_bar=False,
+    )
     return backend, result
 
 

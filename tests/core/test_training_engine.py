@@ -18,7 +18,6 @@ from hypernetwork_ext.training import (
     LdmBackend,
     SgmBackend,
     TrainingCallbacks,
-    TrainingConfig,
     train,
 )
 from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
@@ -29,6 +28,7 @@ from tests.support.training_models import (
     dataset_folder,
     tiny_diffusion_engine,
     tiny_latent_diffusion,
+    training_config,
 )
 
 WIDTHS = (LDM_CONTEXT, *LDM_WIDTHS)
@@ -51,23 +51,7 @@ def new_network(tmp_path, name="style", **kwargs):
     return hx.load(path)
 
 
-def config(tmp_path, data, **changes) -> TrainingConfig:
-    values = dict(
-        hypernetwork_name="style",
-        learn_rate="0.001",
-        data_root=str(data),
-        log_directory=str(tmp_path / "logs"),
-        training_width=64,
-        training_height=64,
-        steps=4,
-        create_image_every=0,
-        save_hypernetwork_every=0,
-        template_filename="filewords.txt",
-        seed=11,
-        training_write_csv_every=1,
-    )
-    values.update(changes)
-    return TrainingConfig(**values)
+config = training_config
 
 
 def weights(network):

@@ -309,3 +309,25 @@ def dataset_folder(folder: Path, count: int = 4, *, seed: int = 0, colour: str |
 
     procedural_images(folder, count, seed=seed, colour=colour, size=size)
     return folder
+
+
+def training_config(tmp_path: Path, data: Path, **changes):
+    """A short run's TrainingConfig on ``data`` (64x64, the captions as prompts, logs in ``tmp_path``)."""
+    from hypernetwork_ext.training import TrainingConfig
+
+    values = dict(
+        hypernetwork_name="style",
+        learn_rate="0.001",
+        data_root=str(data),
+        log_directory=str(tmp_path / "logs"),
+        training_width=64,
+        training_height=64,
+        steps=4,
+        create_image_every=0,
+        save_hypernetwork_every=0,
+        template_filename="filewords.txt",
+        seed=11,
+        training_write_csv_every=1,
+    )
+    values.update(changes)
+    return TrainingConfig(**values)
