@@ -32,7 +32,14 @@ from ..formats.optim import read_optimizer_sidecar, write_optimizer_sidecar
 from ..network import Hypernetwork
 from . import data as data_mod
 from . import distributed, logs
-from .backends.base import ModelGuard, PreviewRequest, TrainingBackend, cat_conditioning, text_part
+from .backends.base import (
+    Conditioning,
+    ModelGuard,
+    PreviewRequest,
+    TrainingBackend,
+    cat_conditioning,
+    text_part,
+)
 from .checkpointing import gradient_checkpointing
 from .config import PREVIEW_FIELDS, TrainingConfig
 from .divergence import Diverged, DivergenceGuard, all_finite
@@ -179,11 +186,12 @@ class ConditioningCache:
         self.backend = backend
         self.limit = limit
         self.items: OrderedDict = OrderedDict()
+        # Per image size, outside the eviction order: one entry each, used on every dropped caption.
+        self.unconditionals: dict[tuple[int, int], Conditioning] = {}
+        self.auto_rates: dict[tuple[int, int], float] = {}
 
     def get(self, texts: list[str | None], size: tuple[int, int]):
         """Conditioning of ``texts``; None stands for the host's empty negative prompt."""
-        if None in texts:
-            self.unconditional(size)
         missing = [text for text in dict.fromkeys(texts) if text is not None and (text, size) not in self.items]
         if missing:
             encoded = self.backend.encode_text(missing, size)
@@ -191,19 +199,25 @@ class ConditioningCache:
                 self.items[(text, size)] = _row(encoded, index)
             while len(self.items) > self.limit:
                 self.items.popitem(last=False)
-        return cat_conditioning([self.items[(text, size)] for text in texts])
+        return cat_conditioning(
+            [self.unconditional(size) if text is None else self.items[(text, size)] for text in texts]
+        )
 
-    def unconditional(self, size: tuple[int, int]):
-        if (None, size) not in self.items:
-            self.items[(None, size)] = self.backend.encode_unconditional(1, size)
-        return self.items[(None, size)]
+    def unconditional(self, size: tuple[int, int]) -> Conditioning:
+        if size not in self.unconditionals:
+            self.unconditionals[size] = self.backend.encode_unconditional(1, size)
+        return self.unconditionals[size]
 
     def dropout_rate(self, configured: float, size: tuple[int, int]) -> float:
         """``configured``, or for auto (-1) the share that teaches a network the empty negative's
-        pass where the host samples it as zeros (SDXL): never seen in training otherwise."""
+        pass where the host samples it as zeros (SDXL): never seen in training otherwise. Decided
+        once per size (reading the tensor would wait for the device on every step)."""
         if configured != -1.0:
             return configured
-        return _AUTO_CAPTION_DROPOUT if not text_part(self.unconditional(size)).any() else 0.0
+        if size not in self.auto_rates:
+            zeros = not text_part(self.unconditional(size)).any()
+            self.auto_rates[size] = _AUTO_CAPTION_DROPOUT if zeros else 0.0
+        return self.auto_rates[size]
 
 
 _AUTO_CAPTION_DROPOUT = 0.1

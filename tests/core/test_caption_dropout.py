@@ -135,3 +135,32 @@ def test_explicit_dropout_on_sd1_trains_the_empty_caption(tmp_path, data, sd1_pi
 def test_the_rate_is_checked(value, valid):
     problems = TrainingConfig(caption_dropout=value).problems()
     assert ("caption_dropout" not in problems) == valid, problems
+
+
+class CountingBackend:
+    """Encodes each caption as its length, the empty negative as zeros; counts the calls."""
+
+    def __init__(self):
+        self.unconditional_calls = 0
+
+    def encode_text(self, texts, size):
+        return torch.tensor([[[float(len(text) + 1)]] for text in texts])
+
+    def encode_unconditional(self, count, size):
+        self.unconditional_calls += 1
+        return torch.zeros(count, 1, 1)
+
+
+def test_the_empty_negative_outlives_a_full_caption_cache():
+    """Shuffled tags make thousands of distinct captions: the cache evicts the oldest, never the
+    unconditional conditioning, which is encoded once per size and decides the auto rate once."""
+    from hypernetwork_ext.training.engine import ConditioningCache
+
+    backend = CountingBackend()
+    cache = ConditioningCache(backend, limit=2)
+    assert cache.dropout_rate(-1.0, (64, 64)) == 0.1
+    for text in ("a", "bb", "ccc"):
+        cache.get([None, text], (64, 64))
+    assert cache.get([None, "dddd"], (64, 64)).flatten().tolist() == [0.0, 5.0]
+    assert cache.dropout_rate(-1.0, (64, 64)) == 0.1
+    assert backend.unconditional_calls == 1
