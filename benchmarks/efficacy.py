@@ -140,11 +140,20 @@ class Trained:
 
 
 def train_for(
-    source, data: Path, folder: Path, budget: float, checkpoints: int, *, max_steps: int = 100_000, **options
+    source,
+    data: Path,
+    folder: Path,
+    budget: float,
+    checkpoints: int,
+    *,
+    max_steps: int = 100_000,
+    network_seed: int = 1,
+    **options,
 ) -> Trained:
-    """Train a fresh network on ``data`` until ``budget`` seconds have passed (or ``max_steps``),
-    keeping ``checkpoints`` copies along the way."""
-    network = new_network(source, "student", seed=options.pop("seed", 1))
+    """Train a fresh network (initialised from ``network_seed``) on ``data`` until ``budget`` seconds
+    have passed (or ``max_steps``), keeping ``checkpoints`` copies along the way; ``options`` are
+    TrainingConfig fields."""
+    network = new_network(source, "student", seed=network_seed)
     path = hx.save(network, folder / "student.safetensors", overwrite=True)
     config = TrainingConfig(
         hypernetwork_name="student",
@@ -212,7 +221,7 @@ def train_teacher(source: ModelSource, folder: Path, steps: int) -> hx.Hypernetw
     style = STYLES[TEACHER_STYLE]
     data = folder / "teacher-style"
     write_dataset(data, 32, seed=1, style=style, colours=DEMO_DATA_COLOURS, shapes=DEMO_DATA_SHAPES)
-    return train_for(source, data, folder / "teacher", 1e9, 1, max_steps=steps, seed=TEACHER_SEED).final
+    return train_for(source, data, folder / "teacher", 1e9, 1, max_steps=steps, network_seed=TEACHER_SEED).final
 
 
 def plant(source: ModelSource, folder: Path, setup: Setup) -> Planted:

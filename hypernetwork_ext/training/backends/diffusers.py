@@ -115,10 +115,10 @@ class DiffusersBackend(TrainingBackend):
         """StableDiffusionXLPipeline samples an empty negative prompt as zeros (context and pooled
         text; its ``force_zeros_for_empty_prompt``), as A1111 and Forge do on SDXL."""
         cond = self.encode_text([""] * count, size)
-        if self.is_sdxl and self.zeros_for_empty_prompt:
-            cond = {**cond, "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
-            cond["text_embeds"] = torch.zeros_like(cond["text_embeds"])
-        return cond
+        if not (self.is_sdxl and self.zeros_for_empty_prompt):
+            return cond
+        zeroed = ("encoder_hidden_states", "text_embeds")  # the size ids stay
+        return {key: torch.zeros_like(value) if key in zeroed else value for key, value in cond.items()}
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if isinstance(cond, dict):

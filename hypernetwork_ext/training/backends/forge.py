@@ -260,13 +260,14 @@ class ForgeBackend(TrainingBackend):
         raise HypernetworkError("cannot tell how the loaded model scales latents (no process_in)")
 
     def encode_text(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
-        with self._host_call(), torch.no_grad():
-            cond = self.sd_model.get_learned_conditioning(SizedPrompts(texts, *size))
-        return _normal(cond)
+        return self._learned_conditioning(SizedPrompts(texts, *size))
 
     def encode_unconditional(self, count: int, size: tuple[int, int]) -> Conditioning:
+        return self._learned_conditioning(SizedPrompts([""] * count, *size, negative=True))
+
+    def _learned_conditioning(self, prompts: SizedPrompts) -> Conditioning:
         with self._host_call(), torch.no_grad():
-            cond = self.sd_model.get_learned_conditioning(SizedPrompts([""] * count, *size, negative=True))
+            cond = self.sd_model.get_learned_conditioning(prompts)
         return _normal(cond)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
