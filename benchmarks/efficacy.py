@@ -4,7 +4,7 @@
                                   [--skip-options] [--threads 2] [--markdown FILE] [--quick]
 
 1. Planted-network recovery. A "teacher" network H*, trained by the same engine on a style of its
-   own ("dusk", hypernetwork_ext.procedural.STYLES), draws a dataset: captions of the base data, each
+   own ("dusk", hypernetwork_ext.standalone.procedural.STYLES), draws a dataset: captions of the base data, each
    at its own seed. A fresh network trains on those pictures; on other captions and other seeds it
    is compared with the teacher:
        recovery = 1 - d(trained, teacher) / d(no network, teacher)
@@ -12,10 +12,10 @@
    predictions on the teacher's held-out pictures, noised at fixed random timesteps). 1 is the
    teacher exactly; 0 is no better than no network; below 0, further from it. Reported at
    intervals of steps with the wall time they took.
-2. Style transfer. The demo's "night" dataset (hypernetwork_ext.procedural.STYLES): the share of
+2. Style transfer. The demo's "night" dataset (hypernetwork_ext.standalone.procedural.STYLES): the share of
    pixels in the style's colours on held-out prompts (colours and shapes the dataset has not),
    without a network, with the trained one, and on the dataset itself; and how often the caption's
-   shape is still recognised (hypernetwork_ext.recognise).
+   shape is still recognised (hypernetwork_ext.standalone.recognise).
 3. Options. The same two measurements on the SD1-shaped model for AdamW (the baseline), Lion,
    Prodigy, min-SNR, EMA, noise offset, batch sizes and gradient accumulation, each given the same
    wall time.
@@ -42,14 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hypernetwork_ext as hx
 from hypernetwork_ext.attach import apply
-from hypernetwork_ext.generate import GenerationSettings, generate
-from hypernetwork_ext.pipelines import ModelSource
-from hypernetwork_ext.procedural import STYLES, all_captions, write_dataset
-from hypernetwork_ext.recognise import judge, style_share
 from hypernetwork_ext.shape import model_shape
-from hypernetwork_ext.tiny import TINY_VARIANTS, build_tiny_components
+from hypernetwork_ext.standalone.generate import GenerationSettings, generate
+from hypernetwork_ext.standalone.pipelines import ModelSource
+from hypernetwork_ext.standalone.procedural import STYLES, all_captions, write_dataset
+from hypernetwork_ext.standalone.recognise import judge, style_share
+from hypernetwork_ext.standalone.tiny import TINY_VARIANTS, build_tiny_components
+from hypernetwork_ext.standalone.workflows import DEMO_DATA_COLOURS, DEMO_DATA_SHAPES, DEMO_STYLE
 from hypernetwork_ext.training import DiffusersBackend, TrainingCallbacks, TrainingConfig, train
-from hypernetwork_ext.workflows import DEMO_DATA_COLOURS, DEMO_DATA_SHAPES, DEMO_STYLE
 
 SAMPLING = {"steps": 20, "cfg_scale": 5.0}
 TEACHER_SEED = 11

@@ -1,8 +1,8 @@
-"""Train the embedded tiny model (hypernetwork_ext/tiny-sd.safetensors) from a seed, on CPU.
+"""Train the embedded tiny model (hypernetwork_ext/standalone/tiny-sd.safetensors) from a seed, on CPU.
 
     python tools/train_tiny_model.py [--work tiny-model-work] [--threads 1] [--output PATH]
 
-Everything it learns from is drawn by hypernetwork_ext/procedural.py: one shape (circle, square,
+Everything it learns from is drawn by hypernetwork_ext/standalone/procedural.py: one shape (circle, square,
 triangle, diamond) in one of six colours on one of four plain backgrounds, centred or on a named
 side, with its caption ("a red circle on the left on a white background"). A tenth of the 480
 possible captions (chosen by SEED) is never shown to the UNet: the evaluation draws those.
@@ -21,7 +21,7 @@ Stages, each checkpointed in --work (a rerun continues where the last one stoppe
             (the first encoder's penultimate states beside a second, new encoder's), started from
             the sd1 UNet (new key/value columns and added embedding at zero) and fine-tuned.
  6. pack    each variant drawn on the held-out captions (2 seeds, 20 Euler steps, CFG 5) and judged
-            by hypernetwork_ext/recognise.py; the weights written in half precision with the recipe,
+            by hypernetwork_ext/standalone/recognise.py; the weights written in half precision with the recipe,
             the scores and the wall times in the file's metadata.
 
 The seed, recipe and the time it took here are in docs/tiny-model.md.
@@ -45,9 +45,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hypernetwork_ext import procedural  # noqa: E402
-from hypernetwork_ext import tiny as T  # noqa: E402
-from hypernetwork_ext.recognise import judge, score  # noqa: E402
+from hypernetwork_ext.standalone import procedural  # noqa: E402
+from hypernetwork_ext.standalone import tiny as T  # noqa: E402
+from hypernetwork_ext.standalone.recognise import judge, score  # noqa: E402
 
 SEED = 1234
 HELD_OUT_FRACTION = 0.1
@@ -545,7 +545,7 @@ def evaluate(components, captions: list[str], *, seeds=None, steps=None, sheet=N
         verdicts += [judge(image, caption) for image, caption in zip(images, captions, strict=True)]
         pictures += images
     if sheet is not None:
-        from hypernetwork_ext.images import grid
+        from hypernetwork_ext.standalone.images import grid
 
         grid(pictures, 16).save(sheet)
     return score(verdicts)

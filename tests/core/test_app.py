@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import hypernetwork_ext as hx
-from hypernetwork_ext.tiny import TINY_WIDTHS, procedural_images
+from hypernetwork_ext.standalone.tiny import TINY_WIDTHS, procedural_images
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -58,7 +58,7 @@ def app(tmp_path_factory):
     command = [
         sys.executable,
         "-m",
-        "hypernetwork_ext.app",
+        "hypernetwork_ext.standalone.app",
         "--hypernetwork-dir",
         "nets",
         "--output-dir",
@@ -166,8 +166,8 @@ def test_training_shows_progress_chart_preview_and_can_be_interrupted(page, app)
 def test_cards_of_one_name_in_two_formats_get_distinct_labels_and_tags(tmp_path):
     from types import SimpleNamespace
 
-    from hypernetwork_ext.app import card_details, card_items
     from hypernetwork_ext.library import Library
+    from hypernetwork_ext.standalone.app import card_details, card_items
 
     for suffix in ("pt", "safetensors"):
         hx.save(hx.create(TINY_WIDTHS, seed=1, name="demo-trained"), tmp_path / "nets" / f"demo-trained.{suffix}")

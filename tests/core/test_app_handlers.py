@@ -8,12 +8,12 @@ import re
 import pytest
 
 from hypernetwork_ext.library import Library
-from hypernetwork_ext.pipelines import ModelSource
-from hypernetwork_ext.tiny import build_tiny_components
+from hypernetwork_ext.standalone.pipelines import ModelSource
+from hypernetwork_ext.standalone.tiny import build_tiny_components
 from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 
 gradio = pytest.importorskip("gradio")
-from hypernetwork_ext.app import AppState, build_app, generate_images, interrupt_generation  # noqa: E402
+from hypernetwork_ext.standalone.app import AppState, build_app, generate_images, interrupt_generation  # noqa: E402
 
 
 @pytest.fixture(scope="module")

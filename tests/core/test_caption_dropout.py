@@ -23,7 +23,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def xl_pipeline():
-    from hypernetwork_ext.tiny import build_tiny_components
+    from hypernetwork_ext.standalone.tiny import build_tiny_components
 
     pipe = build_tiny_components(0, variant="sdxl").pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -32,7 +32,7 @@ def xl_pipeline():
 
 @pytest.fixture(scope="module")
 def sd1_pipeline():
-    from hypernetwork_ext.tiny import build_tiny_components
+    from hypernetwork_ext.standalone.tiny import build_tiny_components
 
     return build_tiny_components(0).pipeline()
 

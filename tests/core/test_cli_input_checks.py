@@ -6,9 +6,9 @@ create-and-train writes nothing."""
 import pytest
 
 import hypernetwork_ext as hx
-import hypernetwork_ext.cli as cli
-from hypernetwork_ext.cli import main
-from hypernetwork_ext.tiny import TINY_WIDTHS, procedural_images
+import hypernetwork_ext.standalone.cli as cli
+from hypernetwork_ext.standalone.cli import main
+from hypernetwork_ext.standalone.tiny import TINY_WIDTHS, procedural_images
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import hypernetwork_ext as hx
-from hypernetwork_ext.cli import main
-from hypernetwork_ext.tiny import TINY_WIDTHS, procedural_images
+from hypernetwork_ext.standalone.cli import main
+from hypernetwork_ext.standalone.tiny import TINY_WIDTHS, procedural_images
 from tests.support.networks import visible
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,9 +163,9 @@ def _data_parallel_worker(rank, world, port, folder, queue):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        from hypernetwork_ext.pipelines import load_model
+        from hypernetwork_ext.standalone.pipelines import load_model
+        from hypernetwork_ext.standalone.workflows import new_network_for, training_backend
         from hypernetwork_ext.training import TrainingConfig, train
-        from hypernetwork_ext.workflows import new_network_for, training_backend
 
         source = load_model(None)
         network = new_network_for(source, "dp", activation="relu", seed=None)  # differs per process until broadcast

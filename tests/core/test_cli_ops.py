@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import hypernetwork_ext as hx
-from hypernetwork_ext.cli import main
 from hypernetwork_ext.ops.checkpoints import LDM_PREFIX, read_unet
+from hypernetwork_ext.standalone.cli import main
 from tests.support import models as M
 
 
@@ -134,7 +134,7 @@ def _affine_stack(context, widths):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from hypernetwork_ext.tiny import build_tiny_components
+    from hypernetwork_ext.standalone.tiny import build_tiny_components
 
     folder = tmp_path_factory.mktemp("tiny") / "model"
     components = build_tiny_components(0)

@@ -14,12 +14,12 @@ import zipfile
 import pytest
 
 import hypernetwork_ext as hx
-from hypernetwork_ext.cli import main
 from hypernetwork_ext.families import FAMILIES
 from hypernetwork_ext.formats import to_bytes
 from hypernetwork_ext.formats.limits import HYPERNETWORK_LIMITS
 from hypernetwork_ext.formats.pickle_scan import scan_pickle
 from hypernetwork_ext.network import Architecture, Hypernetwork
+from hypernetwork_ext.standalone.cli import main
 from tests.support.bounds import bounded  # noqa: F401 (fixture)
 from tests.support.hostile import CASES
 

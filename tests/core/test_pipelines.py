@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import save_file
 
 import hypernetwork_ext as hx
-from hypernetwork_ext.generate import GenerationSettings, generate
-from hypernetwork_ext.images import grid, line_chart
-from hypernetwork_ext.pipelines import attention_widths, load_model
-from hypernetwork_ext.tiny import TINY_WIDTHS, build_tiny_components, procedural_images
+from hypernetwork_ext.standalone.generate import GenerationSettings, generate
+from hypernetwork_ext.standalone.images import grid, line_chart
+from hypernetwork_ext.standalone.pipelines import attention_widths, load_model
+from hypernetwork_ext.standalone.tiny import TINY_WIDTHS, build_tiny_components, procedural_images
 from tests.support.ldm_checkpoint import components_to_ldm
 from tests.support.networks import visible
 

@@ -10,9 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypernetwork_ext import procedural
-from hypernetwork_ext.recognise import judge, parse_caption, score, style_share
-from hypernetwork_ext.tiny import TINY_VARIANTS, WEIGHTS_PATH, build_tiny_components, build_tokenizer, load_weights
+from hypernetwork_ext.standalone import procedural
+from hypernetwork_ext.standalone.procedural import parse_caption
+from hypernetwork_ext.standalone.recognise import judge, score, style_share
+from hypernetwork_ext.standalone.tiny import (
+    TINY_VARIANTS,
+    WEIGHTS_PATH,
+    build_tiny_components,
+    build_tokenizer,
+    load_weights,
+)
 from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.support.scripts import script_module
 

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import hypernetwork_ext as hx
-from hypernetwork_ext.tiny import TINY_WIDTHS, build_tiny_components
+from hypernetwork_ext.standalone.tiny import TINY_WIDTHS, build_tiny_components
 from hypernetwork_ext.training import DiffusersBackend
 from hypernetwork_ext.training.api import build_training_router
 from hypernetwork_ext.training.jobs import CreateRequest, TrainingJobs, TrainingServices, default_widths

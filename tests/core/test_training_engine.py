@@ -316,13 +316,13 @@ def test_sdxl_engine_trains_with_dict_conditioning(tmp_path, data):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from hypernetwork_ext.tiny import build_tiny_components
+    from hypernetwork_ext.standalone.tiny import build_tiny_components
 
     return build_tiny_components(0)
 
 
 def test_diffusers_run_with_every_option_writes_its_logs(tmp_path, data, tiny):
-    from hypernetwork_ext.tiny import TINY_WIDTHS
+    from hypernetwork_ext.standalone.tiny import TINY_WIDTHS
 
     network = hx.create(TINY_WIDTHS, (1, 2, 1), "relu", seed=1, name="full")
     hx.save(network, tmp_path / "full.safetensors")

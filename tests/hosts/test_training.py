@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import hypernetwork_ext as hx
-from hypernetwork_ext.tiny import procedural_images
+from hypernetwork_ext.standalone.tiny import procedural_images
 from tests.hosts import suite_files as files
 from tests.hosts.browser import open_page, screenshot, screenshot_on_failure
 from tests.hosts.real_host import HttpError, max_difference

@@ -71,7 +71,7 @@ class TinyTextEncoder(nn.Module):
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from hypernetwork_ext.tiny import build_tokenizer
+        from hypernetwork_ext.standalone.tiny import build_tokenizer
 
         self.tokenizer = build_tokenizer()
         with torch.random.fork_rng(devices=[]):
@@ -305,7 +305,7 @@ def tiny_diffusion_engine(seed: int = 0, *, v_prediction: bool = False) -> Diffu
 
 
 def dataset_folder(folder: Path, count: int = 4, *, seed: int = 0, colour: str | None = "red", size: int = 64) -> Path:
-    from hypernetwork_ext.tiny import procedural_images
+    from hypernetwork_ext.standalone.tiny import procedural_images
 
     procedural_images(folder, count, seed=seed, colour=colour, size=size)
     return folder

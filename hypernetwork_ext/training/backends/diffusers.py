@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ...generate import pipeline_from_components, run_txt2img
+from ...diffusers_pipeline import pipeline_from_components, run_txt2img
 from .base import Conditioning, PreviewGenerator, PreviewRequest, TrainingBackend, first_parameter
 
 

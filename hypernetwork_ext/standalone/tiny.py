@@ -2,7 +2,7 @@
 
 Nothing is downloaded. A UNet, a VAE, a CLIP text encoder and a byte-level BPE tokenizer with the
 same classes and data flow as Stable Diffusion, shrunk to run on two CPU cores, and trained by
-``tools/train_tiny_model.py`` on the pictures of :mod:`hypernetwork_ext.procedural`
+``tools/train_tiny_model.py`` on the pictures of :mod:`hypernetwork_ext.standalone.procedural`
 ("a red circle on a white background"); the weights ship beside this file
 (``tiny-sd.safetensors``, half precision). docs/tiny-model.md tells how it was made.
 
@@ -60,7 +60,7 @@ class TinyComponents:
     def pipeline(self):
         """A diffusers pipeline over these components: StableDiffusionPipeline, or
         StableDiffusionXLPipeline for the SDXL-shaped variant (no safety checker)."""
-        from .generate import pipeline_from_components, quiet_transformers
+        from ..diffusers_pipeline import pipeline_from_components, quiet_transformers
 
         if self.text_encoder_2 is None:
             return pipeline_from_components(self)
@@ -231,7 +231,7 @@ def scheduler_for(variant: str):
 
 def _check_variant(variant: str) -> None:
     if variant not in TINY_VARIANTS:
-        from .errors import InvalidConfigError
+        from ..errors import InvalidConfigError
 
         raise InvalidConfigError(f"no tiny model variant {variant!r}; known: {', '.join(TINY_VARIANTS)}")
 
@@ -276,7 +276,7 @@ def load_weights(components: TinyComponents, variant: str, path: str | os.PathLi
     """Load a variant's trained weights (stored in half precision) into ``components``."""
     from safetensors import safe_open
 
-    from .errors import FileFormatError
+    from ..errors import FileFormatError
 
     if not os.path.isfile(path):
         raise FileFormatError("the tiny model's weights are missing (run tools/train_tiny_model.py)", str(path))

@@ -9,29 +9,16 @@ demo and the efficacy benchmark.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy
 
-from .procedural import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SUPERSAMPLING, Style, draw_shape
+from .procedural import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SUPERSAMPLING, Style, draw_shape, parse_caption
 
 FOREGROUND_DISTANCE = 70.0  # RGB distance from the background that makes a pixel part of the shape
 MIN_SHAPE_PIXELS = 0.02  # of the image: less than this is "nothing drawn"
 SIDE_THRESHOLD = 0.12  # of the image size: a centre further than this from the middle is on a side
-_CAPTION = re.compile(
-    r"^a (?P<colour>\w+) (?P<shape>\w+)(?: (?P<position>on the left|on the right|at the top|at the bottom))?"
-    r"(?: on a (?P<background>\w+) background)?$"
-)
-
-
-@dataclass(frozen=True)
-class Expected:
-    colour: str
-    shape: str
-    background: str | None
-    position: str | None
 
 
 @dataclass(frozen=True)
@@ -63,16 +50,6 @@ class Verdict:
     @property
     def everything(self) -> bool:
         return self.colour and self.shape and self.background and self.position
-
-
-def parse_caption(caption: str) -> Expected:
-    match = _CAPTION.match(" ".join(caption.lower().split()))
-    if not match or match["colour"] not in COLOURS or match["shape"] not in SHAPES:
-        raise ValueError(f"not a caption of the tiny model's data: {caption!r}")
-    background = match["background"]
-    if background is not None and background not in BACKGROUNDS:
-        raise ValueError(f"unknown background {background!r} in {caption!r}")
-    return Expected(match["colour"], match["shape"], background, match["position"])
 
 
 def _nearest(colour: numpy.ndarray, palette: dict[str, tuple[int, int, int]]) -> tuple[str, float]:

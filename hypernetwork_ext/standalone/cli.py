@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import FileExistsRefusedError, HypernetworkError, InvalidConfigError, NonFiniteWeightsError
+from .. import __version__
+from ..errors import FileExistsRefusedError, HypernetworkError, InvalidConfigError, NonFiniteWeightsError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -132,15 +132,15 @@ def _width_values(text: str) -> tuple[int, list[float]]:
 
 
 def _load_entries(specs: list[tuple[str, float]]):
-    from .formats import load
+    from ..formats import load
 
     return [(load(path), multiplier) for path, multiplier in specs]
 
 
 # -- inspect --------------------------------------------------------------------------------------
 def _inspect_record(path: str) -> dict:
-    from .formats import load
-    from .hashing import content_hash, file_sha256, short_hash
+    from ..formats import load
+    from ..hashing import content_hash, file_sha256, short_hash
 
     network = load(path)
     arch = network.architecture
@@ -208,7 +208,7 @@ def _batch_exit(failed: int, total: int) -> int:
 
 # -- convert --------------------------------------------------------------------------------------
 def _convert(args) -> int:
-    from .formats import SUPPORTED_SUFFIXES, load, save
+    from ..formats import SUPPORTED_SUFFIXES, load, save
 
     source = Path(args.source)
     if source.is_dir():
@@ -247,8 +247,8 @@ def _progress(items: list, label: str):
 
 # -- merge ----------------------------------------------------------------------------------------
 def _merge(args) -> int:
-    from .formats import load, save
-    from .ops.merge import add_difference, weighted_sum
+    from ..formats import load, save
+    from ..ops.merge import add_difference, weighted_sum
 
     name = args.name or Path(args.output).stem
     overrides = dict(args.width or [])
@@ -272,8 +272,8 @@ def _merge(args) -> int:
 
 # -- bake / export-lora ---------------------------------------------------------------------------
 def _bake(args) -> int:
-    from .ops.bake import bake
-    from .ops.checkpoints import read_unet, write_unet
+    from ..ops.bake import bake
+    from ..ops.checkpoints import read_unet, write_unet
 
     _refuse_existing([args.output], args)
     entries = _load_entries(args.networks)
@@ -295,9 +295,9 @@ def _export_lora(args) -> int:
     import torch
     from safetensors.torch import save
 
-    from .atomic import atomic_write_bytes
-    from .ops.bake import export_lora
-    from .ops.checkpoints import read_unet
+    from ..atomic import atomic_write_bytes
+    from ..ops.bake import export_lora
+    from ..ops.checkpoints import read_unet
 
     _refuse_existing([args.output], args)
     entries = _load_entries(args.networks)
@@ -350,7 +350,7 @@ def _load_source(args, device: str | None = None):
 
 def _library(args):
     """The folders given, else models/hypernetworks and the newest demo run's networks."""
-    from .library import Library
+    from ..library import Library
 
     return Library(list(args.hypernetwork_dir or [DEFAULT_NETWORK_DIR, DEMO_NETWORKS]))
 
@@ -366,7 +366,7 @@ def _refuse_existing(paths: list[str], args) -> None:
 
 def _tag_problems_before_sampling(library, prompt: str) -> list[str]:
     """Unknown names and malformed tags, found (and printed) before the model loads."""
-    from .syntax import find_tags
+    from ..syntax import find_tags
 
     problems = library.plan(find_tags(prompt), with_hashes=False).problems
     for problem in problems:
@@ -453,7 +453,7 @@ def _write_images(images: list, paths: list[str], parameters: str, overwrite: bo
 def _training_options() -> list:
     import dataclasses
 
-    from .training import TrainingConfig
+    from ..training import TrainingConfig
 
     return [item for item in dataclasses.fields(TrainingConfig) if item.name != "hypernetwork_name"]
 
@@ -489,7 +489,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _training_config(args, name: str):
-    from .training import TrainingConfig, load_preset
+    from ..training import TrainingConfig, load_preset
 
     config = TrainingConfig(hypernetwork_name=name)
     if args.preset:
@@ -501,7 +501,7 @@ def _training_config(args, name: str):
 
 def _creation_options(args) -> dict:
     """--create's options, checked (the widths come from the model later unless --widths)."""
-    from .network import new_architecture
+    from ..network import new_architecture
 
     options = {
         "layer_structure": args.layer_structure,
@@ -517,7 +517,7 @@ def _creation_options(args) -> dict:
 
 def _network_given(args):
     """The network file to train (None for --create or a resume); checks which one was asked for."""
-    from .formats import load
+    from ..formats import load
 
     if args.network and args.create:
         raise InvalidConfigError("give either --network FILE or --create NAME, not both")
@@ -530,7 +530,7 @@ def _network_given(args):
 
 def _check_training_inputs(args, config, created_path: str | None) -> None:
     """What the run would refuse after loading the model, refused before it (nothing is written yet)."""
-    from .training.data import resolve_template
+    from ..training.data import resolve_template
 
     _refuse_existing([created_path, args.save_preset], args)
     if not os.path.isdir(config.data_root):
@@ -553,9 +553,9 @@ def _removed_unless_trained(paths: list[str]):
 
 
 def _train(args) -> int:
-    from .formats import save
-    from .training import TrainingCallbacks, save_preset, train
-    from .training.distributed import is_main
+    from ..formats import save
+    from ..training import TrainingCallbacks, save_preset, train
+    from ..training.distributed import is_main
     from .workflows import new_network_for, training_backend
 
     network, path = _network_given(args), args.network
@@ -777,7 +777,7 @@ def _explained(exc: HypernetworkError, args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["app"]:  # the app has its own options (hypernetwork_ext.app)
+    if argv[:1] == ["app"]:  # the app has its own options (hypernetwork_ext.standalone.app)
         from .app import main as app_main
 
         return app_main(argv[1:])

@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import InvalidConfigError
+from ..errors import InvalidConfigError
+from ..library import ActivationPlan, Library
+from ..network import Hypernetwork, create
+from ..shape import model_shape
+from ..syntax import find_tags, format_hashes, format_number, set_multipliers, strip_tags
 from .generate import GenerationSettings, generate
 from .images import grid, line_chart
-from .library import ActivationPlan, Library
-from .network import Hypernetwork, create
 from .pipelines import ModelSource
 from .samplers import sampler_name
-from .shape import model_shape
-from .syntax import find_tags, format_hashes, format_number, set_multipliers, strip_tags
 
 if TYPE_CHECKING:
-    from .training import TrainingConfig
+    from ..training import TrainingConfig
 
 
 # -- generation -------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def infotext(settings: GenerationSettings, source: ModelSource, hashes: dict[str
 def save_png(image, path: str | os.PathLike, parameters: str, *, overwrite: bool = False) -> str:
     from PIL.PngImagePlugin import PngInfo
 
-    from .atomic import atomic_write_with
+    from ..atomic import atomic_write_with
 
     info = PngInfo()
     info.add_text("parameters", parameters)
@@ -138,7 +138,7 @@ def new_network_for(source: ModelSource, name: str, **create_kwargs) -> Hypernet
 
 
 def training_backend(source: ModelSource, device: torch.device | str | None = None):
-    from .training import DiffusersBackend
+    from ..training import DiffusersBackend
 
     if device is not None:
         source.pipe.to(device)
@@ -173,7 +173,7 @@ class DemoResult:
 
 
 def demo_config(folder: Path, *, steps: int, seed: int, image_size: int, learn_rate: str) -> TrainingConfig:
-    from .training import TrainingConfig
+    from ..training import TrainingConfig
 
     every = max(steps // 3, 1)
     return TrainingConfig(
@@ -214,9 +214,9 @@ def run_demo(
 
     Every option is checked before anything is written: a bad one leaves no folder behind.
     """
-    from .formats import save
+    from ..formats import save
+    from ..training import TrainingCallbacks, train
     from .procedural import STYLES, write_dataset
-    from .training import TrainingCallbacks, train
 
     if image_count < 4:
         raise InvalidConfigError(f"image count must be at least 4, found {image_count}")

@@ -1,7 +1,7 @@
 """The local web app: the extension's tabs without a WebUI, on the current gradio.
 
-    python -m hypernetwork_ext.app                       # the embedded tiny model
-    python -m hypernetwork_ext.app --model sd15-diffusers/ --hypernetwork-dir models/hypernetworks
+    python -m hypernetwork_ext.standalone.app                       # the embedded tiny model
+    python -m hypernetwork_ext.standalone.app --model sd15-diffusers/ --hypernetwork-dir models/hypernetworks
 
 Tabs: Generate (prompt with ``<hypernet:...>`` tags), Train (create and train, live loss chart and
 previews), Hypernetworks (cards: previews, metadata, click to add a tag). Served on 127.0.0.1.
@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from .errors import HypernetworkError
+from ..errors import HypernetworkError
+from ..library import Library, distinct_names
+from ..shape import model_shape
+from ..syntax import format_number
+from ..training.jobs import TrainingJobs, TrainingServices
+from ..ui.compat import launch_kwargs, update
+from ..ui.training import build_training_tab
 from .generate import GenerationSettings
-from .library import Library, distinct_names
 from .pipelines import ModelSource, load_model
 from .samplers import SAMPLERS, sampler_name
-from .shape import model_shape
-from .syntax import format_number
-from .training.jobs import TrainingJobs, TrainingServices
-from .ui.compat import launch_kwargs, update
-from .ui.training import build_training_tab
 from .workflows import generate_with_tags, training_backend
 
 CARD_SIZE = 128
@@ -276,7 +276,7 @@ def _training_jobs(state: AppState) -> TrainingJobs:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hypernetwork_ext.app", description="The hypernetwork web app (local)."
+        prog="python -m hypernetwork_ext.standalone.app", description="The hypernetwork web app (local)."
     )
     parser.add_argument("--model", help="single-file checkpoint or diffusers folder (default: the embedded tiny model)")
     parser.add_argument("--config", help="for a single file: a diffusers folder of the same architecture")

@@ -7,14 +7,14 @@ step windows and negative-pass factors exactly as the WebUI adapters do.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .attach import Attachment, NetworkSpec
-from .errors import InvalidConfigError
+from ..attach import Attachment, NetworkSpec
+from ..diffusers_pipeline import run_txt2img
+from ..errors import InvalidConfigError
 from .samplers import using_sampler
 
 
@@ -28,7 +28,7 @@ class GenerationSettings:
     height: int | None = None
     seed: int = 0
     batch_size: int = 1
-    sampler: str = ""  # an A1111 name of hypernetwork_ext.samplers.SAMPLERS; empty: the model's own
+    sampler: str = ""  # an A1111 name of hypernetwork_ext.standalone.samplers.SAMPLERS; empty: the model's own
 
     def check(self) -> None:
         from .samplers import SAMPLERS
@@ -43,53 +43,6 @@ class GenerationSettings:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 raise InvalidConfigError(f"{name} must be a multiple of 8, found {value}")
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Without transformers' notices while diffusers looks up the pipeline's optional parts (without
-    torchvision, every process was told twice that an image processor falls back to PIL)."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-
-
-def pipeline_from_components(components):
-    """A diffusers ``StableDiffusionPipeline`` over objects carrying ``vae``, ``text_encoder``,
-    ``tokenizer``, ``unet`` and ``scheduler`` (no safety checker)."""
-    with quiet_transformers():
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer,
-            unet=components.unet,
-            scheduler=components.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-
-
-def run_txt2img(pipe, request, generator: torch.Generator, **extra):
-    """One diffusers txt2img call from a request with A1111's field names (``prompt``,
-    ``negative_prompt``, ``steps``, ``cfg_scale``, ``width``, ``height``)."""
-    return pipe(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
-        num_inference_steps=request.steps,
-        guidance_scale=request.cfg_scale,
-        width=request.width,
-        height=request.height,
-        generator=generator,
-        **extra,
-    )
 
 
 def generate(

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import FileFormatError, HypernetworkError
-from .families import infer_family
-from .hashing import file_sha256, short_hash
+from ..errors import FileFormatError, HypernetworkError
+from ..families import infer_family
+from ..hashing import file_sha256, short_hash
 from .tiny import TINY_MODEL_NAME, build_tiny_components
 
 _XL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
@@ -48,7 +48,7 @@ class ModelSource:
 
 
 def attention_widths(unet: torch.nn.Module) -> list[int]:
-    from .attach import find_attention_sites
+    from ..attach import find_attention_sites
 
     return sorted({site.key_projection.in_features for site in find_attention_sites(unet)})
 
@@ -102,7 +102,7 @@ def _load_single_file(path: str, config: str | None, allow_download: bool) -> Mo
         except Exception as exc:
             raise FileFormatError(f"not a readable safetensors file ({exc})", path) from None
     else:
-        from .ops.checkpoints import pickled_state_dict
+        from ..ops.checkpoints import pickled_state_dict
 
         keys = list(pickled_state_dict(path))
     is_sdxl = any(key.startswith("conditioner.embedders.1") for key in keys)

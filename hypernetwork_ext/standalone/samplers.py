@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from .errors import InvalidConfigError
+from ..errors import InvalidConfigError
 
 # A1111 name -> (diffusers scheduler class, options)
 SAMPLERS: dict[str, tuple[str, dict]] = {

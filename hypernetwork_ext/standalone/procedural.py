@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -125,10 +126,32 @@ def random_scene(
     )
 
 
+_CAPTION = re.compile(
+    r"^a (?P<colour>\w+) (?P<shape>\w+)(?: (?P<position>on the left|on the right|at the top|at the bottom))?"
+    r"(?: on a (?P<background>\w+) background)?$"
+)
+
+
+@dataclass(frozen=True)
+class Expected:
+    colour: str
+    shape: str
+    background: str | None
+    position: str | None
+
+
+def parse_caption(caption: str) -> Expected:
+    match = _CAPTION.match(" ".join(caption.lower().split()))
+    if not match or match["colour"] not in COLOURS or match["shape"] not in SHAPES:
+        raise ValueError(f"not a caption of the tiny model's data: {caption!r}")
+    background = match["background"]
+    if background is not None and background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r} in {caption!r}")
+    return Expected(match["colour"], match["shape"], background, match["position"])
+
+
 def scene_for_caption(caption: str, rng: random.Random) -> Scene:
     """A random scene (size, jitter) matching a caption of :func:`all_captions`."""
-    from .recognise import parse_caption
-
     expected = parse_caption(caption)
     scene = random_scene(rng)
     return replace(
