@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -132,11 +132,18 @@ class Runtime:
     merging into the weights, its default), False (Lora's functional mode: deltas added on the
     fly, so folding into the weight would lose them) or None (unknown: every folded call checks
     one row against ``F.linear``).
+
+    ``lower_precision(device)``, given by a host whose own networks must be matched (A1111), tells
+    whether the host computes in lower precision at this moment (its autocast, or casting layers
+    itself). Then, with no compute dtype chosen, every network is computed as that host computes
+    its own: ``x + mlp(x) * m`` on the input as it comes, under the host's casting, each rounding
+    where the host's is (see ``KVRewriter._rewrite_as_host``).
     """
 
     progress: float | None = None
     uncond_rows: torch.Tensor | None = None  # bool per batch row
     linear_projections: bool | None = None
+    lower_precision: Callable[[torch.device], bool] | None = None
 
 
 @dataclass
@@ -201,6 +208,8 @@ class KVRewriter:
         active = self._active(stages, infos, x)
         if not active:
             return x
+        if self._as_host(x):
+            return self._rewrite_as_host(x, path, kind, active)
         dtype = self._dtype(stages)
         if kind == CROSS:
             return self._rewrite_context(x, path, kind, block, active, dtype)
@@ -227,6 +236,13 @@ class KVRewriter:
 
     # -- the plain path: one module call per stage, differentiable -------------------------------
     def _rewrite_plain(self, x: torch.Tensor, stages: list[_Stage]) -> torch.Tensor:
+        if self._as_host(x) and not any(stage.module.training for stage in stages):
+            y = x
+            for stage in stages:
+                multiplier = self._multiplier(stage, y)
+                if not (isinstance(multiplier, float) and multiplier == 0.0):
+                    y = self._host_stage(y, stage.module, multiplier)
+            return y.to(x.dtype)
         dtype = self._dtype(stages)
         y = x.to(dtype)
         changed = False
@@ -256,6 +272,46 @@ class KVRewriter:
             copy = copy_module(module).to(device=device, dtype=dtype)
             self._copies[key] = copy
         return copy
+
+    # -- the host's own arithmetic ---------------------------------------------------------------------
+    def _as_host(self, x: torch.Tensor) -> bool:
+        """Whether this call computes as the host computes its own networks (see ``Runtime``)."""
+        lower_precision = self.runtime.lower_precision
+        return self.compute_dtype is None and lower_precision is not None and lower_precision(x.device)
+
+    def _host_stage(
+        self, y: torch.Tensor, module: HypernetworkModule, multiplier: float | torch.Tensor
+    ) -> torch.Tensor:
+        """One network as A1111 computes it: ``x + linear(x) * m``, the layers called on the input as it
+        comes (in its dtype, the host's autocast or casting deciding each layer's precision), the
+        product rounded before the sum. In lower precision every other order rounds differently,
+        and sampling grows those differences into visible ones (5-6/255 with A1111's FP8 weights)."""
+        own = next(module.parameters(), None)
+        dtype = own.dtype if own is not None else y.dtype
+        g = self._module_on(module, y.device, dtype).linear(y)
+        return y + g * multiplier
+
+    def _rewrite_as_host(self, x: torch.Tensor, path: str, kind: str, active: Active) -> torch.Tensor:
+        """No fold, composed matrix or batched GEMM (each rounds otherwise than the host); the text
+        context's result is still computed once per generation."""
+        entry = self._engine.contexts.entry_for(x) if kind == CROSS else None
+        key = None
+        if entry is not None:
+            signature = tuple((id(info.module), info.token(), mult.key) for info, mult in active)
+            key = ("host", path, x.dtype, autocast_state(x.device), signature)
+            found = entry.get(key)
+            if found is not None:
+                self.stats["context_hits"] += 1
+                return found
+        y = x
+        for info, mult in active:
+            y = self._host_stage(y, info.module, mult.value_for(y))
+        out = y.to(x.dtype)
+        self.stats["host_arithmetic_calls"] += 1
+        if entry is not None:
+            entry.put(key, out)
+            self.stats["context_computed"] += 1
+        return out
 
     # -- the fast paths -------------------------------------------------------------------------------
     def _dtype(self, stages: list[_Stage]) -> torch.dtype:
@@ -407,7 +463,7 @@ class KVRewriter:
         if not self.fast or needs_autograd(x, infos, weights):
             self.stats["plain_calls"] += 1
             return forward(projection, self.rewrite(x, path, kind=kind, block=block))
-        if state.unstable or not foldable_weight(projection.weight):
+        if state.unstable or not foldable_weight(projection.weight) or self._as_host(x):
             return forward(projection, self.rewrite(x, path, kind=kind, block=block))
         active = self._active(stages, infos, x)
         if not active:

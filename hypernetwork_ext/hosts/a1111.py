@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..attach import Attachment
+from ..fastpath import autocast_state
 
 
 def unet_of(sd_model) -> nn.Module | None:
@@ -37,6 +38,15 @@ def linear_projection_hint(lora_functional: bool) -> bool | None:
     if getattr(forward, "__name__", "") == "network_Linear_forward":
         return not lora_functional
     return None
+
+
+def lower_precision_now(device: torch.device) -> bool:
+    """Whether A1111 computes in lower precision now, so that its own hypernetworks round as it does:
+    under torch's autocast (``devices.autocast()``: float16 on CUDA, bfloat16 on the CPU with FP8
+    weights) or under its ``manual_cast`` (MPS, XPU, GPUs without autocast, FP8 weights with
+    ``--precision full``), which replaces the layer classes' forward and keeps the original as
+    ``org_forward`` on the class while it is active."""
+    return bool(autocast_state(device)[0]) or hasattr(torch.nn.Linear, "org_forward")
 
 
 class RowLayout:
@@ -99,6 +109,7 @@ class LdmApplier:
             self.clear(keep_entries=True)
         if self.attachment is None:
             self.attachment = Attachment(unet, compute_dtype=compute_dtype)
+            self.attachment.runtime.lower_precision = lower_precision_now
         if self._unet_hook is None:
             self._unet_hook = unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
         self.attachment.runtime.linear_projections = linear_projection_hint(lora_functional)

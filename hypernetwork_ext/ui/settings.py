@@ -57,7 +57,8 @@ SETTINGS = (
         "Precision of the hypernetwork layers",
         "dropdown",
         {"choices": list(DTYPES)},
-        "Automatic keeps the networks' own float32 (as A1111), under the host's autocast",
+        "Automatic computes as A1111's own hypernetworks: their float32 layers under the host's autocast "
+        "(FP8 weights, GPUs), rounding where A1111 rounds; a dtype here keeps every fast path instead",
     ),
     Setting(
         "hypernetwork_unknown_name",

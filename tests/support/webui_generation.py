@@ -2,7 +2,8 @@
 
 Follows ``processing.process_images_inner`` and ``StableDiffusionProcessingTxt2Img.sample_hr_pass``
 (A1111 1.10.1): per batch the prompts are parsed, extra networks activated, Forge's
-``process_before_every_sampling`` called, then sampling; the hires pass parses its own prompts and
+``process_before_every_sampling`` called, then sampling (activation and sampling under
+``devices.autocast()``, the host's precision); the hires pass parses its own prompts and
 activates again; scripts' ``postprocess`` runs at the end. Sampling is ``CFGDenoiser.forward``'s
 batch layout: rows ``[cond..., uncond...]``, the cfg_denoiser callback, then one UNet call on all
 rows or one per chunk (``batch_cond_uncond`` off), and ``step`` counted per call.
@@ -98,16 +99,20 @@ def _generate(host, p, inputs, run_unet, hires_inputs, **kwargs):
     if p.enable_hr:
         p.hr_prompts, p.hr_extra_network_data = e.parse_prompts(p.all_hr_prompts[: p.batch_size])
     if not p.disable_extra_networks:
-        e.activate(p, p.extra_network_data)
+        with host.devices.autocast():
+            e.activate(p, p.extra_network_data)
     host.before_sampling(p, reset=True)
-    results.append(sample(host, p, inputs, p.steps, run_unet(p), **kwargs))
+    with host.devices.autocast():
+        results.append(sample(host, p, inputs, p.steps, run_unet(p), **kwargs))
     if p.enable_hr:
         p.is_hr_pass = True
         if not p.disable_extra_networks:
-            e.activate(p, p.hr_extra_network_data)
+            with host.devices.autocast():
+                e.activate(p, p.hr_extra_network_data)
         host.before_sampling(p, reset=False)  # Forge calls it twice for the hires pass, resetting in between
         host.before_sampling(p, reset=True)
-        results.append(sample(host, p, hires_inputs or inputs, p.steps, run_unet(p), **kwargs))
+        with host.devices.autocast():
+            results.append(sample(host, p, hires_inputs or inputs, p.steps, run_unet(p), **kwargs))
         p.is_hr_pass = False
     if not p.disable_extra_networks and p.extra_network_data:
         e.deactivate(p, p.extra_network_data)

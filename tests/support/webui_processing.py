@@ -242,9 +242,96 @@ def make_call_queue(shared, progress):
 
 
 def make_devices():
+    """``modules.devices``: where the host computes, and ``autocast()``, the precision it samples in.
+
+    ``autocast()`` follows the host's rules: nothing with ``force_fp16``; torch's CPU autocast in
+    bfloat16 for FP8 weights on the CPU; its own ``manual_cast`` for FP8 weights with a float32
+    inference dtype and on devices without autocast (``has_mps``/``has_xpu``/``cuda_no_autocast``);
+    nothing when it computes in float32; torch's CUDA autocast otherwise. The defaults are A1111's
+    on a CPU with ``--no-half --precision full``: float32, no autocast.
+    """
     from tests.support.webui_standin import module
 
-    return module("modules.devices", device=torch.device("cpu"), cpu=torch.device("cpu"), torch_gc=lambda: None)
+    cpu = torch.device("cpu")
+    devices = module(
+        "modules.devices",
+        device=cpu,
+        cpu=cpu,
+        torch_gc=lambda: None,
+        fp8=False,
+        force_fp16=False,
+        dtype=torch.float32,
+        dtype_inference=torch.float32,
+        has_mps=lambda: False,
+        has_xpu=lambda: False,
+        cuda_no_autocast=lambda device_id=None: False,
+        manual_cast=manual_cast,
+    )
+
+    def autocast(disable=False):
+        if disable or devices.force_fp16:
+            return contextlib.nullcontext()
+        if devices.fp8 and devices.device == devices.cpu:
+            return torch.autocast("cpu", dtype=torch.bfloat16, enabled=True)
+        if devices.fp8 and devices.dtype_inference == torch.float32:
+            return manual_cast(devices.dtype, devices.dtype_inference)
+        if torch.float32 in (devices.dtype, devices.dtype_inference):
+            return contextlib.nullcontext()
+        if devices.has_xpu() or devices.has_mps() or devices.cuda_no_autocast():
+            return manual_cast(devices.dtype, devices.dtype_inference)
+        return torch.autocast("cuda")
+
+    devices.autocast = autocast
+    return devices
+
+
+MANUAL_CAST_CLASSES = (
+    torch.nn.Linear,
+    torch.nn.Conv2d,
+    torch.nn.MultiheadAttention,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+)
+
+
+@contextlib.contextmanager
+def manual_cast(target: torch.dtype, inference: torch.dtype):
+    """``devices.manual_cast``: while active, every layer of these classes (the host's, and any
+    extension's) computes in ``target``: its tensor arguments are cast to it when one differs, the
+    layer itself is cast to it for the call and back after, and the result is cast to the inference
+    dtype. The original forward is kept as ``org_forward`` on the class (MultiheadAttention computes
+    in float32)."""
+
+    def casting(dtype, original):
+        def forward(self, *args, **kwargs):
+            if any(isinstance(a, torch.Tensor) and a.dtype != dtype for a in args):
+                args = [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args]
+                kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            own = next((q.dtype for q in self.parameters() if q.dtype != dtype), dtype)
+            if own != dtype:
+                self.to(dtype)
+            result = original(self, *args, **kwargs)
+            if own != dtype:
+                self.to(own)
+            if dtype != inference:
+                if isinstance(result, tuple):
+                    result = tuple(r.to(inference) if isinstance(r, torch.Tensor) else r for r in result)
+                elif isinstance(result, torch.Tensor):
+                    result = result.to(inference)
+            return result
+
+        return forward
+
+    patched = [cls for cls in MANUAL_CAST_CLASSES if not hasattr(cls, "org_forward")]
+    for cls in patched:
+        cls.org_forward = cls.forward
+        cls.forward = casting(torch.float32 if cls is torch.nn.MultiheadAttention else target, cls.forward)
+    try:
+        yield None
+    finally:
+        for cls in patched:
+            cls.forward = cls.org_forward
+            del cls.org_forward
 
 
 def make_lowvram(shared):
@@ -484,14 +571,17 @@ def make_processing(host, base_class):
             p.seeds = p.all_seeds[n * p.batch_size : (n + 1) * p.batch_size]
             p.prompts, p.extra_network_data = e.parse_prompts(p.prompts)
             if not p.disable_extra_networks:
-                e.activate(p, p.extra_network_data)
+                with host.devices.autocast():
+                    e.activate(p, p.extra_network_data)
             if host.forge:
                 p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
             if p.scripts is not None:
                 for script in p.scripts.script_instances:
                     script.process_before_every_sampling(p, x=None, noise=None, c=None, uc=None)
             with torch.no_grad():
-                decoded = p.sd_model.decode_first_stage(sample(host, p))
+                with host.devices.autocast():
+                    samples = sample(host, p)
+                decoded = p.sd_model.decode_first_stage(samples.float())
             for i, x in enumerate(torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)):
                 array = (255.0 * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)
                 images.append(Image.fromarray(array))

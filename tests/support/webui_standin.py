@@ -879,6 +879,7 @@ class Host:
         self.call_queue = wp.make_call_queue(self.shared, self.progress)
         self.lowvram = wp.make_lowvram(self.shared)
         self.processing = wp.make_processing(self, StableDiffusionProcessing)
+        self.devices = wp.make_devices()
         errors_module = module("modules.errors", report=self.errors.report, display=self.errors.display)
         paths_internal = module(
             "modules.paths_internal", data_path=str(self.data_path), models_path=str(tmp_path / "models")
@@ -899,7 +900,7 @@ class Host:
             "progress": self.progress,
             "call_queue": self.call_queue,
             "lowvram": self.lowvram,
-            "devices": wp.make_devices(),
+            "devices": self.devices,
         }
         monkeypatch.setitem(sys.modules, "modules", package)
         for name, value in submodules.items():
