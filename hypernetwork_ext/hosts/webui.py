@@ -51,6 +51,10 @@ from .forge import PatcherApplier, detect_patcher_host
 LOG_PREFIX = "[Hypernetworks]"
 PAGE_TITLE = "Hypernetworks"
 XYZ_STRENGTH_LABEL = "[Hypernet] Strength"
+HASHES_KEY = "Hypernet hashes"
+# A tag's problems on the generation's parameters: in the API's ``info`` (``extra_generation_params``
+# and each image's infotext) and the PNG; a paste drops them (``infotext_pasted``).
+WARNINGS_KEY = "Hypernet warnings"
 CACHE_FILE_NAME = "hypernetworks-cache.json"
 
 
@@ -95,6 +99,7 @@ class Extension:
     def activate(self, p, tags: list[list[str]]) -> None:
         tags = self._with_auto_added(p, tags)
         if not tags:
+            self._record_warnings(p, [])
             self.applier.detach()
             self.last_plan = None
             return
@@ -152,9 +157,32 @@ class Extension:
         for note in plan.notes:
             log(note)
             p.comment(f"Hypernetworks: {note}")
+        self._record_warnings(p, plan.problems if behaviour != UNKNOWN_CONSOLE else [])
         if plan.problems and behaviour == UNKNOWN_STOP:
             log("stopping the generation (setting: stop on unknown names and malformed tags)")
             shared.state.interrupt()
+
+    def _record_warnings(self, p, problems: list[str]) -> None:
+        """The problems of this batch's tags (and of its hires pass) as ``Hypernet warnings``: comments
+        reach only the UI, this reaches API users too. Folders are named without their path, as
+        the parameters go into PNGs that users share."""
+        params = getattr(p, "extra_generation_params", None)
+        if not isinstance(params, dict):
+            return
+        if not getattr(p, "is_hr_pass", False) or not isinstance(getattr(p, "hnx_warnings", None), dict):
+            p.hnx_warnings = {}
+        for problem in problems:
+            p.hnx_warnings[self._without_folder_paths(problem)] = None
+        if p.hnx_warnings:
+            params[WARNINGS_KEY] = "; ".join(p.hnx_warnings)
+        else:
+            params.pop(WARNINGS_KEY, None)
+
+    def _without_folder_paths(self, text: str) -> str:
+        folders = {str(folder).rstrip("/\\") for folder in [*self.library.folders(), *hypernetwork_folders()]}
+        for folder in sorted((f for f in folders if f), key=len, reverse=True):
+            text = text.replace(folder, os.path.basename(folder) or folder)
+        return text
 
     def _record_hashes(self, p, plan: ActivationPlan) -> None:
         if not option("hypernetwork_add_hashes_to_infotext"):
@@ -163,7 +191,7 @@ class Extension:
             p.hnx_hashes = {}
         p.hnx_hashes.update(plan.hashes)
         if p.hnx_hashes:
-            p.extra_generation_params["Hypernet hashes"] = format_hashes(p.hnx_hashes)
+            p.extra_generation_params[HASHES_KEY] = format_hashes(p.hnx_hashes)
 
     def cfg_denoiser(self, params) -> None:
         denoiser = getattr(params, "denoiser", None)
@@ -223,8 +251,10 @@ class Extension:
         return next((name for name, other in self.prompt_names().items() if other.path == entry.path), entry.name)
 
     def infotext_pasted(self, infotext: str, params: dict) -> None:
-        """Map the names of ``Hypernet hashes`` to local files with those hashes (renamed copies)."""
-        hashes = parse_hashes(params.get("Hypernet hashes", ""))
+        """Map the names of ``Hypernet hashes`` to local files with those hashes (renamed copies);
+        drop ``Hypernet warnings``, which says what went wrong then and sets nothing."""
+        params.pop(WARNINGS_KEY, None)
+        hashes = parse_hashes(params.get(HASHES_KEY, ""))
         mapping = {}
         for name, short in hashes.items():
             try:
