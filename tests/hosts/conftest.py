@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.hosts import host_modes
 from tests.hosts import suite_files as files
 from tests.hosts.real_host import USAGE, HostConfig, HttpError, Rendered, Server, install_extension, remove_extension
 
@@ -82,11 +83,12 @@ class ReferenceStore:
 ALL_CASES = (("no-tag", files.NO_TAG), *files.RENDER_CASES, *files.LORA_CASES)
 
 
-def render_builtin_references(config: HostConfig, references: ReferenceStore) -> None:
-    """A1111 without the extension: its own ``<hypernet:...>`` handling renders the references. Its
-    safe unpickler refuses .pt files written by current torch, so this run lifts it."""
+def render_builtin_references(config: HostConfig, references: ReferenceStore, checkpoint: files.Checkpoint) -> None:
+    """A1111 without the extension: its own ``<hypernet:...>`` handling renders the references (the
+    host modes' too). Its safe unpickler refuses .pt files written by current torch, so this run lifts it."""
     missing = [(case, prompt) for case, prompt in ALL_CASES if references.get(case, prompt, _settings()) is None]
-    if not missing:
+    missing_modes = host_modes.missing_references(references, config.kind)
+    if not missing and not missing_modes:
         return
     remove_extension(config)
     extra = "" if "--disable-safe-unpickle" in config.launch else "--disable-safe-unpickle"
@@ -94,6 +96,7 @@ def render_builtin_references(config: HostConfig, references: ReferenceStore) ->
     try:
         for case, prompt in missing:
             references.put(case, prompt, _settings(), server.txt2img(prompt))
+        host_modes.render_references(server, references, missing_modes, checkpoint)
     finally:
         server.stop()
 
@@ -153,7 +156,7 @@ def suite(config: HostConfig):
     hashes = {name: files.file_sha256(path, config) for name, path in sorted(paths.items())}
     references = ReferenceStore(config.artifacts.parent / "references" / checkpoint.sha256[:12], hashes)
     if config.kind == "a1111":
-        render_builtin_references(config, references)
+        render_builtin_references(config, references, checkpoint)
     commit = install_extension(config)
     server, calls, before, loaded_in = start_with_extension(config)
     try:
