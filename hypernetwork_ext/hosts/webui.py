@@ -94,6 +94,7 @@ class Extension:
         self.applier = PatcherApplier() if detect_patcher_host() else LdmApplier()
         self.last_plan: ActivationPlan | None = None
         self._shape: tuple = (None, None)
+        self._builtin_loaded: list = []  # A1111's own loaded networks, while ours handle the tags
 
     # -- generation -------------------------------------------------------------------------------
     def activate(self, p, tags: list[list[str]]) -> None:
@@ -109,6 +110,26 @@ class Extension:
         self._report(p, plan)
         self._apply(p.sd_model, plan.entries, compute_dtype(option("hypernetwork_compute_dtype")))
         self._record_hashes(p, plan)
+
+    # -- A1111's own code, for comparisons (setting hypernetwork_builtin_handler) ------------------------
+    def hand_back(self, p, activate_builtin: Callable[[], None]) -> None:
+        """Nothing of ours acts; A1111's handler loads the tags into ``shared.loaded_hypernetworks``,
+        which its attention code applies. What it had loaded before comes back first, so it reads
+        from disk only what it would without this extension."""
+        self.applier.detach()
+        self.last_plan = None
+        loaded = getattr(shared, "loaded_hypernetworks", None)
+        if isinstance(loaded, list) and not loaded:
+            loaded.extend(self._builtin_loaded)
+        self._builtin_loaded = []
+        activate_builtin()
+
+    def take_over(self) -> None:
+        """Before our own handling: A1111's networks must not act a second time; they are kept aside."""
+        loaded = getattr(shared, "loaded_hypernetworks", None)
+        if isinstance(loaded, list) and loaded:
+            self._builtin_loaded = list(loaded)
+            loaded.clear()
 
     def plan(self, sd_model, tags: list[list[str]]) -> ActivationPlan:
         shape = self.shape_of(self.applier.unet(sd_model))
@@ -299,6 +320,11 @@ class HypernetExtraNetwork(extra_networks.ExtraNetwork):
         super().__init__(TAG_TYPE)
 
     def activate(self, p, params_list) -> None:
+        builtin = PATCH.replaced_handler
+        if option("hypernetwork_builtin_handler") and builtin is not None and isinstance(EXTENSION.applier, LdmApplier):
+            EXTENSION.hand_back(p, lambda: builtin.activate(p, params_list))
+            return
+        EXTENSION.take_over()
         EXTENSION.activate(p, [list(params.items) for params in params_list])
 
     def deactivate(self, p) -> None:
@@ -586,6 +612,8 @@ PATCH = HostPatch()
 
 def add_settings() -> None:
     for setting in SETTINGS:
+        if setting.a1111_only and not isinstance(EXTENSION.applier, LdmApplier):
+            continue
         info = shared.OptionInfo(
             setting.default, setting.label, component_class(setting.kind), dict(setting.args), section=SECTION
         )

@@ -24,6 +24,7 @@ class Setting:
     kind: str  # checkbox, slider, number, textbox, radio, dropdown
     args: dict = field(default_factory=dict)
     info: str = ""
+    a1111_only: bool = False  # about A1111's own hypernetwork code, which Forge and reForge lack
 
 
 SETTINGS = (
@@ -90,6 +91,15 @@ SETTINGS = (
         "textbox",
         {"lines": 4},
         "one per line, NAME: v1, v2, ... (16 values for SD1/SD2, 11 for SDXL); use in a tag as bw=NAME",
+    ),
+    Setting(
+        "hypernetwork_builtin_handler",
+        False,
+        "Let A1111's own code handle <hypernet:...> tags (for comparisons)",
+        "checkbox",
+        info="A1111's built-in hypernetworks, as without this extension: its .pt files in --hypernetwork-dir, "
+        "name and multiplier only; for A/B comparisons and benchmarks/host_generation.py",
+        a1111_only=True,
     ),
 )
 DEFAULTS = {setting.key: setting.default for setting in SETTINGS}
