@@ -22,10 +22,11 @@ from contextlib import closing
 from typing import Any
 
 import gradio as gr
-from modules import call_queue, processing, progress, script_callbacks, shared
+from modules import call_queue, processing, progress, script_callbacks, sd_samplers, shared
 
 from ..errors import HypernetworkError
 from ..families import infer_family
+from ..shape import ModelShape
 from ..training import DiffusersBackend, PreviewRequest, TrainingBackend, TrainingConfig
 from ..training.api import build_training_router
 from ..training.config import FieldProblems
@@ -63,11 +64,18 @@ def model_family(pipeline) -> str | None:
     return infer_family(shape.default_widths) if shape.context_width else None
 
 
+def loaded_shape() -> ModelShape | None:
+    unet = pipeline_unet(loaded_model())
+    return EXTENSION.shape_of(unet) if unet is not None else None
+
+
 def refusal(pipeline) -> str | None:
-    """Why SD.Next cannot train now, or None."""
+    """Why SD.Next cannot train now, or None: a UNet with cross-attention and a CLIP tokenizer are needed
+    (Flux, SD3 and the other transformer models have neither)."""
     if pipeline is None:
         return NO_MODEL_REFUSAL
-    if model_family(pipeline) is None or getattr(pipeline, "tokenizer", None) is None:
+    unet = pipeline_unet(pipeline)
+    if unet is None or not EXTENSION.shape_of(unet).context_width or getattr(pipeline, "tokenizer", None) is None:
         return FAMILY_REFUSAL
     return None
 
@@ -172,8 +180,6 @@ class SdnextTrainingJobs(TrainingJobs):
 
 
 def preview_sampler_problem(config: TrainingConfig) -> str | None:
-    from modules import sd_samplers
-
     name = sampler_name(config.preview_sampler_name)
     if not config.preview_from_txt2img or name is None or sd_samplers.find_sampler(name) is not None:
         return None
@@ -196,6 +202,7 @@ def build_services() -> TrainingServices:
         hypernetwork_dir=folder,
         make_backend=make_backend,
         model_family=lambda: model_family(loaded_model()),
+        model_shape=loaded_shape,
         resolve_network=lambda name: EXTENSION.library.resolve(name).entry.path,
         network_names=lambda: sorted(EXTENSION.prompt_names()),
         run_exclusive=run_exclusive,

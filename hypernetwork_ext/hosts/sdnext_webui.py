@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from datetime import datetime
 
 from modules import extra_networks, script_callbacks, scripts, shared, ui_extra_networks
 
@@ -77,15 +78,14 @@ class HypernetworkPage(ui_extra_networks.ExtraNetworksPage):
             prompt += f" {user['activation text']}"
         description = library.describe(entry, compute_hash=False)
         alias = str(user.get("alias") or "")
-        return {
+        item = {
             "type": PAGE_TITLE,
             "name": prompt_name,
             "alias": alias or entry.name,
             "filename": entry.path,
-            "hash": sha[:10] if sha else None,
             "prompt": json.dumps(prompt),
             "metadata": json.dumps(description, indent=2, default=str),
-            "mtime": entry.mtime,
+            "mtime": datetime.fromtimestamp(entry.mtime),  # as SD.Next's own pages give it
             "size": entry.size,
             "version": FAMILY_LABELS.get(info.get("family"), ""),
             "info": user,
@@ -93,6 +93,9 @@ class HypernetworkPage(ui_extra_networks.ExtraNetworksPage):
             "search_term": " ".join(term for term in (entry.relpath, alias, sha or "") if term),
             "local_preview": f"{os.path.splitext(entry.path)[0]}.{shared.opts.samples_format}",
         }
+        if sha:  # the details view shows N/A for a hash not computed yet
+            item["hash"] = sha[:10]
+        return item
 
     def allowed_directories_for_previews(self):
         return EXTENSION.library.folders()

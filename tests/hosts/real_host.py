@@ -44,14 +44,16 @@ USAGE = (
 
 
 def host_kind(folder: Path) -> str:
-    """``a1111``, ``forge`` or ``reforge``, from the host's own files."""
+    """``a1111``, ``forge``, ``reforge`` or ``sdnext``, from the host's own files."""
+    if (folder / "modules" / "processing_diffusers.py").is_file():
+        return "sdnext"
     if (folder / "backend" / "patcher" / "unet.py").is_file():
         return "forge"
     if (folder / "ldm_patched").is_dir() or (folder / "modules_forge" / "unet_patcher.py").is_file():
         return "reforge"
     if (folder / "modules" / "launch_utils.py").is_file():
         return "a1111"
-    raise ValueError(f"{folder} is not an A1111, Forge or reForge folder")
+    raise ValueError(f"{folder} is not an A1111, Forge, reForge or SD.Next folder")
 
 
 @dataclass

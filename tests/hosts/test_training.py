@@ -173,9 +173,13 @@ def test_a_second_job_while_one_runs_is_refused(suite, dataset, routes_run):
 
 
 def open_train_tab(suite, page):
-    """Forge: the top-level Train tab. A1111 and reForge: Train, then its Hypernetworks sub-tab."""
-    page.locator("#tabs > .tab-nav button", has_text=re.compile(r"^\s*Train\s*$")).first.click()
-    if suite.kind != "forge":
+    """Forge, SD.Next: the top-level Train tab. A1111 and reForge: Train, then its Hypernetworks sub-tab."""
+    modern_ui = page.locator("button[tabitemid*='tab_hnx_train']")  # SD.Next's default UI: its own sidebar
+    if suite.kind == "sdnext" and modern_ui.count():
+        modern_ui.first.click()
+    else:
+        page.locator("#tabs > .tab-nav button", has_text=re.compile(r"^\s*Train\s*$")).first.click()
+    if suite.kind not in ("forge", "sdnext"):
         page.locator("#train_tabs > .tab-nav button", has_text=re.compile(r"^\s*Hypernetworks\s*$")).click()
     tab = page.locator("#hnx_train_tab")
     tab.wait_for()
@@ -215,7 +219,8 @@ def fill_training_form(page, suite, dataset: Path, steps: int) -> None:
 @pytest.mark.skipif(os.environ.get("HNX_HOST_TRAIN_BROWSER") == "0", reason="HNX_HOST_TRAIN_BROWSER=0")
 def test_the_train_tab_creates_trains_shows_progress_and_interrupts(suite, dataset):
     artifacts = suite.config.artifacts
-    with open_page(suite.config.url) as page, screenshot_on_failure(artifacts, page):
+    ready = "attached" if suite.kind == "sdnext" else "visible"  # SD.Next opens on its Control tab
+    with open_page(suite.config.url, ready=ready) as page, screenshot_on_failure(artifacts, page):
         tab = open_train_tab(suite, page)
         screenshot(artifacts, page, "train-tab")
         tab.locator(".tab-nav button", has_text="Create hypernetwork").first.click()
