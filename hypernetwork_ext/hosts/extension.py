@@ -41,7 +41,8 @@ def primary_folder() -> str | None:
     """``--hypernetwork-dir``; SD.Next keeps the flag but no longer gives it a default."""
     folder = getattr(shared.cmd_opts, "hypernetwork_dir", None)
     models = getattr(shared, "models_path", None)
-    return folder or (os.path.join(models, DEFAULT_FOLDER) if models else None)
+    folder = folder or (os.path.join(models, DEFAULT_FOLDER) if models else None)
+    return os.path.abspath(folder) if folder else None  # SD.Next's models path is relative to its folder
 
 
 def hypernetwork_folders() -> list[str]:

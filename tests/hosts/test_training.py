@@ -88,9 +88,11 @@ def follow(server, job_id: str, *, until=None, timeout: float = JOB_TIMEOUT) -> 
 
 
 def seconds_per_step(trace: list[tuple[float, int]], first: int = 1, last: int = PREVIEW_EVERY - 1) -> float:
-    """Between the first sight of two steps that have no preview or copy between them."""
-    seen = {step: moment for moment, step in trace}
-    return (seen[last] - seen[first]) / (last - first)
+    """Between the first sight of two steps that have no preview or copy between them (the earliest and
+    latest of them seen: a slow host's answers can skip a step)."""
+    seen = {step: moment for moment, step in trace if first <= step <= last}
+    low, high = min(seen), max(seen)
+    return (seen[high] - seen[low]) / (high - low)
 
 
 def record_figure(suite, key: str, value) -> None:
@@ -175,6 +177,8 @@ def test_a_second_job_while_one_runs_is_refused(suite, dataset, routes_run):
 def open_train_tab(suite, page):
     """Forge, SD.Next: the top-level Train tab. A1111 and reForge: Train, then its Hypernetworks sub-tab."""
     modern_ui = page.locator("button[tabitemid*='tab_hnx_train']")  # SD.Next's default UI: its own sidebar
+    if suite.kind == "sdnext":
+        page.locator("#control_prompt textarea").wait_for()  # the UI it opens on is built, its sidebar too
     if suite.kind == "sdnext" and modern_ui.count():
         modern_ui.first.click()
     else:
