@@ -64,9 +64,19 @@ def log(message: str) -> None:
     print(f"{LOG_PREFIX} {message}", file=sys.stderr)
 
 
+def hypernetwork_dir() -> str:
+    """``--hypernetwork-dir``; where a host has no such option (Forge Classic before a restart adds it
+    through ``preload.py``), A1111's default, ``models/hypernetworks``."""
+    folder = getattr(shared.cmd_opts, "hypernetwork_dir", None)
+    if folder:
+        return folder
+    from modules import paths_internal
+
+    return os.path.join(paths_internal.models_path, "hypernetworks")
+
+
 def hypernetwork_folders() -> list[str]:
-    primary = getattr(shared.cmd_opts, "hypernetwork_dir", None)
-    return [folder for folder in [primary, *extra_folders(option("hypernetwork_extra_folders"))] if folder]
+    return [folder for folder in [hypernetwork_dir(), *extra_folders(option("hypernetwork_extra_folders"))] if folder]
 
 
 def cache_file() -> str | None:

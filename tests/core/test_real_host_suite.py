@@ -30,3 +30,14 @@ def test_an_enabled_second_copy_of_the_extension_stops_the_suite_before_it_insta
 def test_a_disabled_copy_and_the_suites_own_clone_are_not_other_copies(tmp_path):
     config = a1111_folder(tmp_path, "old-copy", EXTENSION_FOLDER, disabled=["old-copy"])
     assert other_copies(config) == []
+
+
+@pytest.mark.parametrize(("own_hypernetworks", "kind"), [(True, "reforge"), (False, "forgeclassic")])
+def test_forge_classic_is_told_from_reforge_by_its_missing_hypernetwork_code(tmp_path, own_hypernetworks, kind):
+    from tests.hosts.real_host import host_kind
+
+    (tmp_path / "ldm_patched").mkdir()
+    (tmp_path / "modules").mkdir()
+    if own_hypernetworks:
+        (tmp_path / "modules" / "hypernetworks").mkdir()
+    assert host_kind(tmp_path) == kind

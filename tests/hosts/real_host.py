@@ -1,4 +1,4 @@
-"""A real WebUI (A1111 1.10.1, Forge, reForge) started from its own folder, with this extension installed
+"""A real WebUI (A1111 1.10.1, Forge, reForge, Forge Classic) started from its own folder, with this extension installed
 the way users install it, and driven over its HTTP API.
 
 The suite is told where the host is by three environment variables (see ``HostConfig.from_env``):
@@ -44,14 +44,19 @@ USAGE = (
 
 
 def host_kind(folder: Path) -> str:
-    """``a1111``, ``forge`` or ``reforge``, from the host's own files."""
+    """``a1111``, ``forge``, ``reforge`` or ``forgeclassic``, from the host's own files."""
     if (folder / "backend" / "patcher" / "unet.py").is_file():
         return "forge"
     if (folder / "ldm_patched").is_dir() or (folder / "modules_forge" / "unet_patcher.py").is_file():
-        return "reforge"
+        # both run ldm_patched; Forge Classic removed A1111's hypernetwork code, reForge kept it
+        return "reforge" if (folder / "modules" / "hypernetworks").is_dir() else "forgeclassic"
     if (folder / "modules" / "launch_utils.py").is_file():
         return "a1111"
-    raise ValueError(f"{folder} is not an A1111, Forge or reForge folder")
+    raise ValueError(f"{folder} is not an A1111, Forge, reForge or Forge Classic folder")
+
+
+# Hosts without A1111's Train tab: the extension's Train tab is a top-level one there.
+WITHOUT_TRAIN_TAB = ("forge", "forgeclassic")
 
 
 @dataclass
