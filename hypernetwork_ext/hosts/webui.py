@@ -145,7 +145,7 @@ class Extension:
 
     def _with_auto_added(self, p, tags: list[list[str]]) -> list[list[str]]:
         """Honour the host's "Add hypernetwork to prompt" setting, as its own handler did."""
-        extra = getattr(shared.opts, "data", {}).get("sd_hypernetwork", "None")
+        extra = getattr(shared.opts, "data", {}).get(HOST_AUTO_ADD_SETTING, "None")
         if not extra or extra == "None" or any(items and items[0] == extra for items in tags):
             return tags
         multiplier = format_number(_as_float(option("hypernetwork_default_multiplier"), 1.0))
@@ -564,6 +564,9 @@ PATCH = HostPatch()
 # --- settings, API, registration ---------------------------------------------------------------------
 
 
+HOST_AUTO_ADD_SETTING = "sd_hypernetwork"
+
+
 def add_settings() -> None:
     for setting in SETTINGS:
         info = shared.OptionInfo(
@@ -572,6 +575,21 @@ def add_settings() -> None:
         if setting.info:
             info = info.info(setting.info)
         shared.opts.add_option(setting.key, info)
+    if HOST_AUTO_ADD_SETTING not in shared.opts.data_labels:  # Forge Classic removed A1111's
+        shared.opts.add_option(HOST_AUTO_ADD_SETTING, auto_add_option())
+
+
+def auto_add_option():
+    """A1111's "Add hypernetwork to prompt" (``sd_hypernetwork``), under its key, for hosts that removed it."""
+    info = shared.OptionInfo(
+        "None",
+        "Add hypernetwork to prompt",
+        gr.Dropdown,
+        lambda: {"choices": ["None", *sorted(EXTENSION.prompt_names())]},
+        refresh=EXTENSION.library.refresh,
+        section=SECTION,
+    )
+    return info.info("added to every prompt with the default multiplier, as A1111's setting of this name does")
 
 
 def add_api_routes(demo, app) -> None:

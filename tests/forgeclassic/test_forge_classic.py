@@ -109,3 +109,17 @@ def test_preload_leaves_a_hosts_own_option_alone(preload):
     preload.preload(parser)
     assert parser.parse_args([]).hypernetwork_dir == "/host/default"
     assert [a.help for a in parser._actions if "--hypernetwork-dir" in a.option_strings] == ["the host's"]
+
+
+def test_add_hypernetwork_to_prompt_comes_back_with_a1111s_key(forge, inputs):
+    """Forge Classic removed A1111's ``sd_hypernetwork`` option; the extension registers it again
+    (extensions and saved configs use that key) and applies it as A1111 did."""
+    info = forge.shared.opts.data_labels["sd_hypernetwork"]
+    assert info.section == ("hypernetworks", "Hypernetworks") and info.default == "None"
+    assert info.component_args()["choices"] == ["None", "anime", "ink"]
+    forge.shared.opts.data["sd_hypernetwork"] = "anime"
+    p = p_for(forge, "plain")
+    (got,) = generate(forge, p, inputs, forge.runner.run)
+    want = a1111_result(forge, inputs, [(hx.load(forge.hypernetwork_dir / "anime.pt"), 1.0)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert p.all_prompts == ["plain<hypernet:anime:1>"] and "anime: " in p.extra_generation_params["Hypernet hashes"]
