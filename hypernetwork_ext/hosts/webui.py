@@ -10,6 +10,7 @@ decided by trying to import a UNet patcher (Forge, reForge), never by version st
 from __future__ import annotations
 
 import html
+import inspect
 import os
 import sys
 import weakref
@@ -597,14 +598,22 @@ def add_api_routes(demo, app) -> None:
     api.add_routes(app, EXTENSION.library, credentials=credentials or None)
 
 
+def on(register: Callable, callback: Callable, name: str) -> None:
+    """``script_callbacks.on_...(callback, name=name)``; Forge Classic's take no name (A1111 1.9 added it)."""
+    if "name" in inspect.signature(register).parameters:
+        register(callback, name=name)
+    else:
+        register(callback)
+
+
 def register_generation() -> None:
-    script_callbacks.on_before_ui(PATCH.apply, name="hypernetworks")
-    script_callbacks.on_script_unloaded(PATCH.undo, name="hypernetworks")
-    script_callbacks.on_ui_settings(add_settings, name="hypernetworks")
-    script_callbacks.on_app_started(add_api_routes, name="hypernetworks")
-    script_callbacks.on_infotext_pasted(EXTENSION.infotext_pasted, name="hypernetworks")
-    script_callbacks.on_model_loaded(EXTENSION.model_loaded, name="hypernetworks")
-    script_callbacks.on_cfg_denoiser(EXTENSION.cfg_denoiser, name="hypernetworks")
+    on(script_callbacks.on_before_ui, PATCH.apply, "hypernetworks")
+    on(script_callbacks.on_script_unloaded, PATCH.undo, "hypernetworks")
+    on(script_callbacks.on_ui_settings, add_settings, "hypernetworks")
+    on(script_callbacks.on_app_started, add_api_routes, "hypernetworks")
+    on(script_callbacks.on_infotext_pasted, EXTENSION.infotext_pasted, "hypernetworks")
+    on(script_callbacks.on_model_loaded, EXTENSION.model_loaded, "hypernetworks")
+    on(script_callbacks.on_cfg_denoiser, EXTENSION.cfg_denoiser, "hypernetworks")
 
 
 # Other parts of the extension (training) add their own registration function here.

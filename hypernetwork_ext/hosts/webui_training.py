@@ -63,6 +63,7 @@ from . import api, forge_training, webui
 from .forge import detect_patcher_host
 
 TAB_TITLE = "Hypernetworks"
+NAME = "hypernetworks-training"  # of our callbacks, where the host names them
 JOB_NAME = "train-hypernetwork"
 PRESETS_FOLDER = "hypernetwork-training-presets"
 HIDE_SETTING = "hypernetwork_hide_host_training"
@@ -417,13 +418,13 @@ def add_api_routes(demo, app) -> None:
 def register_training() -> None:
     if not forge_training.host_has_train_tab():  # Forge, Forge Classic: a top-level one
         sources = forge_training.Txt2imgSources()
-        script_callbacks.on_after_component(sources.collect, name="hypernetworks-training")
-        script_callbacks.on_ui_tabs(lambda: forge_training.train_tab(jobs(), sources), name="hypernetworks-training")
+        webui.on(script_callbacks.on_after_component, sources.collect, NAME)
+        webui.on(script_callbacks.on_ui_tabs, lambda: forge_training.train_tab(jobs(), sources), NAME)
     else:  # A1111 and reForge
-        script_callbacks.on_ui_train_tabs(add_train_tab, name="hypernetworks-training")
-        script_callbacks.on_after_component(hide_host_control, name="hypernetworks-training")
-        script_callbacks.on_ui_settings(add_settings, name="hypernetworks-training")
-    script_callbacks.on_app_started(add_api_routes, name="hypernetworks-training")
+        webui.on(script_callbacks.on_ui_train_tabs, add_train_tab, NAME)
+        webui.on(script_callbacks.on_after_component, hide_host_control, NAME)
+        webui.on(script_callbacks.on_ui_settings, add_settings, NAME)
+    webui.on(script_callbacks.on_app_started, add_api_routes, NAME)
 
 
 if register_training not in webui.REGISTRATIONS:

@@ -241,7 +241,8 @@ REGISTRATION_NAMES = {
 }
 
 
-def make_script_callbacks(errors: Errors) -> types.ModuleType:
+def make_script_callbacks(errors: Errors, *, named: bool = True) -> types.ModuleType:
+    """``named=False``: Forge Classic's ``on_*(callback)``, which take no ``name`` (A1111 1.9 added it)."""
     callback_map = {f"callbacks_{category}": [] for category in CALLBACK_CATEGORIES}
 
     def add_callback(callbacks, fun, *, name=None, category="unknown", filename=None):
@@ -285,6 +286,10 @@ def make_script_callbacks(errors: Errors) -> types.ModuleType:
         def register(callback, *, name=None):
             add_callback(callback_map[f"callbacks_{category}"], callback, name=name, category=category)
 
+        def register_unnamed(callback):
+            add_callback(callback_map[f"callbacks_{category}"], callback, category=category)
+
+        register = register if named else register_unnamed
         register.__name__ = REGISTRATION_NAMES[category]
         return register
 
@@ -868,7 +873,7 @@ class Host:
             loaded_hypernetworks=[],
         )
         self.shared.reload_hypernetworks = self._reload_hypernetworks
-        self.script_callbacks = make_script_callbacks(self.errors)
+        self.script_callbacks = make_script_callbacks(self.errors, named=not classic)
         self.extra_networks = make_extra_networks(self.errors, self.shared)
         self.metadata = module("modules.ui_extra_networks_user_metadata", UserMetadataEditor=UserMetadataEditor)
         self.ui_extra_networks = make_ui_extra_networks(self.shared, self.extra_networks, self.metadata)
