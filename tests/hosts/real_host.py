@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # in a host without touching the suite's usual one.
 EXTENSION_FOLDER = os.environ.get("HNX_EXTENSION_FOLDER", "").strip() or "sd-webui-hypernetworks"
 SUITE_MARKER = "hnx-host-suite"  # in the clone's .git: the suite may replace a clone it made itself
+# The suite's in-host reference (tests/hosts/reference_extension), for hosts that do not draw A1111's images
+REFERENCE_FOLDER = "hnx-suite-reference"
+REFERENCE_SCRIPT = "hnx suite reference"
 ENV_DIR, ENV_URL, ENV_LAUNCH = "HNX_HOST_DIR", "HNX_HOST_URL", "HNX_HOST_LAUNCH"
 ENV_ARTIFACTS = "HNX_HOST_ARTIFACTS"
 START_TIMEOUT = float(os.environ.get("HNX_HOST_START_TIMEOUT", "1200"))
@@ -128,6 +131,18 @@ def remove_extension(config: HostConfig) -> None:
     target = config.extension_dir
     if target.exists() and (target / ".git" / SUITE_MARKER).exists():
         shutil.rmtree(target)
+    shutil.rmtree(config.folder / "extensions" / REFERENCE_FOLDER, ignore_errors=True)
+
+
+def install_reference_extension(config: HostConfig) -> None:
+    """The in-host reference beside the extension: its always-on script, with A1111's formula from
+    tests/support/reference.py copied next to it (the host imports nothing from this checkout)."""
+    import shutil
+
+    target = config.folder / "extensions" / REFERENCE_FOLDER
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(ROOT / "tests" / "hosts" / "reference_extension", target)
+    shutil.copy(ROOT / "tests" / "support" / "reference.py", target / "reference_formula.py")
 
 
 # -- the server -------------------------------------------------------------------------------------------
