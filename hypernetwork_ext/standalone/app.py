@@ -198,7 +198,7 @@ def _build_generate(state: AppState):
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="hnx_app_seed")
                 dice = gr.Button("\U0001f3b2 Random", elem_id="hnx_app_random_seed", scale=0)
             with gr.Row():
-                size = _default_size(state.source)
+                size = state.source.image_size
                 width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id="hnx_app_width")
                 height = gr.Slider(64, 2048, value=size, step=8, label="Height", elem_id="hnx_app_height")
                 batch = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="hnx_app_batch")
@@ -228,12 +228,6 @@ def _build_generate(state: AppState):
 
 def _default_cfg(source: ModelSource) -> float:
     return 5.0 if source.path is None else 7.0  # the tiny model draws cleanest at 5
-
-
-def _default_size(source: ModelSource) -> int:
-    sample = getattr(getattr(source.unet, "config", None), "sample_size", 64)
-    factor = 2 ** (len(getattr(source.pipe.vae.config, "block_out_channels", [0, 0, 0, 0])) - 1)
-    return int(sample) * factor if isinstance(sample, int) else 512
 
 
 def _build_cards(state: AppState, prompt) -> None:

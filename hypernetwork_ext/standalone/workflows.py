@@ -66,12 +66,15 @@ def generate_with_tags(
         source, clean, plan.entries, compute_dtype=compute_dtype, on_step=on_step, should_stop=should_stop
     )
     hashes = {name: short for name, short in plan.hashes.items() if short}
-    return GenerationOutput(images, infotext(settings, source, hashes), list(plan.problems), list(plan.notes), hashes)
+    size = images[0].size if images else (settings.width or source.image_size, settings.height or source.image_size)
+    text = infotext(settings, source, hashes, size)
+    return GenerationOutput(images, text, list(plan.problems), list(plan.notes), hashes)
 
 
-def infotext(settings: GenerationSettings, source: ModelSource, hashes: dict[str, str]) -> str:
-    """The A1111-style parameters text (PNG "parameters" chunk); the prompt keeps its tags."""
-    width, height = settings.width or "auto", settings.height or "auto"
+def infotext(settings: GenerationSettings, source: ModelSource, hashes: dict[str, str], size: tuple[int, int]) -> str:
+    """The A1111-style parameters text (PNG "parameters" chunk); the prompt keeps its tags.
+    ``size`` is the images' (width, height): the model's own when the settings left it open."""
+    width, height = size
     fields = [
         f"Steps: {settings.steps}",
         f"Sampler: {settings.sampler or sampler_name(source.pipe.scheduler)}",

@@ -55,6 +55,15 @@ def test_generate_with_tags_writes_png_with_infotext(library, tmp_path, capsys):
     assert Image.open(out).tobytes() != Image.open(plain).tobytes()
 
 
+def test_generate_records_the_size_it_rendered_when_none_was_given(tmp_path, capsys):
+    """Without --width/--height the model's own size is used, and the PNG says which (not "autoxauto")."""
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle", "--steps", "2", "-o", str(out), "--quiet"]) == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert "Size: 64x64," in image.info["parameters"]
+
+
 def test_generate_reports_bad_tags_and_still_writes(library, tmp_path, capsys):
     out = tmp_path / "out.png"
     code = main(
