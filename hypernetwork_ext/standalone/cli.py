@@ -388,7 +388,8 @@ def _generate(args) -> int:
     reported = _tag_problems_before_sampling(library, args.prompt)
     source = _load_source(args)
     if args.grid:
-        picture, outputs = multiplier_grid(source, library, [args.prompt], args.grid, settings)
+        bar = _step_printer(args, settings.steps * len(args.grid))
+        picture, outputs = multiplier_grid(source, library, [args.prompt], args.grid, settings, on_step=bar)
         written = [save_png(picture, args.output, outputs[-1].infotext, overwrite=args.overwrite)]
         problems = [p for o in outputs for p in o.problems]
         notes = [n for o in outputs for n in o.notes]

@@ -74,13 +74,19 @@ def load_model(
     """Load a model source; ``None`` is the embedded tiny model (its trained weights)."""
     if path is None:
         components = build_tiny_components()
-        return ModelSource(components.pipeline(), TINY_MODEL_NAME, None, False)
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return _load_folder(path)
-    if not os.path.isfile(path):
-        raise FileFormatError("no such model file or folder", path)
-    return _load_single_file(path, config, allow_download)
+        source = ModelSource(components.pipeline(), TINY_MODEL_NAME, None, False)
+    else:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            source = _load_folder(path)
+        elif not os.path.isfile(path):
+            raise FileFormatError("no such model file or folder", path)
+        else:
+            source = _load_single_file(path, config, allow_download)
+    # Every caller shows its own progress (a described bar with the time left, or the app's):
+    # diffusers' anonymous bar per image would only add one line per picture.
+    source.pipe.set_progress_bar_config(disable=True)
+    return source
 
 
 def _load_folder(path: str) -> ModelSource:

@@ -110,20 +110,22 @@ def multiplier_grid(
     multipliers: Sequence[float],
     settings: GenerationSettings,
     *,
-    on_tile: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
     tile_size: int | None = None,
 ) -> tuple[object, list[GenerationOutput]]:
     """One row per prompt, one column per multiplier (every tag's multiplier set to it);
-    ``on_tile(done, total)`` reports progress; ``tile_size`` scales the pictures in the grid."""
+    ``on_step(done, total)`` counts sampling steps over the whole grid (so a bar can estimate the
+    time left); ``tile_size`` scales the pictures in the grid."""
     outputs, tiles = [], []
+    total = len(prompts) * len(multipliers) * settings.steps
     for prompt in prompts:
         for multiplier in multipliers:
             tagged = set_multipliers(prompt, multiplier)
-            output = generate_with_tags(source, library, dataclasses.replace(settings, prompt=tagged))
+            before = len(tiles) * settings.steps
+            step = None if on_step is None else (lambda done, _steps, before=before: on_step(before + done, total))
+            output = generate_with_tags(source, library, dataclasses.replace(settings, prompt=tagged), on_step=step)
             outputs.append(output)
             tiles.append(output.images[0])
-            if on_tile is not None:
-                on_tile(len(tiles), len(prompts) * len(multipliers))
     labels = [f"x{format_number(m)}" for m in multipliers]
     rows = [strip_tags(p).strip()[:48] for p in prompts]
     if tile_size:
@@ -252,7 +254,8 @@ def run_demo(
         progress_bar=progress_bar,
     )
     train_seconds = time.monotonic() - train_started
-    pt_path = save(result.network, folder / "networks" / "demo-trained.pt")
+    # The A1111 copy has a folder of its own: beside the .safetensors, `demo-trained` would name two files.
+    pt_path = save(result.network, folder / "a1111" / "demo-trained.pt")
     loss_plot = folder / "loss.png"
     chart = line_chart(
         {"training loss": result.losses, "validation loss": result.validation_losses},
@@ -268,7 +271,7 @@ def run_demo(
         prompts,
         DEMO_MULTIPLIERS,
         settings,
-        on_tile=_tile_progress(log, progress_bar),
+        on_step=_grid_progress(log, progress_bar, settings.steps * len(DEMO_MULTIPLIERS)),
         tile_size=max(image_size, 128),
     )
     grid_path = folder / "multiplier-grid.png"
@@ -279,24 +282,25 @@ def run_demo(
     return DemoResult(str(folder), result.path, pt_path, str(grid_path), str(loss_plot), str(summary_path), summary)
 
 
-def _tile_progress(log: Callable[[str], None], progress_bar: bool) -> Callable[[int, int], None]:
-    """Progress while the grid renders: a tqdm bar in a console, else a line per row."""
+def _grid_progress(log: Callable[[str], None], progress_bar: bool, row_steps: int) -> Callable[[int, int], None]:
+    """Progress while the grid renders, counted in sampling steps: a tqdm bar (with the time left)
+    in a console, else a line per row of ``row_steps`` steps."""
     bar = None
 
-    def on_tile(done: int, total: int) -> None:
+    def on_step(done: int, total: int) -> None:
         nonlocal bar
         if progress_bar:
             if bar is None:
                 import tqdm
 
-                bar = tqdm.tqdm(total=total, desc="Rendering the multiplier grid")
-            bar.update(1)
+                bar = tqdm.tqdm(total=total, desc="Rendering the multiplier grid", unit="step")
+            bar.update(done - bar.n)
             if done == total:
                 bar.close()
-        elif done == total or done % len(DEMO_MULTIPLIERS) == 0:
-            log(f"multiplier grid: {done}/{total} pictures")
+        elif done == total or done % row_steps == 0:
+            log(f"multiplier grid: {done}/{total} sampling steps")
 
-    return on_tile
+    return on_step
 
 
 def _fresh_folder(root: str | os.PathLike) -> Path:

@@ -243,14 +243,16 @@ def test_demo_runs_end_to_end_and_generate_finds_its_networks(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     small = ["--steps", "2", "--width", "64", "--height", "64", "--quiet"]
     assert main(["generate", "a red circle <hypernet:demo-trained.safetensors:0.8>", *small, "-o", "a.png"]) == 0
+    capsys.readouterr()
     assert main(["generate", "a red circle <hypernet:demo-trained>", *small, "-o", "b.png"]) == 0
-    note = capsys.readouterr().err
-    assert "write demo-trained.pt or demo-trained.safetensors to choose" in note and "warning" not in note
+    assert capsys.readouterr().err == ""  # one file answers to the name: no note on the README's first command
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["stopped"] == "finished"
-    for name in ("multiplier-grid.png", "loss.png", "networks/demo-trained.safetensors", "networks/demo-trained.pt"):
+    for name in ("multiplier-grid.png", "loss.png", "networks/demo-trained.safetensors", "a1111/demo-trained.pt"):
         assert (run / name).exists(), name
-    assert hx.load(run / "networks" / "demo-trained.pt").step == 6
+    networks = sorted(path.name for path in (run / "networks").iterdir() if path.suffix in (".pt", ".safetensors"))
+    assert networks == ["demo-trained.safetensors", "demo.safetensors"]
+    assert hx.load(run / "a1111" / "demo-trained.pt").step == 6
     rows = next(run.glob("logs/**/hypernetwork_loss.csv")).read_text().splitlines()
     assert len(rows) == 7  # a header and every step (the host's default of 500 wrote nothing in 120 steps)
     differences = summary["mean_pixel_difference_from_multiplier_0"]
