@@ -1,7 +1,7 @@
 """The local web app: the extension's tabs without a WebUI, on the current gradio.
 
-    python -m hypernetwork_ext.standalone.app                       # the embedded tiny model
-    python -m hypernetwork_ext.standalone.app --model sd15-diffusers/ --hypernetwork-dir models/hypernetworks
+    ./hypernetwork app                       # the embedded tiny model (python -m hypernetwork_ext app)
+    ./hypernetwork app --model sd15-diffusers/ --hypernetwork-dir models/hypernetworks
 
 Tabs: Generate (prompt with ``<hypernet:...>`` tags), Train (create and train, live loss chart and
 previews), Hypernetworks (cards: previews, metadata, click to add a tag). Served on 127.0.0.1.
@@ -28,6 +28,7 @@ from ..syntax import format_number
 from ..training.jobs import TrainingJobs, TrainingServices
 from ..ui.compat import launch_kwargs, update
 from ..ui.training import build_training_tab
+from .folders import DEFAULT_NETWORK_DIR, DEMO_NETWORKS, network_folders, program_name
 from .generate import GenerationSettings
 from .pipelines import ModelSource, load_model
 from .samplers import SAMPLERS, sampler_name
@@ -261,6 +262,9 @@ def _training_jobs(state: AppState) -> TrainingJobs:
         make_backend=lambda: training_backend(state.source),
         model_family=lambda: state.source.family,
         model_shape=lambda: model_shape(state.source.unet),
+        # every folder's networks can be trained (the demo's too), as Generate finds them; results go to the first
+        network_names=lambda: sorted(distinct_names(state.library.entries)),
+        resolve_network=lambda name: state.library.resolve(name).entry.path,
         run_exclusive=state.run_exclusive,
         on_saved=lambda path: state.library.refresh(),
         presets_dir=os.path.join(state.output_dir, "presets"),
@@ -268,17 +272,31 @@ def _training_jobs(state: AppState) -> TrainingJobs:
     return TrainingJobs(services)
 
 
+APP_EXAMPLES = """examples:
+  {prog} app                                    # the embedded tiny model on http://127.0.0.1:7861
+  {prog} app --port 7862 --device cpu
+  {prog} app --model sd15-diffusers/ --hypernetwork-dir models/hypernetworks
+  {prog} app --model v1-5.safetensors --config sd15-diffusers/
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    prog = program_name()
     parser = argparse.ArgumentParser(
-        prog="python -m hypernetwork_ext.standalone.app", description="The hypernetwork web app (local)."
+        prog=f"{prog} app",
+        description="The local web app: Generate (prompts with <hypernet:...> tags), Train (create and train,\n"
+        "with a loss chart and previews) and Hypernetworks (cards); served until interrupted (Ctrl-C).",
+        epilog=APP_EXAMPLES.format(prog=prog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", help="single-file checkpoint or diffusers folder (default: the embedded tiny model)")
     parser.add_argument("--config", help="for a single file: a diffusers folder of the same architecture")
     parser.add_argument("--allow-download", action="store_true")
     parser.add_argument(
         "--hypernetwork-dir",
-        default=os.path.join("models", "hypernetworks"),
-        help="where networks are listed and trained ones go",
+        action="append",
+        help=f"folder of networks (repeatable; default: {DEFAULT_NETWORK_DIR} and {DEMO_NETWORKS}, the newest demo "
+        "run's, as for generate); networks created and trained in the app go to the first",
     )
     parser.add_argument("--output-dir", default="hypernetwork-app", help="presets, logs and card tiles")
     parser.add_argument("--host", default="127.0.0.1")
@@ -297,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     source.pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    os.makedirs(args.hypernetwork_dir, exist_ok=True)
+    folders = network_folders(args.hypernetwork_dir)
+    os.makedirs(folders[0], exist_ok=True)  # where the Train tab writes; the demo's folder may not exist yet
     os.makedirs(args.output_dir, exist_ok=True)
-    state = AppState(source, Library([args.hypernetwork_dir]), args.output_dir)
+    state = AppState(source, Library(folders), args.output_dir)
     app = build_app(state)
     app.queue()
     print(f"serving on http://{args.host}:{args.port}", flush=True)
@@ -309,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             server_name=args.host,
             server_port=args.port,
             show_api=False,
-            allowed_paths=[os.path.abspath(args.hypernetwork_dir), os.path.abspath(args.output_dir)],
+            allowed_paths=[*(os.path.abspath(folder) for folder in folders), os.path.abspath(args.output_dir)],
         )
     )
     return 0

@@ -16,40 +16,38 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import FileExistsRefusedError, HypernetworkError, InvalidConfigError, NonFiniteWeightsError
+from .folders import DEFAULT_NETWORK_DIR, DEMO_NETWORKS, DEMO_OUTPUT, network_folders, program_name
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 EXAMPLES = {
-    "inspect": "  hypernetwork inspect models/hypernetworks/anime.pt\n  hypernetwork inspect --json a.pt b.safetensors",
-    "convert": "  hypernetwork convert anime.pt anime.safetensors\n  hypernetwork convert models/hypernetworks/ converted/ --to safetensors",
+    "inspect": "  {prog} inspect models/hypernetworks/anime.pt\n  {prog} inspect --json a.pt b.safetensors",
+    "convert": "  {prog} convert anime.pt anime.safetensors\n  {prog} convert models/hypernetworks/ converted/ --to safetensors",
     "merge": (
-        "  hypernetwork merge blend.safetensors a.pt:0.6 b.pt:0.4\n"
-        "  hypernetwork merge blend.pt a.pt:0.5 b.pt:0.5 --width 768=0.8,0.2\n"
-        "  hypernetwork merge diff.pt --add-difference a.pt b.pt c.pt --multiplier 0.7"
+        "  {prog} merge blend.safetensors a.pt:0.6 b.pt:0.4\n"
+        "  {prog} merge blend.pt a.pt:0.5 b.pt:0.5 --width 768=0.8,0.2\n"
+        "  {prog} merge diff.pt --add-difference a.pt b.pt c.pt --multiplier 0.7"
     ),
-    "bake": "  hypernetwork bake v1-5.safetensors anime.pt:0.8 -o v1-5-anime.safetensors",
+    "bake": "  {prog} bake v1-5.safetensors anime.pt:0.8 -o v1-5-anime.safetensors",
     "export-lora": (
-        "  hypernetwork export-lora anime.pt --model v1-5.safetensors -o anime-lora.safetensors\n"
-        "  hypernetwork export-lora style.pt:0.8 --model v1-5.safetensors --rank 32 -o style-r32.safetensors"
+        "  {prog} export-lora anime.pt --model v1-5.safetensors -o anime-lora.safetensors\n"
+        "  {prog} export-lora style.pt:0.8 --model v1-5.safetensors --rank 32 -o style-r32.safetensors"
     ),
     "generate": (
-        '  hypernetwork generate "a castle <hypernet:anime:0.8>" --model v1-5.safetensors --config sd15-diffusers/ \\\n'
+        '  {prog} generate "a castle <hypernet:anime:0.8>" --model v1-5.safetensors --config sd15-diffusers/ \\\n'
         "      --hypernetwork-dir models/hypernetworks -o castle.png\n"
-        '  hypernetwork generate "a red circle <hypernet:demo>" --grid=-1,0,0.5,1 -o grid.png   # embedded tiny model'
+        '  {prog} generate "a red circle <hypernet:demo>" --grid=-1,0,0.5,1 -o grid.png   # embedded tiny model'
     ),
     "train": (
-        "  hypernetwork train --create anime --data-root data/anime --output-dir models/hypernetworks \\\n"
+        "  {prog} train --create anime --data-root data/anime --output-dir models/hypernetworks \\\n"
         "      --model sd15-diffusers/ --learn-rate '5e-5:100, 5e-6:1500, 1e-6' --steps 2000\n"
-        "  hypernetwork train --network models/hypernetworks/anime.pt --data-root data/anime --preset fast.json\n"
+        "  {prog} train --network models/hypernetworks/anime.pt --data-root data/anime --preset fast.json\n"
         "  accelerate launch --num_processes 2 -m hypernetwork_ext train --create anime --data-root data/anime   # 2 GPUs"
     ),
-    "demo": "  hypernetwork demo                 # embedded tiny model, output in ./hypernetwork-demo/run-*/\n  hypernetwork demo --model sd15/   # a real model",
+    "demo": "  {prog} demo                 # embedded tiny model, output in ./hypernetwork-demo/run-*/\n  {prog} demo --model sd15/   # a real model",
 }
 
 
-DEFAULT_NETWORK_DIR = os.path.join("models", "hypernetworks")
-DEMO_OUTPUT = "hypernetwork-demo"
-DEMO_NETWORKS = os.path.join(DEMO_OUTPUT, "latest", "networks")  # the newest demo run's networks
 STEP_LIMIT = "HYPERNETWORK_STEP_LIMIT"  # caps every step count: commands run as written, only shorter
 
 
@@ -352,7 +350,7 @@ def _library(args):
     """The folders given, else models/hypernetworks and the newest demo run's networks."""
     from ..library import Library
 
-    return Library(list(args.hypernetwork_dir or [DEFAULT_NETWORK_DIR, DEMO_NETWORKS]))
+    return Library(network_folders(args.hypernetwork_dir))
 
 
 def _refuse_existing(paths: list[str], args) -> None:
@@ -628,7 +626,7 @@ def _link_latest(root: str, folder: str) -> str | None:
 
 # -- parser ---------------------------------------------------------------------------------------
 def _subparser(commands, name: str, help_text: str, run) -> argparse.ArgumentParser:
-    epilog = f"examples:\n{EXAMPLES[name]}" if name in EXAMPLES else None
+    epilog = f"examples:\n{EXAMPLES[name].format(prog=program_name())}" if name in EXAMPLES else None
     parser = commands.add_parser(
         name, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -638,9 +636,9 @@ def _subparser(commands, name: str, help_text: str, run) -> argparse.ArgumentPar
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hypernetwork",
+        prog=program_name(),
         description="Hypernetworks for Stable Diffusion: inspect, convert, merge, bake, export, train, generate.",
-        epilog="Run 'hypernetwork COMMAND --help' for a command's options and examples.",
+        epilog=f"Run '{program_name()} COMMAND --help' for a command's options and examples.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
