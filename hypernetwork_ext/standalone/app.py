@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from ..atomic import atomic_write_with, check_writable_folder
 from ..errors import HypernetworkError
 from ..library import Library, distinct_names
 from ..shape import model_shape
@@ -138,13 +139,12 @@ def _placeholder(state: AppState, name: str) -> str:
     from PIL import Image, ImageDraw
 
     folder = os.path.join(state.output_dir, ".cards")
-    os.makedirs(folder, exist_ok=True)
     # A stable file name: str hashes change from run to run, which left a new set of tiles each launch.
     path = os.path.join(folder, f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.png")
     if not os.path.exists(path):
         image = Image.new("RGB", (CARD_SIZE, CARD_SIZE), (60, 64, 80))
         ImageDraw.Draw(image).text((10, CARD_SIZE // 2 - 6), name[:18], fill="white")
-        image.save(path)
+        atomic_write_with(path, lambda handle: image.save(handle, format="PNG"), overwrite=True)
     return path
 
 
@@ -309,14 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    folders = network_folders(args.hypernetwork_dir)
     try:
+        check_writable_folder(folders[0])  # where the Train tab writes; the demo's folder need not exist yet
+        check_writable_folder(args.output_dir)
         source = load_model(args.model, config=args.config, allow_download=args.allow_download)
     except HypernetworkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     source.pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    folders = network_folders(args.hypernetwork_dir)
-    os.makedirs(folders[0], exist_ok=True)  # where the Train tab writes; the demo's folder may not exist yet
+    os.makedirs(folders[0], exist_ok=True)
     os.makedirs(args.output_dir, exist_ok=True)
     state = AppState(source, Library(folders), args.output_dir)
     app = build_app(state)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from ..atomic import check_writable_file, check_writable_folder
 from ..errors import FileExistsRefusedError, HypernetworkError, InvalidConfigError, NonFiniteWeightsError
 from .folders import DEFAULT_NETWORK_DIR, DEMO_NETWORKS, DEMO_OUTPUT, network_folders, program_name
 
@@ -212,6 +213,7 @@ def _convert(args) -> int:
     if source.is_dir():
         if not args.to:
             raise InvalidConfigError("converting a folder needs --to pt or --to safetensors")
+        check_writable_folder(args.destination)
         pairs = []
         for path in sorted(source.rglob("*")):
             if path.suffix.lower() in SUPPORTED_SUFFIXES and path.is_file() and not path.name.endswith(".optim"):
@@ -219,6 +221,7 @@ def _convert(args) -> int:
                 if path.suffix.lower() != f".{args.to}":
                     pairs.append((path, target))
     else:
+        check_writable_file(args.destination)
         pairs = [(source, Path(args.destination))]
     failed = 0
     for path, target in _progress(pairs, "converting"):
@@ -251,6 +254,7 @@ def _merge(args) -> int:
     name = args.name or Path(args.output).stem
     overrides = dict(args.width or [])
     _refuse_existing([args.output], args)
+    check_writable_file(args.output)
     if args.add_difference:
         if args.networks:
             raise InvalidConfigError("give either networks with weights or --add-difference A B C, not both")
@@ -274,6 +278,7 @@ def _bake(args) -> int:
     from ..ops.checkpoints import read_unet, write_unet
 
     _refuse_existing([args.output], args)
+    check_writable_folder(os.path.dirname(os.path.abspath(args.output)), output=args.output)  # a file or a folder
     entries = _load_entries(args.networks)
     weights = read_unet(args.checkpoint)
     changed, report = bake(weights, entries, approximate=args.approximate, seed=args.seed)
@@ -298,6 +303,7 @@ def _export_lora(args) -> int:
     from ..ops.checkpoints import read_unet
 
     _refuse_existing([args.output], args)
+    check_writable_file(args.output)
     entries = _load_entries(args.networks)
     weights = read_unet(args.model)
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -382,6 +388,8 @@ def _generate(args) -> int:
     settings.check()
     targets = [args.output] if args.grid else _image_paths(args.output, args.batch)
     _refuse_existing(targets, args)
+    for target in targets:  # found now, not after the whole render
+        check_writable_file(target)
     library = _library(args)
     reported = _tag_problems_before_sampling(library, args.prompt)
     source = _load_source(args)
@@ -532,6 +540,11 @@ def _check_training_inputs(args, config, created_path: str | None) -> None:
     from ..training.data import resolve_template
 
     _refuse_existing([created_path, args.save_preset], args)
+    check_writable_folder(args.output_dir)
+    if config.log_directory.strip():  # copies, previews, the loss CSV and the settings go there
+        check_writable_folder(config.log_directory)
+    if args.save_preset:
+        check_writable_file(args.save_preset)
     if not os.path.isdir(config.data_root):
         raise InvalidConfigError("data_root: the dataset folder does not exist", config.data_root)
     resolve_template(config.template_filename, args.template_dir or ())
@@ -602,6 +615,7 @@ def _demo(args) -> int:
     from .workflows import demo_report, run_demo
 
     steps = _limited_steps(args.steps)
+    check_writable_folder(args.output)
     source = _load_source(args)
     result = run_demo(args.output, source, steps=steps, seed=args.seed, log=lambda text: print(text, flush=True))
     latest = _link_latest(args.output, result.folder)

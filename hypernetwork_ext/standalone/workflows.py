@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..atomic import atomic_write_bytes, atomic_write_with, check_writable_folder
 from ..errors import InvalidConfigError
 from ..library import ActivationPlan, Library
 from ..network import Hypernetwork, create
@@ -94,8 +95,6 @@ def infotext(settings: GenerationSettings, source: ModelSource, hashes: dict[str
 
 def save_png(image, path: str | os.PathLike, parameters: str, *, overwrite: bool = False) -> str:
     from PIL.PngImagePlugin import PngInfo
-
-    from ..atomic import atomic_write_with
 
     info = PngInfo()
     info.add_text("parameters", parameters)
@@ -226,6 +225,7 @@ def run_demo(
     if image_count < 4:
         raise InvalidConfigError(f"image count must be at least 4, found {image_count}")
     demo_config(Path(output_root), steps=steps, seed=seed, image_size=image_size, learn_rate=learn_rate).check()
+    check_writable_folder(output_root)
     started = time.monotonic()
     folder = _fresh_folder(output_root)
     style = STYLES[DEMO_STYLE]
@@ -261,7 +261,7 @@ def run_demo(
         {"training loss": result.losses, "validation loss": result.validation_losses},
         title=f"demo: {result.step} steps",
     )
-    chart.save(loss_plot)
+    atomic_write_with(loss_plot, lambda handle: chart.save(handle, format="PNG"))
     library = Library([str(folder / "networks")])
     prompts = [p.format(name="demo-trained") for p in DEMO_PROMPTS]
     settings = GenerationSettings("", steps=20, cfg_scale=5.0, width=image_size, height=image_size, seed=seed + 1)
@@ -278,7 +278,7 @@ def run_demo(
     save_png(picture, grid_path, outputs[-1].infotext)
     summary = _demo_summary(result, train_seconds, time.monotonic() - started, outputs, source, dataset)
     summary_path = folder / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(summary_path, json.dumps(summary, indent=2).encode())
     return DemoResult(str(folder), result.path, pt_path, str(grid_path), str(loss_plot), str(summary_path), summary)
 
 

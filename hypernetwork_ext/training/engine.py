@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import formats
-from ..atomic import atomic_write_bytes, atomic_write_with
+from ..atomic import atomic_write_bytes, atomic_write_with, check_writable_folder
 from ..errors import HypernetworkError, InvalidConfigError
 from ..formats.optim import read_optimizer_sidecar, write_optimizer_sidecar
 from ..network import Hypernetwork
@@ -278,6 +278,10 @@ class _Run:
         self.scaler = _cuda_grad_scaler() if use_scaler else None
         writes = config.log_directory and distributed.is_main()
         self.log_dir = logs.log_folder(config.log_directory, self.name) if writes else None
+        if distributed.is_main():  # refused now, not when the first copy or the result is due
+            check_writable_folder(self._result_folder())
+            if self.log_dir:
+                check_writable_folder(self.log_dir)
         if config.training_enable_tensorboard:
             logs.tensorboard_writer_class()
         if config.output_name.strip():
@@ -482,8 +486,11 @@ class _Run:
     def _extension(self) -> str:
         return f".{self.file_format}"
 
+    def _result_folder(self) -> str:
+        return self.output_dir or (os.path.dirname(self.source_path) if self.source_path else ".") or "."
+
     def _result_path(self, step: int) -> str:
-        folder = self.output_dir or (os.path.dirname(self.source_path) if self.source_path else ".")
+        folder = self._result_folder()
         if self.config.output_name.strip():
             return os.path.join(folder, self.config.output_name.strip() + self._extension())
         path = os.path.join(folder, f"{self.name}-{step}{self._extension()}")
@@ -545,7 +552,6 @@ class _Run:
         if image is None:
             return None
         path = os.path.join(self.log_dir, "images", f"{self.name}-{step}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_with(path, lambda handle: image.save(handle, format="PNG"), overwrite=True)
         self.previews.append(path)
         if self.tensorboard is not None:
