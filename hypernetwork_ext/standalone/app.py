@@ -26,6 +26,8 @@ from ..errors import HypernetworkError
 from ..library import Library, distinct_names
 from ..shape import model_shape
 from ..syntax import format_number
+from ..training import TrainingConfig
+from ..training.config import sized_for
 from ..training.jobs import TrainingJobs, TrainingServices
 from ..ui.compat import launch_kwargs, update
 from ..ui.training import build_training_tab
@@ -171,7 +173,8 @@ def build_app(state: AppState, *, poll_seconds: float = 1.0) -> gr.Blocks:
             with gr.Tab("Generate", id="generate"):
                 prompt = _build_generate(state)
             with gr.Tab("Train", id="train"):
-                build_training_tab(_training_jobs(state), blocks=app, poll_seconds=poll_seconds)
+                defaults = TrainingConfig(**sized_for(state.source.image_size))  # 64 px on the tiny model
+                build_training_tab(_training_jobs(state), blocks=app, poll_seconds=poll_seconds, defaults=defaults)
             with gr.Tab("Hypernetworks", id="cards"):
                 _build_cards(state, prompt)
     return app

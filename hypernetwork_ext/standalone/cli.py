@@ -495,10 +495,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def _training_config(args, name: str):
+def _training_config(args, name: str, image_size: int | None = None):
+    """The options: the defaults (A1111's, or sized for a model made for ``image_size``), then the
+    preset's, then the flags given."""
     from ..training import TrainingConfig, load_preset
+    from ..training.config import sized_for
 
-    config = TrainingConfig(hypernetwork_name=name)
+    config = TrainingConfig(hypernetwork_name=name, **(sized_for(image_size) if image_size else {}))
     if args.preset:
         config = load_preset(args.preset, base=config)
     given = {item.name: getattr(args, f"cfg_{item.name}") for item in _training_options()}
@@ -578,6 +581,7 @@ def _train(args) -> int:
     device = _setup_processes(args)
     source = _load_source(args, device)
     main_process = is_main()
+    config = _sized_for_the_model(args, config, source.image_size, main_process)
     with _removed_unless_trained([created, args.save_preset] if main_process else []):
         if args.create:
             network, path = new_network_for(source, args.create, **creation), created
@@ -599,6 +603,19 @@ def _train(args) -> int:
     if main_process and result.path:
         print(f"wrote {result.path}")
     return EXIT_OK if result.stopped in ("finished", "already trained") else EXIT_PARTIAL
+
+
+def _sized_for_the_model(args, config, image_size: int, report: bool):
+    """A1111's defaults are sized for SD1.5 (512 px): what the user left open follows the model
+    loaded (64 px for the embedded one, 1024 for SDXL)."""
+    sized = _training_config(args, config.hypernetwork_name, image_size)
+    if report and (sized.training_width, sized.training_height) != (config.training_width, config.training_height):
+        print(
+            f"training at {sized.training_width}x{sized.training_height}, the model's own size "
+            "(--training-width/--training-height to choose another)",
+            file=sys.stderr,
+        )
+    return sized
 
 
 def _setup_processes(args) -> str:

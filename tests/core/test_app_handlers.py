@@ -141,3 +141,18 @@ def test_app_help_shows_the_command_users_type_with_examples(program, monkeypatc
     assert exited.value.code == 0
     assert shown.startswith(f"usage: {typed} app ") and "python -m" not in shown
     assert "examples:" in shown and f"{typed} app --model sd15-diffusers/" in shown
+
+
+def test_the_train_tab_starts_at_the_loaded_models_size(state):
+    """A1111's 512 px is SD1.5's; on the embedded 64 px model the tab offers 64."""
+    app = build_app(state)
+    sizes = {b.elem_id: b.value for b in app.blocks.values() if getattr(b, "elem_id", None) in SIZE_FIELDS}
+    assert sizes == dict.fromkeys(SIZE_FIELDS, 64)
+
+
+SIZE_FIELDS = (
+    "hnx_train_training_width",
+    "hnx_train_training_height",
+    "hnx_train_preview_width",
+    "hnx_train_preview_height",
+)

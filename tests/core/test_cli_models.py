@@ -160,6 +160,44 @@ def test_train_creates_and_trains(tmp_path, capsys):
     )  # named by its base name and true step
 
 
+def test_train_defaults_follow_the_loaded_model(tmp_path, monkeypatch, capsys):
+    """A1111's 512 px on the embedded 64 px model took 74 s a step and drew garbage: sizes the
+    user leaves open follow the model (64 here, 512 for SD1.5, 1024 for SDXL); given ones win."""
+    import types
+
+    import hypernetwork_ext.training as training
+
+    seen = []
+
+    def record(network, backend, config, *args, **kwargs):
+        seen.append(config)
+        return types.SimpleNamespace(path=None, stopped="finished")
+
+    monkeypatch.setattr(training, "train", record)
+    procedural_images(tmp_path / "data", 2, seed=1, colour="blue")
+    base = ["train", "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "nets"), "--quiet"]
+    assert main([*base, "--create", "a", "--steps", "1"]) == 0
+    assert "training at 64x64, the model's own size" in capsys.readouterr().err
+    assert main([*base, "--create", "b", "--training-width", "128"]) == 0
+    (tmp_path / "p.json").write_text(json.dumps({"options": {"training_height": 96, "preview_width": 256}}))
+    assert main([*base, "--create", "c", "--preset", str(tmp_path / "p.json")]) == 0
+    sizes = [(c.training_width, c.training_height, c.preview_width, c.preview_height, c.bucket_step) for c in seen]
+    assert sizes == [(64, 64, 64, 64, 8), (128, 64, 64, 64, 8), (64, 96, 256, 64, 8)]
+
+
+@pytest.mark.parametrize("sample_size,vae_blocks,size", [(8, 4, 64), (64, 4, 512), (96, 4, 768), (128, 4, 1024)])
+def test_a_models_own_size_comes_from_its_unet_and_vae(sample_size, vae_blocks, size):
+    import types
+
+    from hypernetwork_ext.standalone.pipelines import native_image_size
+
+    pipe = types.SimpleNamespace(
+        unet=types.SimpleNamespace(config=types.SimpleNamespace(sample_size=sample_size)),
+        vae=types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=[1] * vae_blocks)),
+    )
+    assert native_image_size(pipe) == size
+
+
 def test_train_explains_bad_options(tmp_path, capsys):
     code = main(_train_args(tmp_path, "--create", "x", "--learn-rate", "fast", "--batch-size", "0"))
     err = capsys.readouterr().err
