@@ -477,12 +477,17 @@ _TRAINING_HELP = {
 }
 
 
+# Sized for SD1.5 in A1111; here sized for the model loaded (64 px on the embedded one): training.config.sized_for.
+_MODEL_SIZED = ("training_width", "training_height", "preview_width", "preview_height", "bucket_step")
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training options (TrainingConfig; same names, defaults and syntax as A1111)")
     for item in _training_options():
         flag = "--" + item.name.replace("_", "-")
         kind = item.type if isinstance(item.type, str) else item.type.__name__
-        help_text = _TRAINING_HELP.get(item.name, "") + f" (default: {item.default!r})"
+        default = "the model's own size" if item.name in _MODEL_SIZED else repr(item.default)
+        help_text = _TRAINING_HELP.get(item.name, "") + f" (default: {default})"
         if kind == "bool":
             group.add_argument(
                 flag, dest=f"cfg_{item.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -569,8 +574,9 @@ def _removed_unless_trained(paths: list[str]):
 
 def _train(args) -> int:
     from ..formats import save
-    from ..training import TrainingCallbacks, save_preset, train
+    from ..training import TrainingCallbacks, distributed, save_preset, train
     from ..training.distributed import is_main
+    from .interrupts import resume_command, stop_on_first_interrupt
     from .workflows import new_network_for, training_backend
 
     network, path = _network_given(args), args.network
@@ -589,19 +595,31 @@ def _train(args) -> int:
                 save(network, path, overwrite=args.overwrite)
         if args.save_preset and main_process:
             save_preset(config, args.save_preset, overwrite=args.overwrite)
-        callbacks = TrainingCallbacks(on_message=(lambda text: print(text, file=sys.stderr)) if main_process else None)
-        result = train(
-            network,
-            training_backend(source),
-            config,
-            callbacks,
-            source_path=path,
-            output_dir=args.output_dir,
-            template_dirs=args.template_dir or (),
-            progress_bar=main_process and not args.quiet,
-        )
+        # One process: the first Ctrl-C stops after the step and saves (under accelerate every
+        # process would stop at a different step, so there Ctrl-C ends the run as before).
+        with stop_on_first_interrupt(enabled=distributed.world_size() == 1) as stop:
+            callbacks = TrainingCallbacks(
+                on_message=(lambda text: print(text, file=sys.stderr)) if main_process else None,
+                should_stop=stop.is_set,
+            )
+            result = train(
+                network,
+                training_backend(source),
+                config,
+                callbacks,
+                source_path=path,
+                output_dir=args.output_dir,
+                template_dirs=args.template_dir or (),
+                progress_bar=main_process and not args.quiet,
+            )
     if main_process and result.path:
         print(f"wrote {result.path}")
+    if stop.is_set() and result.stopped == "interrupted":
+        if result.path:
+            print(f"to resume: {resume_command(program_name(), args.argv, result.path)}")
+            if not config.save_optimizer_state:
+                print("(the optimizer starts afresh on resume; --save-optimizer-state keeps its state in the copies)")
+        return EXIT_INTERRUPTED
     return EXIT_OK if result.stopped in ("finished", "already trained") else EXIT_PARTIAL
 
 
@@ -814,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # argparse would answer with the top-level usage; the command's own is the useful one
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.argv = argv  # what was typed, for the command that resumes an interrupted run
     try:
         return args.run(args)
     except HypernetworkError as exc:
