@@ -647,10 +647,14 @@ def _setup_processes(args) -> str:
 
 
 def _demo(args) -> int:
+    from .threads import apply_threads, choose_threads
     from .workflows import demo_report, run_demo
 
     steps = _limited_steps(args.steps)
     check_writable_folder(args.output)
+    threads = choose_threads(args.threads)
+    apply_threads(threads)
+    print(threads.describe(), flush=True)
     source = _load_source(args)
     result = run_demo(args.output, source, steps=steps, seed=args.seed, log=lambda text: print(text, flush=True))
     latest = _link_latest(args.output, result.folder)
@@ -809,6 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=_positive, default=600)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--threads",
+        type=_positive,
+        help="CPU threads (default: HYPERNETWORK_THREADS, else OMP_NUM_THREADS, else the cores free now: "
+        "the cores usable less the load average)",
+    )
     _add_model_options(demo)
 
     _subparser(commands, "app", "the local web app: generate, train and browse networks (options: app --help)", None)

@@ -329,6 +329,7 @@ def _demo_summary(
 
     style = STYLES[DEMO_STYLE]
     losses = [loss for _, loss in result.losses]
+    load_at_end = _load_average()
     window = max(1, min(10, len(losses) // 4))
     per_prompt = len(DEMO_MULTIPLIERS)
     rows = len(outputs) // per_prompt
@@ -355,6 +356,8 @@ def _demo_summary(
         "training_seconds": round(train_seconds, 2),
         "steps_per_second": round(result.step / train_seconds, 2) if train_seconds else None,
         "total_seconds": round(total_seconds, 2),
+        "threads": torch.get_num_threads(),
+        "load_average_at_end": load_at_end,  # the machine's one-minute load as the demo ended (its own included)
         "loss_first_steps_mean": round(sum(losses[:window]) / window, 5) if losses else None,
         "loss_last_steps_mean": round(sum(losses[-window:]) / window, 5) if losses else None,
         "validation_loss": [[s, round(v, 5)] for s, v in result.validation_losses],
@@ -369,12 +372,20 @@ def _demo_summary(
     }
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def demo_report(result: DemoResult, latest: str | None = None) -> list[str]:
     """What the demo achieved, in a few lines for a console; ``latest`` is the link to the run's folder."""
     summary = result.summary
     lines = [
         f"demo finished in {summary['total_seconds']} s ({summary['steps']} training steps, "
-        f"{summary['steps_per_second']} steps/s)",
+        f"{summary['steps_per_second']} steps/s; {summary['threads']} threads, load average "
+        f"{summary['load_average_at_end']} at the end)",
         f"loss: {summary['loss_first_steps_mean']} over the first steps -> {summary['loss_last_steps_mean']} "
         "over the last",
     ]

@@ -244,9 +244,8 @@ class TrainingTab:
     train_errors: object = None
     current_job: str | None = None
     list_components: list = dataclasses.field(default_factory=list)
-    defaults: TrainingConfig = dataclasses.field(
-        default_factory=TrainingConfig
-    )  # shown first: A1111's, or sized for the model
+    # What the fields show first: A1111's defaults, or sized for the model loaded (the local app).
+    defaults: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
 
     # -- handlers ---------------------------------------------------------------------------
     def network_names(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -301,7 +302,15 @@ def test_demo_runs_end_to_end_and_generate_finds_its_networks(tmp_path, monkeypa
     printed, errors = finished.stdout, finished.stderr
     assert "multiplier grid:" in printed and run.name in printed and "night style" in printed
     assert "layer structure:" not in printed  # the untrained network's inspect block
-    assert "Rendering the multiplier grid" in errors and "Training hypernetwork" in errors  # progress bars
+    assert "threads: 1 (OMP_NUM_THREADS=1; --threads N or HYPERNETWORK_THREADS=N to choose)" in printed
+    assert summary["threads"] == 1 and "load_average_at_end" in summary
+    # every bar says what it counts and estimates the time left (elapsed<remaining); no anonymous per-image bars
+    bars = [part for part in re.split(r"[\r\n]+", errors) if re.search(r"\| *\d+/\d+ \[", part)]
+    described = ("Encoding the dataset: ", "Training hypernetwork demo-trained: ", "Rendering the multiplier grid: ")
+    assert bars and all(bar.startswith(described) for bar in bars)
+    started = [bar for bar in bars if not re.search(r"\| *0/", bar)]  # at 0 a bar has nothing to estimate from
+    assert all(re.search(r"\[\d\d:\d\d<\d\d:\d\d, +[\d.]+(it|s|step|image)", bar) for bar in started)
+    assert {bar.split(":")[0] for bar in bars} == {name.rstrip(": ") for name in described}
     assert "[transformers]" not in errors and "torchvision" not in errors
 
 
