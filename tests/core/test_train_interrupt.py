@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = [sys.executable, "-m", "hypernetwork_ext"]
 
 
-def _start_training(folder: Path) -> subprocess.Popen:
+def _start_training(folder: Path, *options: str) -> subprocess.Popen:
     procedural_images(folder / "data", 4, seed=1, colour="red")
     command = [
         *PROGRAM, "train", "--create", "shapes", "--data-root", "data", "--output-dir", "nets", "--log-directory",
         "logs", "--steps", "100000", "--learn-rate", "0.001", "--save-hypernetwork-every", "1",
-        "--create-image-every", "0", "--template-filename", "filewords.txt", "--seed", "3", "--quiet",
+        "--create-image-every", "0", "--template-filename", "filewords.txt", "--seed", "3", "--quiet", *options,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -68,13 +68,16 @@ def test_ctrl_c_saves_the_step_reached_says_where_and_how_to_resume(tmp_path):
 
 
 def test_a_second_ctrl_c_still_ends_the_command_at_once(tmp_path):
-    process = _start_training(tmp_path)
+    # steps of seconds (256 px, 4 images a batch), so the second Ctrl-C lands while one is running
+    process = _start_training(tmp_path, "--training-width", "256", "--training-height", "256", "--batch-size", "4")
     _wait_for_copy(tmp_path, process, 1)
     process.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    time.sleep(0.3)
     process.send_signal(signal.SIGINT)
     _out, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert process.returncode == 130 and "finishing the current step" in err, err[-2000:]
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err
+    assert sorted(path.name for path in (tmp_path / "nets").iterdir()) == ["shapes.safetensors"]  # nothing saved
 
 
 @pytest.mark.parametrize(
