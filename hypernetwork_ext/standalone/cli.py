@@ -336,6 +336,25 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="let diffusers fetch a single file's configs from the Hugging Face hub",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        help="CPU threads (default: HYPERNETWORK_THREADS, else OMP_NUM_THREADS, else the cores free now: "
+        "the cores usable less the load average)",
+    )
+
+
+def _use_threads(args, print_to=None) -> None:
+    """As many CPU threads as cores are free now, unless the user chose (one process only: under
+    accelerate each process keeps what the launcher gave it)."""
+    from .threads import apply_threads, choose_threads
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    choice = choose_threads(args.threads)
+    apply_threads(choice)
+    if print_to is not None:
+        print(choice.describe(), file=print_to, flush=True)
 
 
 def _device(args) -> str:
@@ -392,6 +411,7 @@ def _generate(args) -> int:
         check_writable_file(target)
     library = _library(args)
     reported = _tag_problems_before_sampling(library, args.prompt)
+    _use_threads(args, None if args.quiet else sys.stderr)
     source = _load_source(args)
     if args.grid:
         bar = _step_printer(args, settings.steps * len(args.grid))
@@ -584,6 +604,7 @@ def _train(args) -> int:
     config = _training_config(args, args.create or (network.name if network is not None else ""))
     created = os.path.join(args.output_dir, f"{args.create}.{args.format}") if args.create else None
     _check_training_inputs(args, config, created)
+    _use_threads(args, None if args.quiet else sys.stderr)
     device = _setup_processes(args)
     source = _load_source(args, device)
     main_process = is_main()
@@ -647,14 +668,11 @@ def _setup_processes(args) -> str:
 
 
 def _demo(args) -> int:
-    from .threads import apply_threads, choose_threads
     from .workflows import demo_report, run_demo
 
     steps = _limited_steps(args.steps)
     check_writable_folder(args.output)
-    threads = choose_threads(args.threads)
-    apply_threads(threads)
-    print(threads.describe(), flush=True)
+    _use_threads(args, sys.stdout)  # the demo's log is its standard output
     source = _load_source(args)
     result = run_demo(args.output, source, steps=steps, seed=args.seed, log=lambda text: print(text, flush=True))
     latest = _link_latest(args.output, result.folder)
@@ -813,12 +831,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=_positive, default=600)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument(
-        "--threads",
-        type=_positive,
-        help="CPU threads (default: HYPERNETWORK_THREADS, else OMP_NUM_THREADS, else the cores free now: "
-        "the cores usable less the load average)",
-    )
     _add_model_options(demo)
 
     _subparser(commands, "app", "the local web app: generate, train and browse networks (options: app --help)", None)
@@ -843,6 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # argparse would answer with the top-level usage; the command's own is the useful one
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv  # what was typed, for the command that resumes an interrupted run
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
     try:
         return args.run(args)
     except HypernetworkError as exc:
@@ -851,3 +865,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if threads is not None:  # called in a process that goes on (a test, a script): left as found
+            torch.set_num_threads(threads)

@@ -384,7 +384,7 @@ def demo_report(result: DemoResult, latest: str | None = None) -> list[str]:
     summary = result.summary
     lines = [
         f"demo finished in {summary['total_seconds']} s ({summary['steps']} training steps, "
-        f"{summary['steps_per_second']} steps/s; {summary['threads']} threads, load average "
+        f"{summary['steps_per_second']} steps/s; {summary['threads']} CPU thread{'s' if summary['threads'] != 1 else ''}, load average "
         f"{summary['load_average_at_end']} at the end)",
         f"loss: {summary['loss_first_steps_mean']} over the first steps -> {summary['loss_last_steps_mean']} "
         "over the last",
