@@ -25,6 +25,7 @@ from .sdnext import DiffusersApplier, running_in_sdnext
 LOG_PREFIX = "[Hypernetworks]"
 CACHE_FILE_NAME = "hypernetworks-cache.json"
 DEFAULT_FOLDER = "hypernetworks"  # under the host's models folder, where --hypernetwork-dir has no default
+HOST_AUTO_ADD_SETTING = "sd_hypernetwork"  # A1111's "Add hypernetwork to prompt"
 
 
 def option(key: str):
@@ -38,11 +39,21 @@ def log(message: str) -> None:
 
 
 def primary_folder() -> str | None:
-    """``--hypernetwork-dir``; SD.Next keeps the flag but no longer gives it a default."""
+    """``--hypernetwork-dir``; where a host has no such option or no default for it (Forge Classic
+    before a restart adds it through ``preload.py``; SD.Next keeps the flag without a default),
+    ``hypernetworks`` in the host's models folder, A1111's default."""
     folder = getattr(shared.cmd_opts, "hypernetwork_dir", None)
-    models = getattr(shared, "models_path", None)
+    models = getattr(shared, "models_path", None) or _internal_models_path()
     folder = folder or (os.path.join(models, DEFAULT_FOLDER) if models else None)
     return os.path.abspath(folder) if folder else None  # SD.Next's models path is relative to its folder
+
+
+def _internal_models_path() -> str | None:
+    try:
+        from modules import paths_internal
+    except ImportError:
+        return None
+    return getattr(paths_internal, "models_path", None)
 
 
 def hypernetwork_folders() -> list[str]:
@@ -132,7 +143,7 @@ class Extension:
 
     def _with_auto_added(self, p, tags: list[list[str]]) -> list[list[str]]:
         """Honour the host's "Add hypernetwork to prompt" setting, as its own handler did."""
-        extra = getattr(shared.opts, "data", {}).get("sd_hypernetwork", "None")
+        extra = getattr(shared.opts, "data", {}).get(HOST_AUTO_ADD_SETTING, "None")
         if not extra or extra == "None" or any(items and items[0] == extra for items in tags):
             return tags
         multiplier = format_number(as_float(option("hypernetwork_default_multiplier"), 1.0))

@@ -10,6 +10,7 @@ decided by trying to import a UNet patcher (Forge, reForge), never by version st
 from __future__ import annotations
 
 import html
+import inspect
 import os
 from collections.abc import Callable
 
@@ -32,9 +33,29 @@ from ..ui import compat
 from ..ui.metadata import metadata_rows
 from ..ui.settings import SECTION, SETTINGS, component_class
 from . import api
-from .extension import EXTENSION, Extension, api_credentials, as_float, log, option
+from .extension import (
+    EXTENSION,
+    HOST_AUTO_ADD_SETTING,
+    Extension,
+    api_credentials,
+    as_float,
+    log,
+    option,
+    primary_folder,
+)
 
-__all__ = ["EXTENSION", "SECTION", "Extension", "HypernetworkScript", "log", "option", "register_all"]
+__all__ = [
+    "EXTENSION",
+    "SECTION",
+    "Extension",
+    "HypernetworkScript",
+    "hypernetwork_dir",
+    "log",
+    "option",
+    "register_all",
+]
+
+hypernetwork_dir = primary_folder  # the training glue's name for it
 
 PAGE_TITLE = "Hypernetworks"
 XYZ_STRENGTH_LABEL = "[Hypernet] Strength"
@@ -329,20 +350,43 @@ def add_settings() -> None:
         if setting.info:
             info = info.info(setting.info)
         shared.opts.add_option(setting.key, info)
+    if HOST_AUTO_ADD_SETTING not in shared.opts.data_labels:  # Forge Classic removed A1111's
+        shared.opts.add_option(HOST_AUTO_ADD_SETTING, auto_add_option())
+
+
+def auto_add_option():
+    """A1111's "Add hypernetwork to prompt" (``sd_hypernetwork``), under its key, for hosts that removed it."""
+    info = shared.OptionInfo(
+        "None",
+        "Add hypernetwork to prompt",
+        gr.Dropdown,
+        lambda: {"choices": ["None", *sorted(EXTENSION.prompt_names())]},
+        refresh=EXTENSION.library.refresh,
+        section=SECTION,
+    )
+    return info.info("added to every prompt with the default multiplier, as A1111's setting of this name does")
 
 
 def add_api_routes(demo, app) -> None:
     api.add_routes(app, EXTENSION.library, credentials=api_credentials())
 
 
+def on(register: Callable, callback: Callable, name: str) -> None:
+    """``script_callbacks.on_...(callback, name=name)``; Forge Classic's take no name (A1111 1.9 added it)."""
+    if "name" in inspect.signature(register).parameters:
+        register(callback, name=name)
+    else:
+        register(callback)
+
+
 def register_generation() -> None:
-    script_callbacks.on_before_ui(PATCH.apply, name="hypernetworks")
-    script_callbacks.on_script_unloaded(PATCH.undo, name="hypernetworks")
-    script_callbacks.on_ui_settings(add_settings, name="hypernetworks")
-    script_callbacks.on_app_started(add_api_routes, name="hypernetworks")
-    script_callbacks.on_infotext_pasted(EXTENSION.infotext_pasted, name="hypernetworks")
-    script_callbacks.on_model_loaded(EXTENSION.model_loaded, name="hypernetworks")
-    script_callbacks.on_cfg_denoiser(EXTENSION.cfg_denoiser, name="hypernetworks")
+    on(script_callbacks.on_before_ui, PATCH.apply, "hypernetworks")
+    on(script_callbacks.on_script_unloaded, PATCH.undo, "hypernetworks")
+    on(script_callbacks.on_ui_settings, add_settings, "hypernetworks")
+    on(script_callbacks.on_app_started, add_api_routes, "hypernetworks")
+    on(script_callbacks.on_infotext_pasted, EXTENSION.infotext_pasted, "hypernetworks")
+    on(script_callbacks.on_model_loaded, EXTENSION.model_loaded, "hypernetworks")
+    on(script_callbacks.on_cfg_denoiser, EXTENSION.cfg_denoiser, "hypernetworks")
 
 
 # Other parts of the extension (training) add their own registration function here.

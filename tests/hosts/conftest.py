@@ -24,7 +24,16 @@ from PIL import Image
 
 from tests.hosts import sdnext_host
 from tests.hosts import suite_files as files
-from tests.hosts.real_host import USAGE, HostConfig, HttpError, Rendered, Server, install_extension, remove_extension
+from tests.hosts.real_host import (
+    USAGE,
+    HostConfig,
+    HttpError,
+    Rendered,
+    Server,
+    install_extension,
+    install_reference_extension,
+    remove_extension,
+)
 
 
 @dataclass
@@ -178,6 +187,8 @@ def suite(config: HostConfig):
     elif config.kind == "sdnext":
         render_formula_references(config, references)
     commit = install_extension(config)
+    if config.kind != "a1111":  # A1111 is the reference itself
+        install_reference_extension(config)
     server, calls, before, loaded_in = start_with_extension(config)
     try:
         yield Suite(config, server, checkpoint, references, commit, before, calls, loaded_in)
