@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hypernetwork_ext.training.jobs import JobStatus
-from tests.hosts.jobs import JobEnded, Progress, ended, from_status, from_tab_text, reached, wait_for
+from tests.hosts.jobs import JobEnded, Progress, ended, from_status, from_tab, from_tab_text, reached, wait_for
 from tests.hosts.real_host import EXTENSION_FOLDER, HostConfig, flat_image_reason, install_extension, other_copies
 from tests.hosts.training_data import choose_captions
 
@@ -144,6 +144,15 @@ def test_the_train_tabs_own_progress_text_is_read_back(state):
     assert (progress.state, progress.step, progress.max_steps) == (state, 3, 20)
     assert "the loss is NaN at step 3" in progress.text
     assert from_tab_text("No training yet.") is None
+
+
+def test_a_start_the_tab_refused_ends_the_wait_at_once():
+    clock = FakeClock()
+    refused = from_tab("No training yet.", "Not started:\n  learn_rate: not a number", 20)
+    with pytest.raises(JobEnded, match=r"ended not started at step 0: Not started: learn_rate: not a number"):
+        wait_for(lambda: refused, reached(1), "running step 1", clock=clock, sleep=clock.sleep)
+    assert clock.now == 0
+    assert from_tab("running step 3/20 (15.0%)", "Training started (job 1).", 20).state == "running"
 
 
 def test_a_route_status_is_read_with_its_error():

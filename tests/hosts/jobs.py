@@ -53,6 +53,14 @@ def from_tab_text(text: str) -> Progress | None:
     return Progress(match["state"], int(match["step"]), int(match["max"]), " ".join(text.split()))
 
 
+def from_tab(progress_text: str, message_text: str, steps: int) -> Progress | None:
+    """The run the Train tab shows, or its refusal to start one ("Not started: ..." under the Start
+    button), which ends a wait at once: no job will ever show."""
+    if "Not started" in message_text:
+        return Progress("not started", 0, steps, " ".join(message_text.split()))
+    return from_tab_text(progress_text)
+
+
 def wait_for(
     read: Callable[[], Progress | None],
     until: Callable[[Progress], bool],

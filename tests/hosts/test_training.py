@@ -18,7 +18,7 @@ import pytest
 import hypernetwork_ext as hx
 from tests.hosts import suite_files as files
 from tests.hosts.browser import open_page, screenshot, screenshot_on_failure
-from tests.hosts.jobs import Progress, ended, from_status, from_tab_text, reached, wait_for
+from tests.hosts.jobs import Progress, ended, from_status, from_tab, reached, wait_for
 from tests.hosts.real_host import HttpError, max_difference
 from tests.hosts.training_data import finite_training_set
 
@@ -213,7 +213,10 @@ def follow_tab(page, steps: int, until, what: str, before: str = "") -> Progress
     def earlier_job(progress: Progress) -> bool:
         return progress.max_steps != steps or progress.text == " ".join(before.split())
 
-    return wait_for(lambda: from_tab_text(progress_text(page)), until, what, ignore=earlier_job, poll=0.5)
+    def read() -> Progress | None:
+        return from_tab(progress_text(page), page.locator("#hnx_train_message").first.inner_text(), steps)
+
+    return wait_for(read, until, what, ignore=earlier_job, poll=0.5)
 
 
 def fill_training_form(page, suite, dataset: Path, steps: int) -> None:
