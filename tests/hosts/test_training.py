@@ -222,10 +222,16 @@ def follow_tab(page, steps: int, until, what: str, before: str = "") -> Progress
 def fill_training_form(page, suite, dataset: Path, steps: int) -> None:
     values = payload(suite, dataset, TAB_NAME, steps=steps)
     choose(page, "hnx_train_network", TAB_NAME)
+    # The routes run's template and seed: the tab trains exactly what the routes trained (with the tab's
+    # defaults, style_filewords.txt and a random seed, A1111's first step was NaN on a random checkpoint
+    # where the routes run finished).
+    choose(page, "hnx_train_template", values["template_filename"])
     for name in ("learn_rate", "data_root", "log_directory", "training_width", "training_height", "steps"):
         fill(page, f"hnx_train_{name}", values[name])
     for name in ("create_image_every", "save_hypernetwork_every"):
         fill(page, f"hnx_train_{name}", values[name])
+    page.locator("#hnx_train_tab").get_by_text("Beyond A1111", exact=False).first.click()
+    fill(page, "hnx_train_seed", values["seed"])
     page.locator("#hnx_train_tab").get_by_text("Preview", exact=True).first.click()
     page.locator("#hnx_train_preview_from_txt2img input[type=checkbox]").check()
     for name in ("prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height"):
