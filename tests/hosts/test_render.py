@@ -130,8 +130,11 @@ def test_linear_network_equals_the_checkpoint_it_is_baked_into(suite):
     suffix = "" if suite.checkpoint.path.is_dir() else ".safetensors"  # a diffusers folder, or a single file
     baked_path = suite.checkpoint.path.with_name(f"hnx-suite-baked-linear{suffix}")
     files.remove_checkpoint(baked_path)
-    bake_in_float32(
-        suite.checkpoint.path, suite.config.hypernetwork_dir / files.SUITE_FOLDER / "hnx-linear.pt", baked_path
+    bake_in_the_hosts_precision(
+        suite.checkpoint.path,
+        suite.config.hypernetwork_dir / files.SUITE_FOLDER / "hnx-linear.pt",
+        baked_path,
+        unet_weight_dtype(suite.server),
     )
     try:
         suite.server.post("/sdapi/v1/refresh-checkpoints")
@@ -153,17 +156,32 @@ def test_linear_network_equals_the_checkpoint_it_is_baked_into(suite):
     assert figures["max_from_baked"] <= TOLERANCE
 
 
-def bake_in_float32(checkpoint, network_path, destination) -> None:
-    """``bake`` with the changed projections kept in float32: the host computes in float32
-    (--no-half), and rounding the folded weights to the file's float16 would differ by itself."""
+def unet_weight_dtype(server):
+    """The precision the host keeps the UNet's weights in: float32 (A1111 with --no-half, Forge and
+    Forge Classic with --all-in-fp32, as the suite runs them), or what Forge's --unet-in-fp16 or
+    --unet-in-bf16 asks for (the full-size SDXL in Forge Classic)."""
+    import torch
+
+    flags = server.get("/sdapi/v1/cmd-flags")
+    if flags.get("unet_in_fp16"):
+        return torch.float16
+    if flags.get("unet_in_bf16"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def bake_in_the_hosts_precision(checkpoint, network_path, destination, dtype) -> None:
+    """``bake`` with the changed projections in the precision the host computes the UNet's weights in:
+    folded weights rounded to the file's float16 where the host computes in float32 would differ by
+    that rounding alone; where the host keeps float16 weights it rounds any baked weights to them itself."""
     import hypernetwork_ext as hx
     from hypernetwork_ext.ops.bake import bake
     from hypernetwork_ext.ops.checkpoints import read_unet, write_unet
 
     weights = read_unet(checkpoint)
     for key, value in weights.tensors.items():
-        if ".attn" in key and value.is_floating_point():
-            weights.tensors[key] = value.float()
+        if ".attn" in key and value.is_floating_point() and value.dtype != dtype:
+            weights.tensors[key] = value.to(dtype)
     changed, _ = bake(weights, [(hx.load(network_path), 1.2)])
     write_unet(weights, changed, destination, {"hnx-suite": "baked hnx-linear at 1.2"})
 
