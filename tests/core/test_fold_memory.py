@@ -250,3 +250,29 @@ def test_console_line_names_every_device_and_kind():
     assert "4 folds, limit 256.0 MiB" in line
     assert "holding nothing" in HeldMemory(fold_limit=None).line()
     assert held.as_dict()["devices"]["cuda:0"]["folds"] == 3 << 20
+
+
+def test_the_measuring_script_runs_and_its_figures_agree(capsys):
+    """benchmarks/fold_memory.py on the small UNet (seconds): both hosts' paths, the limit compared."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "fold_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_fold_memory", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        rows = module.main(["--families", "tiny", "--threads", "1", "--limit-mib", "0"])
+    finally:
+        del sys.modules[spec.name]
+        torch.set_num_threads(threads)
+    assert fastpath.Engine.batch_first_layers is None
+    by = {(r["dtype"], r["network"], r["host"]): r for r in rows}
+    linear = by[("float32", "linear", "a1111")]
+    assert linear["kinds"]["folds"] == linear["limited_folds"] + one_fold_set(M.ldm_unet(0)) > 0
+    assert linear["unfolded_calls"] == 14 and linear["limited_diff"] < 1e-5
+    assert all(r["kinds"]["folds"] == 0 for r in rows if r["host"] == "forge" or r["network"] == "relu")
+    assert "| tiny (script check) | float16 | linear | a1111 |" in capsys.readouterr().out
