@@ -9,11 +9,9 @@ decided by trying to import a UNet patcher (Forge, reForge), never by version st
 
 from __future__ import annotations
 
-import collections
 import html
 import os
 import sys
-import time
 import weakref
 from collections.abc import Callable
 
@@ -30,7 +28,7 @@ from modules import (
 
 from ..errors import HypernetworkError
 from ..library import ActivationPlan, Library, NetworkEntry, distinct_names, fit_problem, preferred_multiplier_of
-from ..memory import DEFAULT_FOLD_LIMIT, limit_from_mib, mib
+from ..memory import DEFAULT_FOLD_LIMIT, limit_from_mib
 from ..shape import ModelShape, model_shape
 from ..syntax import TAG_TYPE, find_tags, format_hashes, format_number, parse_hashes, parse_presets, rename_tags
 from ..syntax import set_multipliers as set_prompt_multipliers
@@ -50,6 +48,7 @@ from ..ui.settings import (
 from . import api
 from .a1111 import LdmApplier
 from .forge import PatcherApplier, detect_patcher_host
+from .held_memory import SWITCHED, HeldMemoryKeeper, ModelMoveWatch
 
 LOG_PREFIX = "[Hypernetworks]"
 PAGE_TITLE = "Hypernetworks"
@@ -91,13 +90,11 @@ class Extension:
             hypernetwork_folders, cache_size=DEFAULTS["hypernetwork_cache_size"], cache_file=cache_file()
         )
         self.applier = PatcherApplier() if detect_patcher_host() else LdmApplier()
+        self.memory = HeldMemoryKeeper(self.applier, log)
         if isinstance(self.applier, PatcherApplier):
-            self.applier.on_move = self.unet_moved
+            self.applier.on_move = self.memory.unet_moved
         self.last_plan: ActivationPlan | None = None
         self._shape: tuple = (None, None)
-        self.releases: collections.deque[dict] = collections.deque(maxlen=8)
-        self.moves: collections.deque[dict] = collections.deque(maxlen=8)  # told by Forge's memory manager
-        self._memory_line: str | None = None
 
     # -- generation -------------------------------------------------------------------------------
     def activate(self, p, tags: list[list[str]]) -> None:
@@ -194,61 +191,10 @@ class Extension:
             return 0
         return limit_from_mib(option("hypernetwork_fold_limit_mib"), DEFAULT_FOLD_LIMIT)
 
-    def release(self, reason: str) -> None:
-        """Let go of what the fast paths keep, because the host frees the UNet's memory."""
-        released = self.applier.release()
-        self._record_release(reason, released)
-
-    def _record_release(self, reason: str, released: int) -> None:
-        self.releases.append({"reason": reason, "bytes": released, "time": time.time()})
-        if released:
-            log(f"released {mib(released)} held for the networks: {reason}")
-
-    def after_sampling(self, p) -> None:
-        """post_sample and before_hr: under A1111's --medvram/--lowvram the UNet leaves the device
-        for the VAE next; what is kept for it leaves now, not after the decode."""
-        if getattr(getattr(p, "sd_model", None), "lowvram", False) and self.applier.memory().total:
-            self.release("the host moves the UNet off its device (--medvram/--lowvram)")
-
-    def model_leaving(self, sd_model, reason: str) -> None:
-        """A1111 is about to move a model to the CPU or discard it (a switch, the checkpoint cache)."""
-        if sd_model is None or self.applier.unet(sd_model) is not getattr(self.applier, "attached_unet", None):
-            return
-        self.release_held(reason)
-
-    def release_held(self, reason: str) -> None:
-        if self.applier.memory().total:
-            self.release(reason)
-
-    def unet_moved(self, device, released: int) -> None:
-        """Forge's or reForge's memory manager moved the UNet (with our patches) to ``device``."""
-        self.moves.append({"device": str(device), "released_bytes": released, "time": time.time()})
-        if released:
-            self._record_release(f"the memory manager moved the UNet to {device}", released)
-
-    def report_memory(self) -> None:
-        """One console line when what is held between generations changed."""
-        line = self.applier.memory().line()
-        if line != self._memory_line:
-            self._memory_line = line
-            log(line)
-
-    def memory_report(self) -> dict:
-        """For GET /hypernetworks/v1/memory."""
-        held = self.applier.memory()
-        return {
-            **held.as_dict(),
-            "host": self.applier.kind,
-            "line": held.line(),
-            "releases": list(self.releases),
-            "moves": list(self.moves),
-        }
-
     def model_loaded(self, sd_model) -> None:
         """A checkpoint switch: nothing may stay on the old model; active networks follow if they fit."""
         if isinstance(self.applier, PatcherApplier):
-            if self.applier.memory().total:
-                self.release("another checkpoint was loaded")
+            self.memory.release(SWITCHED)
             return
         if self.applier.attached_unet is None:
             return
@@ -256,10 +202,8 @@ class Extension:
         if unet is self.applier.attached_unet:
             return
         entries, dtype = self.applier.entries, self.applier.compute_dtype
-        released = self.applier.memory().total
+        self.memory.release(SWITCHED)
         self.applier.clear()
-        if released:
-            self._record_release("another checkpoint was loaded", released)
         shape = self.shape_of(unet)
         kept = []
         for network, strength in entries:
@@ -278,7 +222,7 @@ class Extension:
 
     def finish(self) -> None:
         self.applier.detach()
-        self.report_memory()
+        self.memory.report()
 
     # -- names -----------------------------------------------------------------------------------
     def shape_of(self, unet) -> ModelShape:
@@ -529,10 +473,10 @@ class HypernetworkScript(scripts.Script):
         EXTENSION.applier.before_sampling(p)
 
     def post_sample(self, p, ps, *args):
-        EXTENSION.after_sampling(p)
+        EXTENSION.memory.after_sampling(p)
 
     def before_hr(self, p, *args):
-        EXTENSION.after_sampling(p)
+        EXTENSION.memory.after_sampling(p)
 
     def postprocess(self, p, processed, *args):
         EXTENSION.finish()
@@ -572,7 +516,7 @@ class HostPatch:
         self.page: HypernetworksPage | None = None
         self.removed_pages: list = []
         self.xyz: tuple | None = None
-        self.model_moves: list[tuple] = []
+        self.model_moves = ModelMoveWatch()
 
     def apply(self) -> None:
         self._take_over_handler()
@@ -612,38 +556,16 @@ class HostPatch:
         self.xyz = (module, axis)
 
     def _watch_model_moves(self) -> None:
-        """The hosts fire nothing when they unload a model or move it to the CPU. The unload button
-        and route call ``sd_models.unload_model_weights`` on every host; on A1111 every move goes
-        through ``send_model_to_cpu`` or ``send_model_to_trash`` (looked up by name inside the module:
-        unload, checkpoint switches, the checkpoint cache). Wrapping them lets what is kept for the
-        UNet go first. Forge's and reForge's memory managers tell the patches themselves
-        (``AttentionPatch.to``)."""
-        if self.model_moves:
-            return
         try:
             from modules import sd_models
         except ImportError:
             return
-        watched = {"unload_model_weights": ("the checkpoint was unloaded", False)}
-        if isinstance(EXTENSION.applier, LdmApplier):
-            watched["send_model_to_cpu"] = ("the host moves the model to the CPU (a checkpoint switch)", True)
-            watched["send_model_to_trash"] = ("the host discards the model", True)
-        for name, (reason, of_model) in watched.items():
-            original = getattr(sd_models, name, None)
-            if callable(original) and not getattr(original, "hnx_wrapper", False):
-                wrapper = _releasing_first(original, reason, of_model)
-                setattr(sd_models, name, wrapper)
-                self.model_moves.append((sd_models, name, original, wrapper))
-
-    def _unwatch_model_moves(self) -> None:
-        for owner, name, original, wrapper in self.model_moves:
-            if getattr(owner, name, None) is wrapper:
-                setattr(owner, name, original)
-        self.model_moves = []
+        a1111 = isinstance(EXTENSION.applier, LdmApplier)
+        self.model_moves.apply(sd_models, EXTENSION.memory, a1111=a1111, on_error=errors.display)
 
     def undo(self) -> None:
         EXTENSION.finish()
-        self._unwatch_model_moves()
+        self.model_moves.undo()
         registry = extra_networks.extra_network_registry
         if self.handler is not None and registry.get(TAG_TYPE) is self.handler:
             if self.replaced_handler is not None:
@@ -660,25 +582,6 @@ class HostPatch:
                 module.axis_options.remove(axis)
         self.handler = self.replaced_handler = self.page = self.xyz = None
         self.removed_pages = []
-
-
-def _releasing_first(original: Callable, reason: str, of_model: bool) -> Callable:
-    """``original`` after letting go of what is held: for its first argument's model when
-    ``of_model``, else in any case."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            if of_model:
-                EXTENSION.model_leaving(args[0] if args else None, reason)
-            else:
-                EXTENSION.release_held(reason)
-        except Exception as exc:  # never stand between the host and its memory
-            errors.display(exc, "releasing hypernetwork memory")
-        return original(*args, **kwargs)
-
-    wrapper.hnx_wrapper = True
-    wrapper.__wrapped__ = original
-    return wrapper
 
 
 PATCH = HostPatch()
@@ -699,7 +602,7 @@ def add_settings() -> None:
 
 def add_api_routes(demo, app) -> None:
     credentials = api.parse_credentials(getattr(shared.cmd_opts, "api_auth", None))
-    api.add_routes(app, EXTENSION.library, credentials=credentials or None, memory=EXTENSION.memory_report)
+    api.add_routes(app, EXTENSION.library, credentials=credentials or None, memory=EXTENSION.memory.as_dict)
 
 
 def register_generation() -> None:

@@ -97,14 +97,14 @@ def test_medvram_lets_go_before_the_decode_and_keeps_nothing_of_the_unet(flat, i
         held_now, unet_before_the_move = seen[-1]
         assert held_now == 0  # post_sample let go before the UNet left
         assert held(flat).total == 0 and not held_storages(flat) & unet_before_the_move
-    reasons = [release["reason"] for release in flat.extension.releases]
+    reasons = [release["reason"] for release in flat.extension.memory.releases]
     assert reasons.count("the host moves the UNet off its device (--medvram/--lowvram)") == 2
 
 
 def test_medvram_hires_lets_go_before_the_second_pass(flat, inputs):
     use_medvram(flat)
     generate(flat, p_for(flat, TAG, enable_hr=True), inputs, run_model)
-    assert len(flat.extension.releases) == 2 and held(flat).total == 0  # before_hr, then post_sample
+    assert len(flat.extension.memory.releases) == 2 and held(flat).total == 0  # before_hr, then post_sample
 
 
 def test_lowvram_never_folds(flat, inputs):
@@ -135,7 +135,7 @@ def test_unload_and_switches_let_go_first_and_keep_nothing_of_the_unet(flat, inp
     flat.set_model(LatentDiffusion(M.ldm_unet(0)))
     (after,) = generate(flat, p_for(flat, TAG), inputs, run_model)
     torch.testing.assert_close(after, first, rtol=1e-4, atol=1e-5)
-    assert len([r for r in flat.extension.releases if r["bytes"]]) == 2
+    assert len([r for r in flat.extension.memory.releases if r["bytes"]]) == 2
 
 
 def test_a_move_of_another_model_lets_nothing_go(flat, inputs):

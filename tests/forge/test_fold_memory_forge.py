@@ -83,8 +83,8 @@ def test_unloading_the_unet_takes_what_is_held_along(host, inputs):
     assert patchers[0].extra_preserved_memory_during_sampling == network_bytes(host)  # before anything was held
     host.manager.unload_all_models()  # e.g. to make room for the VAE or another model
     assert held(host).total == 0
-    assert host.extension.releases[-1] == {**host.extension.releases[-1], "bytes": kept}
-    assert "moved the UNet to meta" in host.extension.releases[-1]["reason"]
+    assert host.extension.memory.releases[-1] == {**host.extension.memory.releases[-1], "bytes": kept}
+    assert "moved the UNet to meta" in host.extension.memory.releases[-1]["reason"]
     (again,) = generate(host, p_for(host, TAG), inputs, with_manager(host, patchers))
     torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-6)
     assert patchers[1].extra_preserved_memory_during_sampling == kept  # what it held last time, released since
@@ -126,4 +126,4 @@ def test_the_unload_button_lets_go_even_where_the_unet_stays(host, inputs):
     generate(host, p_for(host, TAG), inputs, with_manager(host, []))
     assert held(host).total > 0
     host.sd_models.unload_model_weights()
-    assert held(host).total == 0 and host.extension.releases[-1]["reason"] == "the checkpoint was unloaded"
+    assert held(host).total == 0 and host.extension.memory.releases[-1]["reason"] == "the checkpoint was unloaded"
