@@ -8,14 +8,16 @@ as A1111 loads it; SDXL: diffusers' ``UNet2DConditionModel`` with SDXL's layout:
 and 1280 channels, 2 and 10 transformer blocks deep, a 2048-wide context), then its attention
 key/value projections alone get real random weights in the UNet's dtype. Every projection is then
 called once as a sampling step calls it (self-attention on hidden states of its width,
-cross-attention on a 77-token context, a batch of 2 as with CFG), through the path each host uses:
+cross-attention on a 77-token context, a batch of 2 as with CFG), through the path each host uses
+(``--device cuda`` puts the projections on a GPU, where the allocator's growth is measured too):
 
 - ``a1111``: ``hx.apply`` (pre-hooks, and folded projections for affine networks);
 - ``forge``: the rewriter behind Forge's and reForge's attention patches (nothing is folded there).
 
 The first layers of key/value pairs are batched as on a GPU. What is measured afterwards: the bytes
-the fast paths hold (``memory()``, each storage counted once), by kind; the process's resident
-memory growth over the calls (CPU); with the default fold limit (256 MiB), how many projections
+the fast paths hold (``memory()``, each storage counted once), by kind; the growth over the calls
+of the process's resident memory (CPU) or of the allocator's memory (GPU), which also counts the
+calls' outputs (a few MiB) and, on a CPU, what folding allocated on the way; with the default fold limit (256 MiB), how many projections
 stay unfolded and the largest difference between their outputs and the unbounded fold's, relative
 to the output's largest value. ``--check-step`` also runs one whole step of the real SD1.5 UNet in
 float32 (64x64 px) and compares what it holds with the projection-level figure.
@@ -93,10 +95,18 @@ def resident_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def with_projection_weights(family: Family, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+def in_use(device: torch.device) -> int:
+    """What the allocator has handed out on a GPU; the process's resident memory on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return resident_bytes()
+
+
+def with_projection_weights(family: Family, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """The UNet's layout with random weights in its attention key/value projections only."""
     if family.build is tiny_unet:
-        return tiny_unet().to(dtype)
+        return tiny_unet().to(device=device, dtype=dtype)
     with torch.device("meta"):
         model = family.build()
     generator = torch.Generator().manual_seed(seed)
@@ -107,11 +117,11 @@ def with_projection_weights(family: Family, dtype: torch.dtype, seed: int = 0) -
                 projection.weight.copy_(torch.randn(projection.weight.shape, generator=generator) * 0.02)
                 if projection.bias is not None:
                     projection.bias.zero_()
-            projection.to(dtype)
+            projection.to(device=device, dtype=dtype)
     return model
 
 
-def site_inputs(model, dtype: torch.dtype, seed: int = 1) -> list[tuple[object, torch.Tensor]]:
+def site_inputs(model, dtype: torch.dtype, device: torch.device, seed: int = 1) -> list[tuple[object, torch.Tensor]]:
     """Hidden states of each self-attention's width; one text context shared by every cross-attention."""
     generator = torch.Generator().manual_seed(seed)
     inputs, contexts = [], {}
@@ -119,10 +129,10 @@ def site_inputs(model, dtype: torch.dtype, seed: int = 1) -> list[tuple[object, 
         width = site.key_projection.in_features
         if site.kind == "cross":
             if width not in contexts:
-                contexts[width] = torch.randn(2, CONTEXT_TOKENS, width, generator=generator).to(dtype)
+                contexts[width] = torch.randn(2, CONTEXT_TOKENS, width, generator=generator).to(device, dtype)
             inputs.append((site, contexts[width]))
         else:
-            inputs.append((site, torch.randn(2, TOKENS, width, generator=generator).to(dtype)))
+            inputs.append((site, torch.randn(2, TOKENS, width, generator=generator).to(device, dtype)))
     return inputs
 
 
@@ -142,21 +152,21 @@ def call_projections(inputs) -> list[torch.Tensor]:
     return outputs
 
 
-def measure_a1111(model, inputs, network, limit: int | None) -> tuple[hx.Attachment, list[torch.Tensor], float]:
-    before = resident_bytes()
+def measure_a1111(model, inputs, network, limit: int | None, device) -> tuple[hx.Attachment, list, int]:
+    before = in_use(device)
     handle = hx.apply(model, [(network, 0.8)], fold_limit=limit)
     outputs = call_projections(inputs)
     handle.remove()  # the end of the generation: what stays is what the next one finds
-    return handle, outputs, resident_bytes() - before
+    return handle, outputs, in_use(device) - before
 
 
-def measure_forge(inputs, network) -> tuple[KVRewriter, float]:
-    before = resident_bytes()
+def measure_forge(inputs, network, device) -> tuple[KVRewriter, int]:
+    before = in_use(device)
     rewriter = KVRewriter([(network, hx.Strength(0.8))])
     with torch.no_grad():
         for site, x in inputs:
             rewriter.rewrite_pair(x, x, kind=site.kind, block=site.block)
-    return rewriter, resident_bytes() - before
+    return rewriter, in_use(device) - before
 
 
 def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -165,15 +175,16 @@ def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def row(family: Family, dtype: torch.dtype, network_name: str, args) -> list[dict]:
-    model = with_projection_weights(family, dtype)
-    inputs = site_inputs(model, dtype)
+    device = torch.device(args.device)
+    model = with_projection_weights(family, dtype, device)
+    inputs = site_inputs(model, dtype, device)
     network = hx.create(family.widths, (1, 2, 1), NETWORKS[network_name], "XavierNormal", seed=3)
     rows = []
-    handle, unbounded, rss = measure_a1111(model, inputs, network, None)
+    handle, unbounded, rss = measure_a1111(model, inputs, network, None, device)
     held = handle.memory()
     fold_seconds = handle.stats.get("fold_seconds", 0.0)
     handle.release()
-    limited_handle, limited, _ = measure_a1111(model, inputs, network, args.limit)
+    limited_handle, limited, _ = measure_a1111(model, inputs, network, args.limit, device)
     limited_held = limited_handle.memory()
     unfolded = limited_handle.stats.get("unfolded_over_limit", 0)
     limited_handle.release()
@@ -188,7 +199,7 @@ def row(family: Family, dtype: torch.dtype, network_name: str, args) -> list[dic
             limited_diff=relative_difference(limited, unbounded),
         )
     )  # fmt: skip
-    rewriter, rss = measure_forge(inputs, network)
+    rewriter, rss = measure_forge(inputs, network, device)
     forge_held = rewriter.memory()
     rows.append(
         dict(
@@ -213,7 +224,8 @@ def check_step(limit: int | None) -> None:
         model(x, torch.tensor([500, 500]), context=context)
     step = handle.memory()
     handle.release()
-    projections, _, _ = measure_a1111(model, site_inputs(model, torch.float32), network, limit)
+    cpu = torch.device("cpu")
+    projections, _, _ = measure_a1111(model, site_inputs(model, torch.float32, cpu), network, limit, cpu)
     level = projections.memory()
     print(f"\nwhole SD1.5 UNet step (float32, 64x64): held {step.total / MiB:.1f} MiB {_kinds(step.kinds())}")
     print(f"the same network, projection level:      held {level.total / MiB:.1f} MiB {_kinds(level.kinds())}")
@@ -231,7 +243,8 @@ def print_rows(rows: list[dict], limit: int | None) -> None:
     limit_text = "no limit" if limit is None else f"{limit / MiB:.0f} MiB"
     print(
         "| family | UNet dtype | network | host | folds (one set) | composed matrices | paired first layers "
-        "| network copies | text contexts | total | on a GPU (worked out) | RSS growth (CPU) | folding, once "
+        "| network copies | text contexts | total | on a GPU (worked out) | growth (CPU: RSS; GPU: allocated) "
+        "| folding, once "
         f"| with the limit ({limit_text}): folds kept | unfolded calls | max diff |"
     )
     print("|" + "---|" * 16)
@@ -260,12 +273,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--networks", default="linear,relu", help=f"subset of {', '.join(NETWORKS)}")
     parser.add_argument("--limit-mib", type=int, default=DEFAULT_FOLD_LIMIT // MiB, help="the fold limit compared")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:1 ... (the networks stay on the CPU, as loaded)"
+    )
     parser.add_argument("--check-step", action="store_true", help="also one whole SD1.5 UNet step (3.4 GB)")
     args = parser.parse_args(argv)
     args.limit = args.limit_mib * MiB
     torch.set_num_threads(args.threads)
     fastpath.Engine.batch_first_layers = True  # as on a GPU
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, first layers batched as on a GPU")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}, first layers batched as on a GPU")
     rows = []
     started = time.monotonic()
     for key in args.families.split(","):
