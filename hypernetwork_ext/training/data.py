@@ -311,7 +311,7 @@ def split_validation(count: int, fraction: float, seed: int) -> tuple[list[int],
 def build_dataset(
     found: Sequence[tuple[str, str, tuple[int, int]]],
     sizes: Sequence[tuple[int, int]],
-    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None],
     *,
     batch_size: int,
     latent_sampling_method: str,
@@ -321,14 +321,20 @@ def build_dataset(
     keep_aspect: bool,
     storage_device,
     should_stop: Callable[[], bool] = lambda: False,
+    on_unusable: Callable[[str], None] = lambda path: None,
 ) -> Dataset:
-    """Encode every image once (the VAE is not needed again), keeping what the sampling method needs."""
+    """Encode every image once (the VAE is not needed again), keeping what the sampling method
+    needs. An image ``encode`` finds no usable latent for (None) is left out and reported."""
     entries: list[Entry] = []
     for index, ((path, words, _original), size) in enumerate(zip(found, sizes, strict=True)):
         if should_stop():
             raise PreparationInterrupted("interrupted while preparing the dataset")
         pixels, alpha = load_pixels(path, size, keep_aspect=keep_aspect, with_alpha=use_weight)
-        mean, std = encode(pixels[None])
+        encoded = encode(pixels[None])
+        if encoded is None:
+            on_unusable(path)
+            continue
+        mean, std = encoded
         mean, std = mean[0].to(storage_device), std[0].to(storage_device)
         latent_size = (mean.shape[-1], mean.shape[-2])
         if latent_sampling_method == "deterministic":
@@ -339,6 +345,8 @@ def build_dataset(
             mean, std = mean + std * noise, None
         weight = alpha_weight(alpha, latent_size).to(storage_device) if use_weight else None
         entries.append(Entry(path, words, size, mean, std, weight))
+    if not entries:
+        raise HypernetworkError("no image of the dataset gives finite latents", os.path.dirname(found[0][0]))
     train, validation = split_validation(len(entries), validation_split, seed)
     return Dataset(
         entries=entries,
