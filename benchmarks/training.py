@@ -43,8 +43,10 @@ Variants:
   ``sd_model.forward(x, c)`` for the loss;
 - ``ours``: ``hypernetwork_ext.training.train`` with the same options and its defaults, attention
   left on the host's optimisation (PyTorch SDP, as A1111's "sdp"); the options measured beside it:
-  ``checkpointing`` (``gradient_checkpointing``), ``bf16`` (``mixed_precision="bf16"``, autocast),
-  ``checkpointing+bf16``, ``unload`` (``unload_models_when_training``: text encoder and VAE off the
+  ``checkpointing`` (``gradient_checkpointing``), ``bf16-autocast`` (``mixed_precision="bf16"`` over
+  the float32 weights), ``bf16-weights`` (the UNet's weights in bfloat16, as a half-precision
+  checkpoint runs on a GPU: the trainer then computes under bf16 autocast), ``checkpointing+bf16-weights``,
+  ``unload`` (``unload_models_when_training``: text encoder and VAE off the
   device during steps; nothing to move on a CPU, so GPU only) and ``no-cache`` (ours with the
   batch's images encoded by the VAE at every step: what caching the latents once saves).
 Every variant trains the same network (relu 1-2-1, A1111's default widths for the model) with the
@@ -117,22 +119,34 @@ ROWS = {
         Row("tiny-64-b2", "tiny", 64, 2),
     )
 }
-VARIANTS = ("a1111", "ours", "checkpointing", "bf16", "checkpointing+bf16", "unload", "no-cache")
+VARIANTS = (
+    "a1111",
+    "ours",
+    "checkpointing",
+    "bf16-autocast",
+    "bf16-weights",
+    "checkpointing+bf16-weights",
+    "unload",
+    "no-cache",
+)
 VARIANT_LABELS = {
     "a1111": "A1111 1.10.1 step",
     "ours": "ours",
     "checkpointing": "ours, gradient checkpointing",
-    "bf16": "ours, bf16 autocast",
-    "checkpointing+bf16": "ours, checkpointing + bf16",
+    "bf16-autocast": "ours, bf16 autocast (float32 weights)",
+    "bf16-weights": "ours, UNet weights in bf16",
+    "checkpointing+bf16-weights": "ours, checkpointing + UNet in bf16",
     "unload": "ours, text encoder and VAE off the device",
     "no-cache": "ours, latents encoded every step (no cache)",
 }
 GPU_ONLY = ("unload",)
+# Only meaningful over float32 weights (a CPU's); on a GPU the weights are already half precision.
+FLOAT32_ONLY = ("bf16-autocast", "bf16-weights", "checkpointing+bf16-weights")
 # The default run: every size against A1111, the memory options where they matter most.
 DEFAULT_PLAN = {
-    "sd15-256-b1": ("a1111", "ours", "checkpointing", "bf16", "no-cache"),
+    "sd15-256-b1": ("a1111", "ours", "checkpointing", "bf16-autocast", "bf16-weights", "no-cache"),
     "sd15-256-b2": ("a1111", "ours"),
-    "sd15-512-b1": ("a1111", "ours", "checkpointing", "checkpointing+bf16", "unload"),
+    "sd15-512-b1": ("a1111", "ours", "checkpointing", "bf16-weights", "checkpointing+bf16-weights", "unload"),
     "sd15-512-b2": ("a1111", "ours"),
     "sdxl-256-b1": ("a1111", "ours", "checkpointing", "unload"),
 }
@@ -284,8 +298,11 @@ def save_model(family: str, folder: Path) -> Path:
     return path
 
 
-def load_model(family: str, path: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The saved model: built with torch's weight initialisers switched off, then given the saved tensors."""
+def load_model(
+    family: str, path: Path, device: torch.device, dtype: torch.dtype, unet_dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """The saved model: built with torch's weight initialisers switched off, then given the saved
+    tensors; in ``dtype`` (half precision as A1111's ``model.half()``), its UNet in ``unet_dtype``."""
     from safetensors.torch import load_file
 
     from tests.support.training_models import import_ldm, tiny_latent_diffusion
@@ -297,12 +314,27 @@ def load_model(family: str, path: Path, device: torch.device, dtype: torch.dtype
         model = tiny_latent_diffusion(0)
     model.load_state_dict(load_file(str(path)), strict=True)
     model = model.eval().to(device)
-    if dtype != torch.float32:  # as A1111 loads it: the UNet in half precision, the VAE too unless --no-half-vae
-        model.model.to(dtype)
-        model.first_stage_model.to(dtype)
+    text = model.cond_stage_model if hasattr(model, "cond_stage_model") else model.conditioner
+    if dtype != torch.float32:  # A1111's model.half(): UNet, VAE (unless --no-half-vae) and text encoder
+        for part in (model.model, model.first_stage_model, text):
+            part.to(dtype)
+    if unet_dtype is not None:
+        _to_half_but_norms(model.model, unet_dtype)
     if hasattr(model, "logvar"):  # a plain attribute LatentDiffusion.forward indexes with the device's timesteps
         model.logvar = model.logvar.to(device)
     return model
+
+
+def _to_half_but_norms(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every weight in ``dtype`` but the normalisations' (a CPU's group_norm refuses half weights
+    with the float32 input ldm's GroupNorm32 gives it; a GPU's takes them): a few KB apart."""
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    for child in module.modules():
+        if isinstance(child, norms):
+            continue
+        for tensor in [*child.parameters(recurse=False), *child.buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(dtype)
 
 
 @contextlib.contextmanager
@@ -488,7 +520,7 @@ def measure(
     row: Row, variant: str, model_path: Path, folder: Path, steps: int, device, dtype, clock: str = "wall"
 ) -> Measurement:
     memory = Memory(device)
-    model = load_model(row.family, model_path, device, dtype)
+    model = load_model(row.family, model_path, device, dtype, torch.bfloat16 if "bf16-weights" in variant else None)
     synchronise(device)
     model_bytes = memory.now()
     data = dataset(folder, row)
@@ -587,7 +619,7 @@ def run_ours(model, row: Row, data: Path, steps: int, device, clock: Clock, vari
     network = network_for(row, device)
     options = {
         "gradient_checkpointing": "checkpointing" in variant,
-        "mixed_precision": "bf16" if "bf16" in variant else "auto",
+        "mixed_precision": "bf16" if variant == "bf16-autocast" else "auto",
     }
     if variant == "unload":
         options["unload_models_when_training"] = True
@@ -692,9 +724,8 @@ def plan_from(args) -> dict[str, tuple[str, ...]]:
         raise SystemExit(
             f"unknown rows or variants: {', '.join(unknown)} (rows: {', '.join(ROWS)}; variants: {', '.join(VARIANTS)})"
         )
-    if not args.device.startswith("cuda"):
-        plan = {row: tuple(v for v in variants if v not in GPU_ONLY) for row, variants in plan.items()}
-    return plan
+    dropped = GPU_ONLY if not args.device.startswith("cuda") else FLOAT32_ONLY if _dtype(args) != torch.float32 else ()
+    return {row: tuple(v for v in variants if v not in dropped) for row, variants in plan.items()}
 
 
 def run(args) -> list[dict]:

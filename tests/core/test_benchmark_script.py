@@ -83,7 +83,7 @@ def test_the_training_benchmark_measures_every_variant(capsys):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     threads = torch.get_num_threads()
-    variants = ["a1111", "ours", "checkpointing", "bf16", "no-cache"]
+    variants = ["a1111", "ours", "checkpointing", "bf16-autocast", "bf16-weights", "no-cache"]
     try:
         spec.loader.exec_module(module)
         arguments = ["--rows", "tiny-64-b2", "--variants", ",".join(variants), "--rounds", "1", "--steps", "1"]
