@@ -11,6 +11,9 @@ acts), built once per run and loaded by every measurement:
 - ``sd15``: ldm ``LatentDiffusion`` with SD1.5's UNet, its autoencoder (``AutoencoderKL``, ch 128,
   1-2-4-4) and a text encoder of CLIP ViT-L/14's size (transformers ``CLIPTextModel``, 12 layers,
   768 wide, 77 tokens);
+- ``sdxl-full`` (not in the default run): the same with SDXL's own UNet layout (2, 10 and 10
+  transformer blocks at the 640 and 1280 levels and the middle; 2.6 B weights, made random quickly
+  and kept in bf16 but the normalisations), to measure what our trainer needs at SDXL's depth;
 - ``sdxl``: an sgm-shaped ``DiffusionEngine`` (tests/support/training_models.py) around an ldm UNet
   with SDXL's attention layout (no attention at the first level, 64-wide heads, linear
   projections, 2048-wide context, the 2816-wide size/pooled vector) but 2 transformer blocks per
@@ -92,6 +95,7 @@ class Family:
 FAMILIES = {
     "sd15": Family("sd15", "SD1.5", (768, 320, 640, 1280)),
     "sdxl": Family("sdxl", "SDXL-shaped", (2048, 640, 1280)),
+    "sdxl-full": Family("sdxl-full", "SDXL", (2048, 640, 1280)),
     "tiny": Family("tiny", "tiny (script check)", (48, 32, 64)),
 }
 
@@ -116,6 +120,10 @@ ROWS = {
         Row("sd15-512-b1", "sd15", 512, 1),
         Row("sd15-512-b2", "sd15", 512, 2),
         Row("sdxl-256-b1", "sdxl", 256, 1),
+        # SDXL's own UNet layout (2.6 B weights, kept in bf16): our trainer's memory at SDXL's depth.
+        Row("sdxl-full-256-b1", "sdxl-full", 256, 1),
+        Row("sdxl-full-512-b1", "sdxl-full", 512, 1),
+        Row("sdxl-full-1024-b1", "sdxl-full", 1024, 1),
         Row("tiny-64-b2", "tiny", 64, 2),
     )
 }
@@ -202,10 +210,38 @@ def build_model(family: str, seed: int = 0) -> torch.nn.Module:
     if family == "tiny":
         return tiny_latent_diffusion(seed)
     torch.manual_seed(seed)
+    if family == "sdxl-full":
+        with _no_initialisation(), _default_dtype(torch.bfloat16):
+            model = _sdxl_shaped_model(full=True)
+        _quick_random(model.model.diffusion_model, seed + 1)
+        model.conditioner.float()
+        model.first_stage_model.float()
+        return model.eval()
     model = _sd15_model() if family == "sd15" else _sdxl_shaped_model()
     unet = model.model.diffusion_model
     randomise(unet, seed + 1)
     return model.eval()
+
+
+def _quick_random(unet: torch.nn.Module, seed: int) -> None:
+    """Random weights for 2.6 B parameters in seconds, in bf16 (the normalisations in float32):
+    N(0, 1/fan_in) for every convolution and linear layer, biases small, normalisations neutral."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                module.float()
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                fan_in = module.weight[0].numel()
+                module.weight.normal_(0.0, fan_in**-0.5, generator=generator)
+                if module.bias is not None:
+                    module.bias.normal_(0.0, 0.01, generator=generator)
+            else:
+                for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                    if tensor.is_floating_point():
+                        tensor.normal_(0.0, 0.02, generator=generator)
 
 
 def _sd15_model() -> torch.nn.Module:
@@ -252,7 +288,7 @@ def _autoencoder_config() -> dict:
     }
 
 
-def _sdxl_shaped_model() -> torch.nn.Module:
+def _sdxl_shaped_model(full: bool = False) -> torch.nn.Module:
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     from ldm.util import instantiate_from_config
 
@@ -265,7 +301,12 @@ def _sdxl_shaped_model() -> torch.nn.Module:
         TextEmbedder,
     )
 
-    unet = UNetModel(**_unet_params(SDXL_SHAPED_UNET, 32))
+    layout = dict(SDXL_SHAPED_UNET, transformer_depth=10, context_dim=[2048] * 10) if full else SDXL_SHAPED_UNET
+    unet = UNetModel(**_unet_params(layout, 32))
+    if full:  # ldm builds one depth for every level: SDXL's 640 level has 2 blocks
+        for module in unet.modules():
+            if type(module).__name__ == "SpatialTransformer" and module.in_channels == 640:
+                module.transformer_blocks = torch.nn.ModuleList(list(module.transformer_blocks)[:2])
     time_embed_dim = unet.model_channels * 4
     adm_in_channels = 1280 + 256 * 2 * len(SDXL_SIZE_KEYS)  # SDXL's 2816
     unet.num_classes = "sequential"
@@ -308,11 +349,13 @@ def load_model(
     from tests.support.training_models import import_ldm, tiny_latent_diffusion
 
     import_ldm()
-    with _no_initialisation():
-        model = _sd15_model() if family == "sd15" else _sdxl_shaped_model() if family == "sdxl" else None
+    builders = {"sd15": _sd15_model, "sdxl": _sdxl_shaped_model, "sdxl-full": lambda: _sdxl_shaped_model(True)}
+    # Built in the saved weights' main type, never filled: every tensor is then replaced by the loaded one.
+    with _no_initialisation(), _default_dtype(torch.bfloat16 if family == "sdxl-full" else torch.float32):
+        model = builders[family]() if family in builders else None
     if model is None:
         model = tiny_latent_diffusion(0)
-    model.load_state_dict(load_file(str(path)), strict=True)
+    model.load_state_dict(load_file(str(path)), strict=True, assign=True)
     model = model.eval().to(device)
     text = model.cond_stage_model if hasattr(model, "cond_stage_model") else model.conditioner
     if dtype != torch.float32:  # A1111's model.half(): UNet, VAE (unless --no-half-vae) and text encoder
@@ -335,6 +378,16 @@ def _to_half_but_norms(module: torch.nn.Module, dtype: torch.dtype) -> None:
         for tensor in [*child.parameters(recurse=False), *child.buffers(recurse=False)]:
             if tensor.is_floating_point():
                 tensor.data = tensor.data.to(dtype)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 @contextlib.contextmanager

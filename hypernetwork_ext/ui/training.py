@@ -450,7 +450,12 @@ def _build_train(tab: TrainingTab, host: HostHooks) -> None:
     with gr.Row():
         network = gr.Dropdown(label="Hypernetwork", choices=tab.network_names(), elem_id="hnx_train_network")
         refresh = gr.Button("Refresh lists", elem_id="hnx_train_refresh")
-        template = gr.Dropdown(label="Prompt template", choices=tab.template_names(), value=_DEFAULTS.template_filename)
+        template = gr.Dropdown(
+            label="Prompt template",
+            choices=tab.template_names(),
+            value=_DEFAULTS.template_filename,
+            elem_id="hnx_train_template",
+        )
     with gr.Row():
         preset = gr.Dropdown(label="Preset", choices=tab.preset_names(), allow_custom_value=True)
         load = gr.Button("Load preset")

@@ -202,6 +202,9 @@ def progress_text(page) -> str:
 def fill_training_form(page, suite, dataset: Path, steps: int) -> None:
     values = payload(suite, dataset, TAB_NAME, steps=steps)
     choose(page, "hnx_train_network", TAB_NAME)
+    # The routes' template and seed, not the tab's defaults (A1111's style_filewords.txt, a random
+    # seed): the same captions and draws as the routes' run, whose result the tab's is compared with.
+    choose(page, "hnx_train_template", values["template_filename"])
     for name in ("learn_rate", "data_root", "log_directory", "training_width", "training_height", "steps"):
         fill(page, f"hnx_train_{name}", values[name])
     for name in ("create_image_every", "save_hypernetwork_every"):
@@ -210,6 +213,8 @@ def fill_training_form(page, suite, dataset: Path, steps: int) -> None:
     page.locator("#hnx_train_preview_from_txt2img input[type=checkbox]").check()
     for name in ("prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height"):
         fill(page, f"hnx_train_preview_{name}", values[f"preview_{name}"])
+    page.locator("#hnx_train_tab").get_by_text("Beyond A1111", exact=False).first.click()
+    fill(page, "hnx_train_seed", values["seed"])
 
 
 @pytest.mark.skipif(os.environ.get("HNX_HOST_TRAIN_BROWSER") == "0", reason="HNX_HOST_TRAIN_BROWSER=0")
