@@ -56,7 +56,7 @@ class SampleReport:
         key = (os.path.basename(path), caption, reason)
         if key not in self.skipped:
             self.skipped[key] = SkippedSample(*key)
-            self.on_message(f"Warning: skipping {self.skipped[key].describe()} (float32 did not help)")
+            self.on_message(f"Warning: skipping {self.skipped[key].describe()} (counted in the run's summary)")
         self.skipped[key].count += 1
 
     def recompute(self, what: str) -> None:
