@@ -756,7 +756,10 @@ def run_worker(args, row: Row, variant: str, model_path: Path, folder: Path) -> 
         "--folder", str(folder), "--steps", str(args.steps), "--device", args.device,
         "--threads", str(args.threads), "--clock", args.clock, *(["--dtype", args.dtype] if args.dtype else []),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}, check=False)
+    env = {**os.environ, **MALLOC_ENV}
+    if args.clock == "cpu":  # idle OpenMP threads sleep instead of spinning: CPU time is work done
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"{row.key} {variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
