@@ -356,6 +356,9 @@ def load_model(
     if model is None:
         model = tiny_latent_diffusion(0)
     model.load_state_dict(load_file(str(path)), strict=True, assign=True)
+    with torch.no_grad():  # the loaded tensors map the file: copies in the process's own memory, counted in RSS
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
     model = model.eval().to(device)
     text = model.cond_stage_model if hasattr(model, "cond_stage_model") else model.conditioner
     if dtype != torch.float32:  # A1111's model.half(): UNet, VAE (unless --no-half-vae) and text encoder
