@@ -537,6 +537,9 @@ _TRAINING_HELP = {
     "caption_dropout": "share of samples trained on the empty negative prompt's conditioning; -1 = auto (0.1 on SDXL)",
     "optimizer": "AdamW, AdamW8bit, Lion, Prodigy, or any torch.optim class",
     "resume_from": "a saved copy to continue from (with its .optim sidecar when saved)",
+    "gradient_checkpointing": "recompute the UNet's blocks in the backward pass: far less memory, slower steps",
+    "mixed_precision": "auto, no, fp16 or bf16 (auto: bf16 on GPUs that have it, none on a CPU)",
+    "unload_models_when_training": "text encoder and VAE off the GPU during steps (saves their memory)",
 }
 
 
