@@ -12,8 +12,10 @@ exactly; both run under every attention kernel because every kernel calls ``to_k
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ from .fastpath import (
     autocast_state,
     combine,
     copy_module,
+    fold_bytes,
     fold_dtype,
     fold_weights,
     foldable_projection,
@@ -38,6 +41,7 @@ from .fastpath import (
     needs_autograd,
     version_of,
 )
+from .memory import DEFAULT_FOLD_LIMIT, FoldBudget, HeldMemory
 from .network import Hypernetwork, HypernetworkModule
 from .strength import CROSS, KEY, SELF, VALUE, Strength
 
@@ -175,6 +179,7 @@ class KVRewriter:
         self._engine = Engine()
         self._rows_memo: tuple = (None, -1, None, None)
         self._active_memo: dict[int, tuple] = {}
+        self._learning_contexts: dict[tuple, tuple] = {}
 
     @property
     def stats(self):
@@ -204,6 +209,8 @@ class KVRewriter:
         infos = [self._engine.info(stage.module) for stage in stages]
         if needs_autograd(x, infos):
             self.stats["plain_calls"] += 1
+            if kind == CROSS:
+                return self._rewrite_learning_context(x, path, stages)
             return self._rewrite_plain(x, stages)
         active = self._active(stages, infos, x)
         if not active:
@@ -227,12 +234,50 @@ class KVRewriter:
             self.rewrite(value_input, VALUE, kind=kind, block=block),
         )
 
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """``(kind, tensor)`` for what the fast paths keep (see :mod:`hypernetwork_ext.memory`)."""
+        copies = [("network_copies", p) for copy in self._copies.values() for p in copy.parameters()]
+        return copies + self._engine.held_tensors()
+
+    def memory(self) -> HeldMemory:
+        """What the rewriter alone holds (an attachment adds its folds)."""
+        return HeldMemory.measure(self.held_tensors(), folding=False)
+
+    def release(self, keep: set[torch.device] | None = None) -> None:
+        """Drop what is kept on devices other than ``keep`` (everything when None); the networks
+        stay, and what they need is rebuilt at the next call."""
+        for key in [key for key in self._copies if keep is None or key[1] not in keep]:
+            del self._copies[key]
+        self._engine.release(keep)
+
     def reset(self, entries: list[tuple[Hypernetwork, Strength]]) -> None:
         self.entries = entries
         self._plans.clear()
         self._copies.clear()
         self._active_memo.clear()
+        self._learning_contexts.clear()
         self._engine.clear()
+
+    # -- while a network learns -----------------------------------------------------------------
+    def _rewrite_learning_context(self, x: torch.Tensor, path: str, stages: list[_Stage]) -> torch.Tensor:
+        """The text context, rewritten once per forward pass while the networks learn: every
+        cross-attention layer of a width gets the same context tensor, so the layers share one
+        result (autograd adds up the gradient of every use) instead of running the networks
+        once each (16 times on SD1.5, as A1111 does). Only while every stage is in training mode
+        (its multiplier is ignored, as the host does) and draws no dropout (a fresh mask per call)."""
+        if _UNSHARED[0] or not all(stage.module.training and not _draws_dropout(stage.module) for stage in stages):
+            return self._rewrite_plain(x, stages)
+        key = (id(x), path, tuple(id(stage.module) for stage in stages))
+        token = (version_of(x), torch.is_grad_enabled(), tuple(self._engine.info(s.module).token() for s in stages))
+        entry = self._learning_contexts.get(key)
+        if entry is not None and entry[0]() is x and entry[1] == token:
+            self.stats["shared_learning_contexts"] += 1
+            return entry[2]
+        y = self._rewrite_plain(x, stages)
+        # Kept while the context lives (to the end of the step), dropped with it.
+        forget = self._learning_contexts.pop
+        self._learning_contexts[key] = (weakref.ref(x, lambda _ref, key=key: forget(key, None)), token, y)
+        return y
 
     # -- the plain path: one module call per stage, differentiable -------------------------------
     def _rewrite_plain(self, x: torch.Tensor, stages: list[_Stage]) -> torch.Tensor:
@@ -521,11 +566,7 @@ class KVRewriter:
     ) -> torch.Tensor:
         weight, bias = projection.weight, projection.bias
         folding = fold_dtype(weight)
-        state.revalidate(
-            _tensor_token(weight) + _tensor_token(bias),
-            (*(info.token() for info, _ in suffix), folding),
-            tuple(t.detach() for t in (weight, bias) if t is not None),
-        )
+        state.revalidate(_tensor_token(weight) + _tensor_token(bias), (*(info.token() for info, _ in suffix), folding))
         progress = self.runtime.progress if scheduled else None
         outputs = []
         for rows, multipliers in _row_groups(suffix):
@@ -535,11 +576,15 @@ class KVRewriter:
                 continue
             fold = state.lookup(multipliers)
             if fold is None and state.worth_folding(multipliers, progress):
-                started = time.perf_counter()
-                affines = [self._engine.affine(info, weight.device, folding) for info, _ in suffix]
-                fold = state.store(multipliers, *fold_weights(weight, bias, affines, multipliers))
-                self.stats["folds"] += 1
-                self.stats["fold_seconds"] += time.perf_counter() - started  # host time (GPU: queued)
+                if state.budget.admit(fold_bytes(weight)):
+                    started = time.perf_counter()
+                    affines = [self._engine.affine(info, weight.device, folding) for info, _ in suffix]
+                    held = tuple(t.detach() for t in (weight, bias) if t is not None)
+                    fold = state.store(multipliers, *fold_weights(weight, bias, affines, multipliers), held)
+                    self.stats["folds"] += 1
+                    self.stats["fold_seconds"] += time.perf_counter() - started  # host time (GPU: queued)
+                else:
+                    self.stats["unfolded_over_limit"] += 1
             if fold is not None:
                 self.stats["folded_calls"] += 1
                 outputs.append((rows, F.linear(part, fold.weight, fold.bias)))
@@ -661,12 +706,16 @@ class Attachment:
     ``attach()`` and ``remove()`` are idempotent; ``update()`` swaps the networks. Projections
     where no network acts (no module of that width, a zero factor) get nothing; with no networks
     nothing is attached at all. ``fast=False`` keeps the plain computation everywhere;
-    ``fold=False`` keeps the other fast paths but folds nothing, which saves the memory of one copy
-    of the self-attention key/value weights (about 50 MB for SD1.5 and 410 MB for SDXL in fp16).
+    ``fold=False`` keeps the other fast paths but folds nothing.
 
-    Folded weights and rewritten contexts survive ``remove()``/``attach()`` of the same handle, so
-    attaching again for the next generation costs nothing; ``update()`` with other networks, or
-    dropping the handle, frees them.
+    Folded weights take up to ``fold_limit`` bytes (None: no bound; a full set is one copy of the
+    self-attention key/value weights, about 50 MB for SD1.5 and 410 MB for SDXL in fp16); beyond
+    it projections compute unfolded (:class:`~hypernetwork_ext.memory.FoldBudget`). They and the
+    rewritten contexts survive ``remove()``/``attach()`` of the same handle, so attaching again for
+    the next generation costs nothing, unless the model's weights moved off their device meanwhile:
+    ``remove()`` lets go of whatever is on a device the model no longer uses, and ``release()``
+    lets go of everything. ``memory()`` tells what is held; ``update()`` with other networks, or
+    dropping the handle, frees it all.
     """
 
     def __init__(
@@ -677,6 +726,7 @@ class Attachment:
         compute_dtype: torch.dtype | None = None,
         fast: bool = True,
         fold: bool = True,
+        fold_limit: int | None = DEFAULT_FOLD_LIMIT,
     ):
         self.model = model
         self.fold = fold
@@ -687,8 +737,9 @@ class Attachment:
             )
         _refuse_fused_projections(self.sites)
         self.rewriter = KVRewriter(normalise_networks(networks), compute_dtype, fast=fast)
+        self.budget = FoldBudget(fold_limit)
         self._bindings: list[_Binding] = []
-        self._fold_states: dict[tuple[int, str], FoldState] = {}
+        self._fold_states: dict[tuple[int, str], tuple[nn.Module, FoldState]] = {}
 
     @property
     def runtime(self) -> Runtime:
@@ -707,9 +758,18 @@ class Attachment:
         """How many calls took which way (folded, cached context, paired, plain...)."""
         return self.rewriter.stats
 
+    @property
+    def fold_limit(self) -> int | None:
+        return self.budget.limit
+
+    @fold_limit.setter
+    def fold_limit(self, limit: int | None) -> None:
+        self.budget.set_limit(limit)  # folds beyond a lower limit go at once
+
     def attach(self) -> Attachment:
         if self._bindings or not self.rewriter.entries:
             return self
+        self.budget.new_epoch()
         for site in self.sites:
             for path, projection in ((KEY, site.key_projection), (VALUE, site.value_projection)):
                 width = getattr(projection, "in_features", None)
@@ -731,7 +791,7 @@ class Attachment:
             and _is_affine_module(stages[-1].module)
             and foldable_projection(projection)
         ):
-            state = self._fold_states.setdefault((id(projection), path), FoldState())
+            _, state = self._fold_states.setdefault((id(projection), path), (projection, FoldState(self.budget)))
             folded = _FoldedForward(projection, self.rewriter, path, site.kind, site.block, state)
             projection.forward = folded
             return _Binding(projection, folded=folded)
@@ -743,6 +803,7 @@ class Attachment:
             binding.release()
         self._bindings.clear()
         self.rewriter._engine.drop_pending()
+        self.release(keep=self.model_devices())
 
     def update(self, networks: Iterable[NetworkSpec]) -> Attachment:
         entries = normalise_networks(networks)
@@ -750,14 +811,61 @@ class Attachment:
             return self.attach()  # keep folds and cached contexts
         self.remove()
         self.rewriter.reset(entries)
-        self._fold_states.clear()
+        self._clear_folds()
         return self.attach()
+
+    # -- memory ------------------------------------------------------------------------------------
+    def model_devices(self) -> set[torch.device]:
+        """The devices the attention projections' weights are on now (none for meta tensors)."""
+        devices = set()
+        for site in self.sites:
+            for projection in (site.key_projection, site.value_projection):
+                weight = getattr(projection, "weight", None)
+                if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+                    devices.add(weight.device)
+        return devices
+
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """``(kind, tensor)`` for everything kept between calls (see :mod:`hypernetwork_ext.memory`)."""
+        held = [("folds", t) for _, state in self._fold_states.values() for t in state.tensors()]
+        held += [
+            ("old_unet_weights", t)
+            for projection, state in self._fold_states.values()
+            if state.holds_old_weights(_projection_tensors(projection))
+            for t in state.held
+        ]
+        return held + self.rewriter.held_tensors()
+
+    def memory(self) -> HeldMemory:
+        """What the fast paths hold now, per device and kind."""
+        return HeldMemory.measure(self.held_tensors(), folds=len(self.budget), fold_limit=self.budget.limit)
+
+    def release(self, keep: set[torch.device] | None = None) -> int:
+        """Let go of everything kept on devices other than ``keep`` (everything when None), and of
+        every fold made from weights the projection no longer has; returns the bytes let go.
+        Attached networks keep working: what they need is rebuilt at the next call."""
+        before = self.memory().total
+        for projection, state in self._fold_states.values():
+            on_kept_device = keep is not None and all(t.device in keep for t in (*state.held, *state.tensors()))
+            if not on_kept_device or state.holds_old_weights(_projection_tensors(projection)):
+                state.clear()
+        self.rewriter.release(keep)
+        return before - self.memory().total
+
+    def _clear_folds(self) -> None:
+        for _, state in self._fold_states.values():
+            state.clear()
+        self._fold_states.clear()
 
     def __enter__(self) -> Attachment:
         return self.attach()
 
     def __exit__(self, *exc_info) -> None:
         self.remove()
+
+
+def _projection_tensors(projection: nn.Module) -> tuple:
+    return getattr(projection, "weight", None), getattr(projection, "bias", None)
 
 
 def _is_affine_module(module: HypernetworkModule) -> bool:
@@ -767,6 +875,24 @@ def _is_affine_module(module: HypernetworkModule) -> bool:
 def same_entries(a: list[tuple[Hypernetwork, Strength]], b: list[tuple[Hypernetwork, Strength]]) -> bool:
     """The same network objects with equal strengths, in the same order."""
     return len(a) == len(b) and all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
+
+
+_UNSHARED = [0]  # inside a recomputed (checkpointed) block: see unshared_contexts
+
+
+@contextlib.contextmanager
+def unshared_contexts():
+    """Every call computes its own context: a gradient checkpoint recomputes its block in the
+    backward pass and needs the same work done there as in the forward pass."""
+    _UNSHARED[0] += 1
+    try:
+        yield
+    finally:
+        _UNSHARED[0] -= 1
+
+
+def _draws_dropout(module: nn.Module) -> bool:
+    return any(isinstance(layer, nn.Dropout) and layer.p > 0 for layer in module.modules())
 
 
 def _make_hook(rewriter: KVRewriter, path: str, kind: str, block: str | None):
@@ -796,10 +922,14 @@ def apply(
     compute_dtype: torch.dtype | None = None,
     fast: bool = True,
     fold: bool = True,
+    fold_limit: int | None = DEFAULT_FOLD_LIMIT,
 ) -> Attachment:
     """Attach networks to ``model`` now; use the result as a context manager or call ``remove()``.
 
     ``fast=False`` computes every network at every call, the way A1111 does (for comparisons);
-    ``fold=False`` never folds affine networks into the projections (saves their memory).
+    ``fold=False`` never folds affine networks into the projections (saves their memory);
+    ``fold_limit`` bounds the bytes of folded weights (None: no bound).
     """
-    return Attachment(model, networks, compute_dtype=compute_dtype, fast=fast, fold=fold).attach()
+    return Attachment(
+        model, networks, compute_dtype=compute_dtype, fast=fast, fold=fold, fold_limit=fold_limit
+    ).attach()

@@ -15,12 +15,14 @@ from modules import shared
 
 from ..errors import HypernetworkError
 from ..library import ActivationPlan, Library, NetworkEntry, distinct_names, fit_problem
+from ..memory import DEFAULT_FOLD_LIMIT, limit_from_mib
 from ..shape import ModelShape, model_shape
 from ..syntax import TAG_TYPE, format_hashes, format_number, parse_hashes, parse_presets, rename_tags
 from ..ui.settings import DEFAULTS, MISMATCH_FORCE, UNKNOWN_CONSOLE, UNKNOWN_STOP, compute_dtype, extra_folders
 from . import api
 from .a1111 import LdmApplier
 from .forge import PatcherApplier, detect_patcher_host
+from .held_memory import SWITCHED, HeldMemoryKeeper
 from .sdnext import DiffusersApplier, running_in_sdnext
 
 LOG_PREFIX = "[Hypernetworks]"
@@ -101,6 +103,9 @@ class Extension:
             hypernetwork_folders, cache_size=DEFAULTS["hypernetwork_cache_size"], cache_file=cache_file()
         )
         self.applier = make_applier()
+        self.memory = HeldMemoryKeeper(self.applier, log)
+        if isinstance(self.applier, PatcherApplier):
+            self.applier.on_move = self.memory.unet_moved
         self.last_plan: ActivationPlan | None = None
         self._shape: tuple = (None, None)
         self._builtin_loaded: list = []  # A1111's own loaded networks, while ours handle the tags
@@ -114,6 +119,7 @@ class Extension:
             self.last_plan = None
             return
         self.library.set_cache_size(as_int(option("hypernetwork_cache_size"), 4))
+        self.applier.fold_limit = self.fold_limit(p.sd_model)
         plan = self.plan(p.sd_model, tags)
         self.last_plan = plan
         self._report(p, plan)
@@ -235,14 +241,26 @@ class Extension:
         rows = getattr(cond, "shape", [None])[0]
         self.applier.step(progress, rows, x.shape[0] if hasattr(x, "shape") else None)
 
+    # -- memory -----------------------------------------------------------------------------------
+    def fold_limit(self, sd_model) -> int | None:
+        """The setting, except under A1111's ``--lowvram``, which moves each UNet block onto the
+        device for its call and off again: a fold would keep the block's weights there."""
+        if getattr(shared.cmd_opts, "lowvram", False) and getattr(sd_model, "lowvram", False):
+            return 0
+        return limit_from_mib(option("hypernetwork_fold_limit_mib"), DEFAULT_FOLD_LIMIT)
+
     def model_loaded(self, sd_model) -> None:
         """A checkpoint switch: nothing may stay on the old model; active networks follow if they fit."""
-        if not isinstance(self.applier, LdmApplier) or self.applier.attached_unet is None:
+        if isinstance(self.applier, PatcherApplier):
+            self.memory.release(SWITCHED)
+            return
+        if self.applier.attached_unet is None:
             return
         unet = self.applier.unet(sd_model)
         if unet is self.applier.attached_unet:
             return
         entries, dtype = self.applier.entries, self.applier.compute_dtype
+        self.memory.release(SWITCHED)
         self.applier.clear()
         shape = self.shape_of(unet)
         kept = []
@@ -262,6 +280,7 @@ class Extension:
 
     def finish(self) -> None:
         self.applier.detach()
+        self.memory.report()
 
     # -- names -----------------------------------------------------------------------------------
     def shape_of(self, unet) -> ModelShape:

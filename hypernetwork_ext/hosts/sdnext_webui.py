@@ -170,7 +170,7 @@ def add_settings() -> None:
 
 
 def add_api_routes(demo, app) -> None:
-    api.add_routes(app, EXTENSION.library, credentials=api_credentials())
+    api.add_routes(app, EXTENSION.library, credentials=api_credentials(), memory=EXTENSION.memory.as_dict)
 
 
 def register_generation() -> None:

@@ -45,6 +45,7 @@ from .extension import (
     option,
     primary_folder,
 )
+from .held_memory import ModelMoveWatch
 
 __all__ = [
     "EXTENSION",
@@ -249,6 +250,12 @@ class HypernetworkScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         EXTENSION.applier.before_sampling(p)
 
+    def post_sample(self, p, ps, *args):
+        EXTENSION.memory.after_sampling(p)
+
+    def before_hr(self, p, *args):
+        EXTENSION.memory.after_sampling(p)
+
     def postprocess(self, p, processed, *args):
         EXTENSION.finish()
 
@@ -287,11 +294,13 @@ class HostPatch:
         self.page: HypernetworksPage | None = None
         self.removed_pages: list = []
         self.xyz: tuple | None = None
+        self.model_moves = ModelMoveWatch()
 
     def apply(self) -> None:
         self._take_over_handler()
         self._take_over_page()
         self._add_xyz_axis()
+        self._watch_model_moves()
         loaded = getattr(shared, "loaded_hypernetworks", None)
         if isinstance(loaded, list):
             loaded.clear()  # whatever the host's own handler loaded would act a second time
@@ -324,8 +333,17 @@ class HostPatch:
         module.axis_options.append(axis)
         self.xyz = (module, axis)
 
+    def _watch_model_moves(self) -> None:
+        try:
+            from modules import sd_models
+        except ImportError:
+            return
+        a1111 = isinstance(EXTENSION.applier, LdmApplier)
+        self.model_moves.apply(sd_models, EXTENSION.memory, a1111=a1111, on_error=errors.display)
+
     def undo(self) -> None:
         EXTENSION.finish()
+        self.model_moves.undo()
         registry = extra_networks.extra_network_registry
         if self.handler is not None and registry.get(TAG_TYPE) is self.handler:
             if self.replaced_handler is not None:
@@ -378,7 +396,7 @@ def auto_add_option():
 
 
 def add_api_routes(demo, app) -> None:
-    api.add_routes(app, EXTENSION.library, credentials=api_credentials())
+    api.add_routes(app, EXTENSION.library, credentials=api_credentials(), memory=EXTENSION.memory.as_dict)
 
 
 def on(register: Callable, callback: Callable, name: str) -> None:

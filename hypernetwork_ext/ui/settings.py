@@ -62,6 +62,16 @@ SETTINGS = (
         "(FP8 weights, GPUs), rounding where A1111 rounds; a dtype here keeps every fast path instead",
     ),
     Setting(
+        "hypernetwork_fold_limit_mib",
+        256,
+        "Memory for folded weights (MiB)",
+        "number",
+        {"precision": 0, "minimum": -1},
+        "affine networks are folded into the UNet's self-attention weights and kept on its device between "
+        "generations (SD1.5: about 47 MiB, SDXL: 391 MiB in fp16); past the limit layers compute unfolded: "
+        "the same image, a little slower; 0 never folds, -1 has no limit",
+    ),
+    Setting(
         "hypernetwork_unknown_name",
         UNKNOWN_WARN,
         "Unknown network names and malformed tags",

@@ -98,3 +98,39 @@ def test_the_prompt_scan_benchmark_runs_and_both_ways_find_the_same_tags(capsys)
     spec.loader.exec_module(module)
     rows = module.main(["--sizes", "300,3000"])  # raises when the scanner and the expression disagree
     assert len(rows) == 2 * len(module.KINDS) and "ratio" in capsys.readouterr().out
+
+
+def test_the_training_benchmark_measures_every_variant(capsys):
+    """benchmarks/training.py on the tiny ldm model, in this process: every variant trains, with
+    finite losses, and gets a speed and a peak memory (the table's numbers; not their sizes)."""
+    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT.with_name("training.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    threads = torch.get_num_threads()
+    variants = ["a1111", "ours", "checkpointing", "bf16-autocast", "bf16-weights", "no-cache"]
+    try:
+        spec.loader.exec_module(module)
+        arguments = ["--rows", "tiny-64-b2", "--variants", ",".join(variants), "--rounds", "1", "--steps", "1"]
+        rows = module.main([*arguments, "--in-process", "--threads", "1", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+        del sys.modules[spec.name]
+    assert [row["variant"] for row in rows] == variants
+    for row in rows:
+        assert row["losses_finite"] and row["steps_per_second"] > 0, row
+        assert 0 < row["model_gib"] <= row["peak_gib"], row
+    assert rows[0]["speed_ratio"] == 1.0 and rows[0]["peak_ratio"] == 1.0
+    printed = capsys.readouterr().out
+    assert "| tiny (script check) 64x64, batch 2 | A1111 1.10.1 step |" in printed
+
+
+def test_the_training_benchmark_refuses_unknown_rows():
+    spec = importlib.util.spec_from_file_location("bench_training_names", SCRIPT.with_name("training.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        with pytest.raises(SystemExit, match="sd99"):
+            module.main(["--rows", "sd99"])
+    finally:
+        del sys.modules[spec.name]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -388,7 +389,7 @@ class FakeInitialModel:
     cond_stage_model = None
 
 
-def make_sd_models(shared, *, forge: bool = False):
+def make_sd_models(shared, *, forge: bool = False, reforge: bool = False):
     """``modules.sd_models``; with ``forge``, Forge's lazy loading: the checkpoint chosen
     (``forge_pending``) is loaded by ``forge_model_reload``, which generations call first."""
     from tests.support.webui_standin import module
@@ -427,9 +428,50 @@ def make_sd_models(shared, *, forge: bool = False):
         sd_models.on_forge_load(pending)
         return pending, True
 
+    def send_model_to_cpu(m):
+        """A1111 1.10.1: the unload button and route, checkpoint switches and the checkpoint cache."""
+        if m is not None:
+            if getattr(m, "lowvram", False):
+                sd_models.lowvram.send_everything_to_cpu()
+            else:
+                m.to(torch.device("cpu"))
+        sd_models.moves.append(("cpu", m))
+
+    def send_model_to_trash(m):
+        m.to(device="meta")
+        sd_models.moves.append(("meta", m))
+
+    def unload_model_weights(sd_model=None, info=None):
+        sd_models.send_model_to_cpu(sd_model or shared.sd_model)  # looked up in the module, as in A1111
+        return sd_model
+
+    sd_models.moves = []
     sd_models.register = register
     sd_models.select_checkpoint = select_checkpoint
     sd_models.reload_model_weights = reload_model_weights
+
+    def forge_unload_model_weights(sd_model=None, info=None):
+        """Forge: ``memory_management.unload_all_models()``."""
+        sd_models.moves.append(("unload_all_models", sd_model))
+        manager = sys.modules.get("backend.memory_management")
+        if manager is not None:
+            manager.unload_all_models()
+
+    def reforge_unload_model_weights(model=None):
+        """reForge: the model itself moved to the CPU (its memory manager is not involved)."""
+        model = model or sd_models.model_data.sd_model
+        sd_models.moves.append(("cpu", model))
+        if isinstance(model, torch.nn.Module):
+            model.to("cpu")
+
+    if forge:  # send_model_to_* are empty stubs on Forge; its memory manager moves models
+        sd_models.unload_model_weights = forge_unload_model_weights
+    elif reforge:
+        sd_models.unload_model_weights = reforge_unload_model_weights
+    else:
+        sd_models.send_model_to_cpu = send_model_to_cpu
+        sd_models.send_model_to_trash = send_model_to_trash
+        sd_models.unload_model_weights = unload_model_weights
     if forge:
         sd_models.model_data.sd_model = FakeInitialModel()
         sd_models.forge_pending = None
@@ -583,6 +625,9 @@ def make_processing(host, base_class):
             with torch.no_grad():
                 with host.devices.autocast():
                     samples = sample(host, p)
+                if p.scripts is not None:
+                    for script in p.scripts.script_instances:
+                        script.post_sample(p, None)
                 decoded = p.sd_model.decode_first_stage(samples.float())
             for i, x in enumerate(torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)):
                 array = (255.0 * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)
