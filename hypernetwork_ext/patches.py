@@ -1,15 +1,19 @@
 """Attention patches in the convention of the UNet patchers of Forge and reForge (ComfyUI's).
 
-Both hosts call ``attn1_patch``/``attn2_patch`` functions as ``patch(n, context, value, extra_options)``
-with the inputs of to_k (``context``) and to_v (``value``) and expect them back, rewritten; exactly
-where A1111 applies hypernetworks. ``extra_options`` says which UNet block runs (``block``) and
-which batch chunks are the negative prompt (``cond_or_uncond``). Generation (``hosts/forge.py``)
-and training (``training/backends/forge.py``) use the same patches.
+Both hosts, and ComfyUI whose patcher theirs descend from, call ``attn1_patch``/``attn2_patch``
+functions as ``patch(n, context, value, extra_options)`` with the inputs of to_k (``context``) and
+to_v (``value``) and expect them back, rewritten; exactly where A1111 applies hypernetworks.
+``extra_options`` says which UNet block runs (``block``) and which batch chunks are the negative
+prompt (``cond_or_uncond``); ComfyUI's also carries the sigma of the call (``sigmas``) and the
+sampling's schedule (``sample_sigmas``), from which :class:`SamplingProgress` tells the step.
+Generation (``hosts/forge.py``, ``hosts/comfyui.py``) and training (``training/backends/forge.py``)
+use the same patches.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -48,13 +52,50 @@ def _row_flags(flags: tuple[bool, ...], per_chunk: int) -> torch.Tensor:
         return torch.tensor(flags).repeat_interleave(per_chunk)
 
 
-def attention_patch(rewriter: KVRewriter, kind: str):
+class SamplingProgress:
+    """How far sampling is (0 = first step), from the sigma of this call and the sampling's schedule
+    (ComfyUI's ``sigmas`` and ``sample_sigmas``): A1111's ``step / steps`` for the step whose sigma
+    this is; a sampler's intermediate sigma (Heun, DPM2) counts as the step it starts from. None when
+    the options do not say.
+
+    Reading a sigma waits for the device, so each is read once per tensor object: the host passes
+    the same tensor to every attention call of one model call."""
+
+    def __init__(self) -> None:
+        self._schedule: tuple = (None, [])
+        self._last: tuple = (None, None)
+
+    def __call__(self, extra_options: dict) -> float | None:
+        schedule, sigma = extra_options.get("sample_sigmas"), extra_options.get("sigmas")
+        if not isinstance(schedule, torch.Tensor) or not isinstance(sigma, torch.Tensor):
+            return None
+        if self._last[0] is sigma and self._schedule[0] is schedule:
+            return self._last[1]
+        if self._schedule[0] is not schedule:
+            self._schedule = (schedule, [float(v) for v in schedule.detach().reshape(-1).float().cpu()])
+        values = self._schedule[1]
+        steps = len(values) - 1
+        if steps < 1 or sigma.numel() == 0:
+            return None
+        current = float(sigma.detach().reshape(-1)[0])
+        above = sum(1 for value in values[:steps] if value > current * (1 + 1e-5) + 1e-12)
+        progress = min(above, steps - 1) / steps
+        self._last = (sigma, progress)
+        return progress
+
+
+def attention_patch(rewriter: KVRewriter, kind: str, *, progress: Callable[[dict], float | None] | None = None):
     """An attn1 (``kind`` self) or attn2 (cross) patch that rewrites through ``rewriter``.
+
+    ``progress`` reads the sampling step from ``extra_options`` (ComfyUI); without it the host sets
+    ``rewriter.runtime.progress`` itself (Forge, reForge: from their step callback).
 
     A plain function, not a bound method: the patcher deep-copies its options on clone(), which
     keeps functions as they are but would copy a method's object (and its networks)."""
 
     def patch(n, context, value, extra_options):
+        if progress is not None:
+            rewriter.runtime.progress = progress(extra_options)
         rewriter.runtime.uncond_rows = uncond_rows(extra_options, n.shape[0]) if n is not None else None
         block = block_id(extra_options.get("block"))
         context, value = rewriter.rewrite_pair(context, value, kind=kind, block=block)
