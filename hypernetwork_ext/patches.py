@@ -55,8 +55,8 @@ def _row_flags(flags: tuple[bool, ...], per_chunk: int) -> torch.Tensor:
 class SamplingProgress:
     """How far sampling is (0 = first step), from the sigma of this call and the sampling's schedule
     (ComfyUI's ``sigmas`` and ``sample_sigmas``): A1111's ``step / steps`` for the step whose sigma
-    this is; a sampler's intermediate sigma (Heun, DPM2) counts as the step it starts from. None when
-    the options do not say.
+    this is; a sigma between two of the schedule (DPM2's midpoints) counts as the step it falls in.
+    None when the options do not say.
 
     Reading a sigma waits for the device, so each is read once per tensor object: the host passes
     the same tensor to every attention call of one model call."""
@@ -78,8 +78,11 @@ class SamplingProgress:
         if steps < 1 or sigma.numel() == 0:
             return None
         current = float(sigma.detach().reshape(-1)[0])
-        above = sum(1 for value in values[:steps] if value > current * (1 + 1e-5) + 1e-12)
-        progress = min(above, steps - 1) / steps
+        tolerance = abs(current) * 1e-5 + 1e-12
+        above = sum(1 for value in values[:steps] if value > current + tolerance)
+        on_schedule = any(abs(value - current) <= tolerance for value in values[:steps])
+        step = above if on_schedule else above - 1
+        progress = min(max(step, 0), steps - 1) / steps
         self._last = (sigma, progress)
         return progress
 

@@ -227,12 +227,13 @@ class TrainHypernetwork:
             )
             backend = ComfyBackend(clone, clip, vae)
             result = train(network, backend, config, callbacks, output_dir=output_dir)
+        LOG.info("[Hypernetworks] %s: %s", result.stopped, result.message)
+        if result.path is not None:
+            library().refresh()
+        mm.throw_exception_if_processing_interrupted()  # Cancel: the steps done are saved
         if result.path is None:
             raise HypernetworkError(f"training saved nothing: {result.message}")
-        LOG.info("[Hypernetworks] %s: %s", result.stopped, result.message)
-        library().refresh()
         trained = formats.load(result.path)
-        mm.throw_exception_if_processing_interrupted()  # Cancel: the steps done are saved
         relative = os.path.relpath(result.path, output_dir).replace(os.sep, "/")
         loss_map = {"loss": [loss for _step, loss in result.losses]}
         return (patched_model(model, [trained]), relative, loss_map, result.step)

@@ -1,0 +1,159 @@
+"""The real-ComfyUI suite: one real ComfyUI per run, told by HNX_COMFYUI_DIR / _URL / _LAUNCH.
+
+Without them every test here is skipped, saying what to set. With them the session:
+1. writes the suite's hypernetworks (several structures, a ``.safetensors`` copy, a 2022-style file
+   without ``activate_output``, dropout files) for the widths of the SD1.5 checkpoint in
+   ``models/checkpoints`` (and SDXL ones when an SDXL checkpoint is there), and a captioned dataset
+   into ``input/``;
+2. writes the suite's reference node (A1111's formula from ``tests/support/reference.py``) and clones
+   this repository into ``custom_nodes/``, as users install a node pack;
+3. starts ComfyUI, runs the tests through its HTTP API, stops it (its log stays with the artifacts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import hypernetwork_ext as hx
+from tests.comfyui import graphs
+from tests.comfyui.comfy_host import (
+    USAGE,
+    ComfyConfig,
+    ComfyServer,
+    Rendered,
+    install_pack,
+    install_reference_node,
+    remove_installed,
+)
+from tests.hosts.suite_files import NETWORKS, NetworkSpec, attention_widths, make_network
+
+SUITE_FOLDER = "hnx-suite"
+DATASET = "hnx-suite-train"
+EXTRA_NETWORKS = (
+    # A1111 reads a missing activate_output as True; ComfyUI's loader as False.
+    NetworkSpec("hnx-2022-relu", (1, 2, 1), "relu"),
+    # Dropout after the first of three layers: ComfyUI builds a Dropout(0.3) there and never sets eval mode.
+    NetworkSpec("hnx-dropout-deep", (1, 2, 2, 1), "relu", dropout=(0, 0.3, 0, 0)),
+)
+SDXL_NETWORK = NetworkSpec("hnx-sdxl-relu-ln", (1, 2, 1), "relu", layer_norm=True)
+
+
+@dataclass
+class Model:
+    checkpoint: str  # the name ComfyUI lists it by
+    widths: tuple[int, ...]
+    networks: dict[str, Path] = field(default_factory=dict)  # suite name -> file
+    _renders: dict = field(default_factory=dict)
+
+    def listed(self, name: str) -> str:
+        """A suite file's name as ComfyUI lists it (``hnx-suite/hnx-linear.pt``)."""
+        return f"{SUITE_FOLDER}/{self.networks[name].name}"
+
+    def path(self, name: str) -> str:
+        return str(self.networks[name])
+
+    def workflow(self, **kwargs) -> graphs.Workflow:
+        return graphs.Workflow(self.checkpoint, **kwargs)
+
+
+@dataclass
+class Suite:
+    config: ComfyConfig
+    server: ComfyServer
+    sd1: Model
+    sdxl: Model | None
+    commit: str
+
+    def render(self, workflow: graphs.Workflow) -> Rendered:
+        return self.server.render(workflow.build())
+
+    def save(self, name: str, rendered: Rendered) -> Path:
+        path = self.config.artifacts / "images" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rendered.image.save(path)
+        return path
+
+    def baseline(self, model: Model) -> Rendered:
+        """The image without any hypernetwork (rendered once)."""
+        if "baseline" not in model._renders:
+            model._renders["baseline"] = self.render(model.workflow())
+        return model._renders["baseline"]
+
+
+def find_checkpoints(config: ComfyConfig) -> dict[int, tuple[str, tuple[int, ...]]]:
+    """{context width: (file name, widths)} of the checkpoints in models/checkpoints."""
+    found = {}
+    for path in sorted(config.checkpoint_dir.glob("*.safetensors")):
+        try:
+            context, selfs = attention_widths(path)
+        except Exception:  # not a UNet checkpoint
+            continue
+        found.setdefault(context, (path.name, (context, *selfs)))
+    return found
+
+
+def write_networks(config: ComfyConfig, model: Model, specs, *, seed_base: int) -> None:
+    folder = config.hypernetwork_dir / SUITE_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, spec in enumerate(specs, start=seed_base):
+        path = folder / f"{spec.name}.pt"
+        hx.save(make_network(spec, model.widths, seed), path, overwrite=True)
+        model.networks[spec.name] = path
+
+
+def derive_files(config: ComfyConfig, model: Model) -> None:
+    folder = config.hypernetwork_dir / SUITE_FOLDER
+    # The same network as .safetensors.
+    copy = folder / "hnx-relu-ln-st.safetensors"
+    hx.save(hx.load(model.networks["hnx-relu-ln"]), copy, overwrite=True)
+    model.networks["hnx-relu-ln-st"] = copy
+    # A 2022 file: no activate_output key at all.
+    state = torch.load(model.networks["hnx-2022-relu"], weights_only=True)
+    state.pop("activate_output", None)
+    torch.save(state, model.networks["hnx-2022-relu"])
+    # Two files with the same dropout network: ComfyUI's cache runs each once, so two names show two draws.
+    state = torch.load(model.networks["hnx-dropout-deep"], weights_only=True)
+    second = folder / "hnx-dropout-deep-b.pt"
+    torch.save(state, second)
+    model.networks["hnx-dropout-deep-b"] = second
+
+
+def write_dataset(config: ComfyConfig) -> None:
+    from hypernetwork_ext.standalone.tiny import procedural_images
+
+    procedural_images(str(config.input_dir / DATASET), 4, seed=1, colour="blue")
+
+
+@pytest.fixture(scope="session")
+def config() -> ComfyConfig:
+    found = ComfyConfig.from_env()
+    if found is None:
+        pytest.skip(USAGE)
+    return found
+
+
+@pytest.fixture(scope="session")
+def comfy(config: ComfyConfig):
+    checkpoints = find_checkpoints(config)
+    if 768 not in checkpoints:
+        raise RuntimeError(f"no SD1.5 checkpoint in {config.checkpoint_dir}")
+    sd1 = Model(*checkpoints[768])
+    write_networks(config, sd1, (*NETWORKS, *EXTRA_NETWORKS), seed_base=1)
+    derive_files(config, sd1)
+    sdxl = None
+    if 2048 in checkpoints:
+        sdxl = Model(*checkpoints[2048])
+        write_networks(config, sdxl, (SDXL_NETWORK,), seed_base=11)
+    write_dataset(config)
+    install_reference_node(config)
+    commit = install_pack(config)
+    server = ComfyServer(config).start()
+    try:
+        yield Suite(config, server, sd1, sdxl, commit.strip())
+    finally:
+        server.stop()
+        remove_installed(config)
