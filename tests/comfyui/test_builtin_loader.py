@@ -52,7 +52,7 @@ def test_dropout_left_in_train_mode(comfy):
     first = comfy.render(builtin(comfy.sd1, [("hnx-dropout-deep", 1.0)]))
     second = comfy.render(builtin(comfy.sd1, [("hnx-dropout-deep-b", 1.0)]))
     want = comfy.render(reference(comfy.sd1, [("hnx-dropout-deep", 1.0)]))
-    mine = comfy.render(ours(comfy.sd1, [("hnx-dropout-deep-b", 1.0)]))
+    mine = comfy.render(ours(comfy.sd1, [("hnx-dropout-deep", 1.0)]))
     print(
         f"\n[comfyui] dropout file: HypernetworkLoader run vs run max {max_difference(first, second)}/255, "
         f"vs A1111 {max_difference(first, want)}/{max_difference(second, want)}; ours vs A1111 "
