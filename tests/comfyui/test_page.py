@@ -1,0 +1,63 @@
+"""The node pack in ComfyUI's own front end (comfyui-frontend-package), in headless Chromium: a workflow
+with the three nodes loads as a graph, every node known to the page; the screenshot is kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.comfyui import graphs
+from tests.comfyui.conftest import DATASET
+from tests.hosts.browser import CHROMIUM, CHROMIUM_ARGS
+
+OUR_NODES = ("HypernetworkLoaderA1111", "HypernetworksFromPrompt", "TrainHypernetwork")
+
+
+def showcase(model) -> dict:
+    """txt2img with tags in the prompt, a loader whose info goes to Preview as Text, and training."""
+    text = "a red circle <hypernet:hnx-relu-ln:0.8:neg=0> <hypernet:hnx-linear:-0.5:start=0.25>"
+    workflow = graphs.with_nodes(
+        model.workflow(prompt=text),
+        ("HypernetworksFromPrompt", {"text": text}),
+        graphs.ours(model.listed("hnx-elu-deep"), 0.7, blocks="OUT", negative=0.0),
+    ).build()
+    workflow["info"] = {"class_type": "PreviewAny", "inputs": {"source": ["m1", 1]}}
+    workflow["train"] = {
+        "class_type": "TrainHypernetwork",
+        "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "folder": DATASET, "name": "my-style",
+            "hypernetwork": "[new]", "steps": 1000, "learning_rate": "0.00001", "batch_size": 1, "width": 512,
+            "height": 512, "seed": 0,
+        },
+    }  # fmt: skip
+    workflow["loss"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["train", 2], "filename_prefix": "loss"}}
+    return workflow
+
+
+def test_workflow_in_comfyuis_front_end(comfy):
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    workflow = showcase(comfy.sd1)
+    path = comfy.config.artifacts / "images" / "comfyui-workflow.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 900})
+            page.set_default_timeout(180_000)
+            page.goto(comfy.config.url)
+            page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady !== false")
+            page.wait_for_timeout(5000)
+            page.evaluate("async (w) => { await window.app.loadApiJson(w, 'hypernetworks.json'); }", workflow)
+            page.wait_for_timeout(3000)
+            types = page.evaluate("() => window.app.graph.nodes.map((n) => [n.type, n.has_errors === true])")
+            page.evaluate(
+                "() => { window.app.canvas.ds.scale = 0.62; window.app.canvas.ds.offset = [40, 40]; window.app.canvas.setDirty(true, true); }"
+            )
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(path))
+        finally:
+            browser.close()
+    print(f"\n[comfyui] front end: nodes {types}; screenshot {path}")
+    known = {node_type for node_type, _errors in types}
+    assert set(OUR_NODES) <= known
+    assert len(types) == len(workflow)
+    assert not any(errors for _type, errors in types)
