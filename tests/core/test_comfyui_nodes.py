@@ -319,3 +319,11 @@ def test_pytest_module_names_with_the_root_package():
     test modules then carry its name, the rest imports as before."""
     assert __name__.endswith("tests.core.test_comfyui_nodes")
     assert sys.modules["tests.support.reference"].reference_model is reference_model
+
+
+def test_install_py_succeeds_outside_a_webui(tmp_path):
+    """ComfyUI-Manager runs a node pack's install.py after cloning it."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and "nothing to install" in result.stdout
