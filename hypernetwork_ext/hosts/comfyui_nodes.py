@@ -152,6 +152,15 @@ class LoadHypernetwork:
             },
         }
 
+    @classmethod
+    def IS_CHANGED(cls, hypernetwork_name: str = "", **_inputs):
+        """A file replaced under the same name (trained again) is loaded again, not served from the cache."""
+        try:
+            stat = os.stat(folder_paths().get_full_path_or_raise(FOLDER, hypernetwork_name))
+        except (OSError, FileNotFoundError):
+            return ""
+        return f"{stat.st_mtime_ns}:{stat.st_size}"
+
     def load(
         self,
         model,

@@ -90,6 +90,13 @@ def test_chained_loaders_stack_in_order(host, model, inputs):
     assert len(comfyui.our_patches(second)) == 2 and len(comfyui.our_patches(first)) == 1
 
 
+def test_a_file_written_again_is_loaded_again(host):
+    before = comfyui_nodes.LoadHypernetwork.IS_CHANGED(hypernetwork_name="anime.pt")
+    hx.save(webui_network(seed=9), host.hypernetwork_dir / "anime.pt", overwrite=True)
+    assert comfyui_nodes.LoadHypernetwork.IS_CHANGED(hypernetwork_name="anime.pt") != before
+    assert comfyui_nodes.LoadHypernetwork.IS_CHANGED(hypernetwork_name="gone.pt") == ""
+
+
 def test_strength_zero_is_the_model_itself(host, model, inputs):
     patched, _ = load(model, "anime.pt", 0.0)
     assert torch.equal(denoise(patched, inputs), denoise(model, inputs))

@@ -164,6 +164,7 @@ class Host:
             "folder_paths",
             get_folder_paths=lambda name: [str(self.hypernetwork_dir)] if name == "hypernetworks" else [],
             get_filename_list=self.filename_list,
+            get_full_path_or_raise=self.full_path,
             get_input_directory=lambda: str(self.input_dir),
             get_output_directory=lambda: str(self.output_dir),
             get_input_subfolders=lambda: sorted(p.name for p in self.input_dir.iterdir() if p.is_dir()),
@@ -207,6 +208,12 @@ class Host:
 
     def interrupted(self) -> bool:
         return self.interrupt_after is not None and len(ProgressBar.updates) >= self.interrupt_after
+
+    def full_path(self, name: str, filename: str) -> str:
+        path = self.hypernetwork_dir / filename
+        if name != "hypernetworks" or not path.is_file():
+            raise FileNotFoundError(f"Model in folder '{name}' with filename '{filename}' not found.")
+        return str(path)
 
     def _throw_if_interrupted(self):
         if self.interrupted():

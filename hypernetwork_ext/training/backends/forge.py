@@ -175,7 +175,7 @@ class PatcherBackend(TrainingBackend):
         if storage not in FLOAT_DTYPES:
             raise HypernetworkError(
                 f"the UNet's weights are stored as {storage}; training needs float32, float16 or bfloat16 weights "
-                "(choose Automatic or a float type for 'Diffusion in Low Bits')"
+                "(Forge: Automatic or a float type for 'Diffusion in Low Bits'; ComfyUI: weight_dtype default)"
             )
         self.model_family = model_family
         self.checkpoint_name = checkpoint_name
