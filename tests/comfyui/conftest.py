@@ -34,6 +34,9 @@ from tests.hosts.suite_files import NETWORKS, NetworkSpec, attention_widths, mak
 SUITE_FOLDER = "hnx-suite"
 DATASET = "hnx-suite-train"
 EXTRA_NETWORKS = (
+    # Without layer norm or dropout, where ComfyUI's own loader follows A1111.
+    NetworkSpec("hnx-tanh", (1, 2, 1), "tanh"),
+    NetworkSpec("hnx-relu-deep", (1, 2, 2, 1), "relu", weight_std=0.04),
     # A1111 reads a missing activate_output as True; ComfyUI's loader as False.
     NetworkSpec("hnx-2022-relu", (1, 2, 1), "relu"),
     # Dropout after the first of three layers: ComfyUI builds a Dropout(0.3) there and never sets eval mode.

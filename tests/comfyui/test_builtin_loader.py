@@ -10,12 +10,12 @@ from tests.comfyui.comfy_host import WorkflowError, max_difference
 from tests.comfyui.test_render import EFFECT, ours, reference
 from tests.hosts.real_host import TOLERANCE
 
+# Networks without layer norm and without dropout: there ComfyUI's loader computes A1111's formula.
 AGREED = {
-    "relu-ln": [("hnx-relu-ln", 0.8)],
-    "swish-activate-output": [("hnx-swish-dropout", 1.0)],  # dropout after the last hidden layer: none in ComfyUI
     "linear": [("hnx-linear", 1.2)],
-    "elu-deep-negative": [("hnx-elu-deep", -0.7)],
-    "stacked": [("hnx-relu-ln", 0.8), ("hnx-linear", -0.5)],
+    "tanh": [("hnx-tanh", 0.8)],
+    "relu-deep-negative": [("hnx-relu-deep", -0.7)],
+    "stacked": [("hnx-tanh", 0.8), ("hnx-linear", -0.5)],
 }
 
 
@@ -28,8 +28,31 @@ def test_equal_where_comfyui_follows_a1111(comfy, case):
     entries = AGREED[case]
     theirs = comfy.render(builtin(comfy.sd1, entries))
     mine = comfy.render(ours(comfy.sd1, entries))
-    print(f"\n[comfyui] {case}: ours vs HypernetworkLoader max {max_difference(mine, theirs)}/255")
+    want = comfy.render(reference(comfy.sd1, entries))
+    effect = max_difference(mine, comfy.baseline(comfy.sd1))
+    print(
+        f"\n[comfyui] {case}: ours vs HypernetworkLoader max {max_difference(mine, theirs)}/255, "
+        f"HypernetworkLoader vs A1111 {max_difference(theirs, want)}/255, ours vs A1111 {max_difference(mine, want)}/255; "
+        f"effect {effect}/255"
+    )
+    assert effect > EFFECT
     assert max_difference(mine, theirs) <= TOLERANCE
+    assert max_difference(mine, want) <= TOLERANCE
+
+
+def test_layer_norm_networks_get_an_activation_after_their_output_layer(comfy):
+    """ComfyUI's loader counts the LayerNorm weights among the Linears, so the output Linear is not
+    the last one it sees: it adds the activation after it although the file says activate_output False."""
+    entries = [("hnx-relu-ln", 0.8)]
+    theirs = comfy.render(builtin(comfy.sd1, entries))
+    want = comfy.render(reference(comfy.sd1, entries))
+    mine = comfy.render(ours(comfy.sd1, entries))
+    print(
+        f"\n[comfyui] layer norm file: HypernetworkLoader vs A1111 max {max_difference(theirs, want)}/255, "
+        f"ours vs A1111 max {max_difference(mine, want)}/255"
+    )
+    assert max_difference(theirs, want) > TOLERANCE
+    assert max_difference(mine, want) <= TOLERANCE
 
 
 def test_activate_output_default_of_2022_files(comfy):
@@ -48,7 +71,8 @@ def test_activate_output_default_of_2022_files(comfy):
 
 def test_dropout_left_in_train_mode(comfy):
     """ComfyUI builds Dropout(0.3) layers from use_dropout and never sets eval mode: each run draws
-    another mask (two names of one file, since ComfyUI's cache would run one name once)."""
+    another mask (two names of one file, since ComfyUI's cache would run one name once). A1111's
+    dropout_structure, which says where dropout is, is ignored."""
     first = comfy.render(builtin(comfy.sd1, [("hnx-dropout-deep", 1.0)]))
     second = comfy.render(builtin(comfy.sd1, [("hnx-dropout-deep-b", 1.0)]))
     want = comfy.render(reference(comfy.sd1, [("hnx-dropout-deep", 1.0)]))

@@ -18,6 +18,8 @@ CASES = {
     "relu-ln": [("hnx-relu-ln", 0.8)],
     "swish-dropout-activate-output": [("hnx-swish-dropout", 1.0)],
     "linear": [("hnx-linear", 1.2)],
+    "tanh": [("hnx-tanh", 0.8)],
+    "relu-deep-negative": [("hnx-relu-deep", -0.7)],
     "elu-deep-negative": [("hnx-elu-deep", -0.7)],
     "stacked": [("hnx-relu-ln", 0.8), ("hnx-linear", -0.5)],
     "2022-no-activate-output": [("hnx-2022-relu", 1.0)],
