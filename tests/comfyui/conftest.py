@@ -60,7 +60,7 @@ class Model:
         return str(self.networks[name])
 
     def workflow(self, **kwargs) -> graphs.Workflow:
-        return graphs.Workflow(self.checkpoint, **kwargs)
+        return graphs.Workflow(self.checkpoint, unet_name=f"{SUITE_FOLDER}-{self.checkpoint}", **kwargs)
 
 
 @dataclass
@@ -118,11 +118,21 @@ def derive_files(config: ComfyConfig, model: Model) -> None:
     state = torch.load(model.networks["hnx-2022-relu"], weights_only=True)
     state.pop("activate_output", None)
     torch.save(state, model.networks["hnx-2022-relu"])
-    # Two files with the same dropout network: ComfyUI's cache runs each once, so two names show two draws.
+    # The dropout network's weights in a file that declares no dropout: A1111 renders both alike.
     state = torch.load(model.networks["hnx-dropout-deep"], weights_only=True)
-    second = folder / "hnx-dropout-deep-b.pt"
-    torch.save(state, second)
-    model.networks["hnx-dropout-deep-b"] = second
+    state.update(use_dropout=False, last_layer_dropout=False, dropout_structure=[0.0] * len(state["layer_structure"]))
+    no_dropout = folder / "hnx-dropout-deep-nodrop.pt"
+    torch.save(state, no_dropout)
+    model.networks["hnx-dropout-deep-nodrop"] = no_dropout
+
+
+def link_unet(config: ComfyConfig, model: Model) -> Path:
+    """The checkpoint also in models/diffusion_models, where UNETLoader (with its weight_dtype) finds it."""
+    link = config.folder / "models" / "diffusion_models" / f"{SUITE_FOLDER}-{model.checkpoint}"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(config.checkpoint_dir / model.checkpoint)
+    return link
 
 
 def write_dataset(config: ComfyConfig) -> None:
@@ -151,6 +161,7 @@ def comfy(config: ComfyConfig):
     if 2048 in checkpoints:
         sdxl = Model(*checkpoints[2048])
         write_networks(config, sdxl, (SDXL_NETWORK,), seed_base=11)
+    links = [link_unet(config, model) for model in (sd1, sdxl) if model is not None]
     write_dataset(config)
     install_reference_node(config)
     commit = install_pack(config)
@@ -160,3 +171,5 @@ def comfy(config: ComfyConfig):
     finally:
         server.stop()
         remove_installed(config)
+        for link in links:
+            link.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ class Workflow:
     text_from_prompt_node: bool = False
     unet_dtype: str | None = None  # load the UNet with UNETLoader in this weight_dtype (fp8_e4m3fn...)
     settings: dict = field(default_factory=dict)
+    unet_name: str | None = None  # the checkpoint as models/diffusion_models lists it (for UNETLoader)
 
     def then(self, class_type: str, **inputs) -> Workflow:
         return Workflow(
@@ -33,6 +34,7 @@ class Workflow:
             self.text_from_prompt_node,
             self.unet_dtype,
             self.settings,
+            self.unet_name,
         )
 
     def build(self) -> dict:
@@ -42,7 +44,7 @@ class Workflow:
         if self.unet_dtype:
             graph["unet"] = {
                 "class_type": "UNETLoader",
-                "inputs": {"unet_name": self.checkpoint, "weight_dtype": self.unet_dtype},
+                "inputs": {"unet_name": self.unet_name or self.checkpoint, "weight_dtype": self.unet_dtype},
             }
             model = ["unet", 0]
         text: str | list = self.prompt

@@ -46,13 +46,17 @@ def test_workflow_in_comfyuis_front_end(comfy):
             page.goto(comfy.config.url)
             page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady !== false")
             page.wait_for_timeout(5000)
+            close_dialogs(page)  # the first-run template browser
             page.evaluate("async (w) => { await window.app.loadApiJson(w, 'hypernetworks.json'); }", workflow)
             page.wait_for_timeout(3000)
+            close_dialogs(page)
             types = page.evaluate("() => window.app.graph.nodes.map((n) => [n.type, n.has_errors === true])")
             page.evaluate(
-                "() => { window.app.canvas.ds.scale = 0.62; window.app.canvas.ds.offset = [40, 40]; window.app.canvas.setDirty(true, true); }"
+                "async () => { window.app.graph.arrange(80); try {"
+                " await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); } catch (e) {} }"
             )
-            page.wait_for_timeout(1500)
+            page.wait_for_timeout(2000)
+            dialogs = page.locator(".p-dialog:visible").count()
             page.screenshot(path=str(path))
         finally:
             browser.close()
@@ -61,3 +65,13 @@ def test_workflow_in_comfyuis_front_end(comfy):
     assert set(OUR_NODES) <= known
     assert len(types) == len(workflow)
     assert not any(errors for _type, errors in types)
+    assert dialogs == 0  # nothing covers the graph in the picture
+
+
+def close_dialogs(page) -> None:
+    page.keyboard.press("Escape")
+    page.evaluate(
+        "() => document.querySelectorAll('.p-dialog-close-button, .p-dialog button[aria-label=\"Close\"]')"
+        ".forEach((button) => button.click())"
+    )
+    page.wait_for_timeout(1000)
