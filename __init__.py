@@ -19,9 +19,13 @@ if "folder_paths" in sys.modules:
     if _here not in sys.path:
         sys.path.append(_here)
 
-    from hypernetwork_ext.hosts.comfyui_nodes import node_mappings, warn_about_other_copy
+    from hypernetwork_ext.hosts import comfyui_pack
+    from hypernetwork_ext.hosts.comfyui_nodes import warn_about_other_copy
 
     warn_about_other_copy(_here)
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = node_mappings()
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = (
+        comfyui_pack.NODE_CLASS_MAPPINGS,
+        comfyui_pack.NODE_DISPLAY_NAME_MAPPINGS,
+    )
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

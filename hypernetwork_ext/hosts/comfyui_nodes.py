@@ -1,6 +1,6 @@
-"""The ComfyUI nodes: Load Hypernetwork, Hypernetworks from Prompt (and Train Hypernetwork, in
-``comfyui_training.py``). The repository's root ``__init__.py`` hands ``NODE_CLASS_MAPPINGS`` to
-ComfyUI; nothing here runs at import but class definitions.
+"""The ComfyUI nodes Load Hypernetwork and Hypernetworks from Prompt (Train Hypernetwork is in
+``comfyui_training.py``; ``comfyui_pack.py`` lists them for ComfyUI). Nothing here runs at import but
+class definitions.
 
 Files come from ComfyUI's ``hypernetworks`` model folders (``models/hypernetworks`` and any
 ``extra_model_paths.yaml`` entry), through the same :class:`~hypernetwork_ext.library.Library`
@@ -244,27 +244,9 @@ class HypernetworksFromPrompt:
         return (patched_model(model, plan.entries), strip_tags(text), info)
 
 
-def node_mappings() -> tuple[dict, dict]:
-    from .comfyui_training import TrainHypernetwork
-
-    classes = {
-        "HypernetworkLoaderA1111": LoadHypernetwork,
-        "HypernetworksFromPrompt": HypernetworksFromPrompt,
-        "TrainHypernetwork": TrainHypernetwork,
-    }
-    names = {
-        "HypernetworkLoaderA1111": "Load Hypernetwork (A1111)",
-        "HypernetworksFromPrompt": "Hypernetworks from Prompt",
-        "TrainHypernetwork": "Train Hypernetwork",
-    }
-    return classes, names
-
-
 def warn_about_other_copy(folder: str) -> None:
     """Two clones of this repository (or a WebUI's copy on ``sys.path``): the first one imported serves
     both; say which, so that nobody debugs the wrong folder."""
-    import hypernetwork_ext
-
-    package = os.path.dirname(os.path.abspath(hypernetwork_ext.__file__ or ""))
-    if os.path.dirname(package) != os.path.abspath(folder):
-        LOG.warning("[Hypernetworks] another copy of hypernetwork_ext was imported first (%s); not %s", package, folder)
+    serving = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if serving != os.path.abspath(folder):
+        LOG.warning("[Hypernetworks] another copy of hypernetwork_ext was imported first (%s); not %s", serving, folder)
