@@ -56,6 +56,11 @@ class FileExistsRefusedError(HypernetworkError, FileExistsError):
     """Saving would overwrite an existing file and overwriting was not asked for."""
 
 
+class OutputNotWritableError(HypernetworkError, OSError):
+    """An output cannot be written where it was asked for: a folder without write permission, a
+    read-only disk, a file where a folder should be, a full disk."""
+
+
 class IncompatibleNetworkError(HypernetworkError):
     """Two networks (or a network and a model) do not fit together."""
 

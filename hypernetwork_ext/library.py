@@ -27,6 +27,7 @@ from .errors import (
     NonFiniteWeightsError,
     NoSuchNetworkError,
     PathEscapeError,
+    TagError,
     UnknownNetworkError,
 )
 from .families import CONTEXT_WIDTHS, FAMILIES, widths_fit
@@ -480,8 +481,9 @@ class Library:
                 )
                 planned, note = self._plan_one(spec, with_hashes)
             except HypernetworkError as exc:
-                plan.problems.append(str(exc))
-                plan.names_not_found |= isinstance(exc, NoSuchNetworkError)
+                missing = self._missing_name(items) if isinstance(exc, TagError) else None
+                plan.problems.append(f"{exc}; {missing}" if missing else str(exc))
+                plan.names_not_found |= isinstance(exc, NoSuchNetworkError) or missing is not None
                 continue
             if note:
                 plan.notes.append(f"{spec.text}: {note}")
@@ -498,6 +500,20 @@ class Library:
             )
         self.pin(item.entry for item in plan.networks)
         return plan
+
+    def _missing_name(self, items: Sequence[object]) -> str | None:
+        """For a malformed tag, whether its name is unknown too: one message then says both,
+        so fixing the argument does not merely reveal the next problem."""
+        name = str(items[0]).strip() if items else ""
+        if not name or "=" in name:
+            return None
+        try:
+            self.resolve(name)
+        except NoSuchNetworkError as exc:
+            return f"also, {exc}"
+        except HypernetworkError:
+            return None
+        return None
 
     def _plan_one(self, spec: TagSpec, with_hashes: bool) -> tuple[PlannedNetwork, str | None]:
         try:

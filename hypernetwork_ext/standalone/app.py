@@ -1,7 +1,7 @@
 """The local web app: the extension's tabs without a WebUI, on the current gradio.
 
-    python -m hypernetwork_ext.standalone.app                       # the embedded tiny model
-    python -m hypernetwork_ext.standalone.app --model sd15-diffusers/ --hypernetwork-dir models/hypernetworks
+    ./hypernetwork app                       # the embedded tiny model (python -m hypernetwork_ext app)
+    ./hypernetwork app --model sd15-diffusers/ --hypernetwork-dir models/hypernetworks
 
 Tabs: Generate (prompt with ``<hypernet:...>`` tags), Train (create and train, live loss chart and
 previews), Hypernetworks (cards: previews, metadata, click to add a tag). Served on 127.0.0.1.
@@ -21,13 +21,17 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from ..atomic import atomic_write_with, check_writable_folder
 from ..errors import HypernetworkError
 from ..library import Library, distinct_names
 from ..shape import model_shape
 from ..syntax import format_number
+from ..training import TrainingConfig
+from ..training.config import sized_for
 from ..training.jobs import TrainingJobs, TrainingServices
 from ..ui.compat import launch_kwargs, update
 from ..ui.training import build_training_tab
+from .folders import DEFAULT_NETWORK_DIR, DEMO_NETWORKS, network_folders, program_name
 from .generate import GenerationSettings
 from .pipelines import ModelSource, load_model
 from .samplers import SAMPLERS, sampler_name
@@ -137,13 +141,12 @@ def _placeholder(state: AppState, name: str) -> str:
     from PIL import Image, ImageDraw
 
     folder = os.path.join(state.output_dir, ".cards")
-    os.makedirs(folder, exist_ok=True)
     # A stable file name: str hashes change from run to run, which left a new set of tiles each launch.
     path = os.path.join(folder, f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.png")
     if not os.path.exists(path):
         image = Image.new("RGB", (CARD_SIZE, CARD_SIZE), (60, 64, 80))
         ImageDraw.Draw(image).text((10, CARD_SIZE // 2 - 6), name[:18], fill="white")
-        image.save(path)
+        atomic_write_with(path, lambda handle: image.save(handle, format="PNG"), overwrite=True)
     return path
 
 
@@ -170,7 +173,8 @@ def build_app(state: AppState, *, poll_seconds: float = 1.0) -> gr.Blocks:
             with gr.Tab("Generate", id="generate"):
                 prompt = _build_generate(state)
             with gr.Tab("Train", id="train"):
-                build_training_tab(_training_jobs(state), blocks=app, poll_seconds=poll_seconds)
+                defaults = TrainingConfig(**sized_for(state.source.image_size))  # 64 px on the tiny model
+                build_training_tab(_training_jobs(state), blocks=app, poll_seconds=poll_seconds, defaults=defaults)
             with gr.Tab("Hypernetworks", id="cards"):
                 _build_cards(state, prompt)
     return app
@@ -198,7 +202,7 @@ def _build_generate(state: AppState):
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="hnx_app_seed")
                 dice = gr.Button("\U0001f3b2 Random", elem_id="hnx_app_random_seed", scale=0)
             with gr.Row():
-                size = _default_size(state.source)
+                size = state.source.image_size
                 width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id="hnx_app_width")
                 height = gr.Slider(64, 2048, value=size, step=8, label="Height", elem_id="hnx_app_height")
                 batch = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="hnx_app_batch")
@@ -228,12 +232,6 @@ def _build_generate(state: AppState):
 
 def _default_cfg(source: ModelSource) -> float:
     return 5.0 if source.path is None else 7.0  # the tiny model draws cleanest at 5
-
-
-def _default_size(source: ModelSource) -> int:
-    sample = getattr(getattr(source.unet, "config", None), "sample_size", 64)
-    factor = 2 ** (len(getattr(source.pipe.vae.config, "block_out_channels", [0, 0, 0, 0])) - 1)
-    return int(sample) * factor if isinstance(sample, int) else 512
 
 
 def _build_cards(state: AppState, prompt) -> None:
@@ -267,6 +265,9 @@ def _training_jobs(state: AppState) -> TrainingJobs:
         make_backend=lambda: training_backend(state.source),
         model_family=lambda: state.source.family,
         model_shape=lambda: model_shape(state.source.unet),
+        # every folder's networks can be trained (the demo's too), as Generate finds them; results go to the first
+        network_names=lambda: sorted(distinct_names(state.library.entries)),
+        resolve_network=lambda name: state.library.resolve(name).entry.path,
         run_exclusive=state.run_exclusive,
         on_saved=lambda path: state.library.refresh(),
         presets_dir=os.path.join(state.output_dir, "presets"),
@@ -274,17 +275,31 @@ def _training_jobs(state: AppState) -> TrainingJobs:
     return TrainingJobs(services)
 
 
+APP_EXAMPLES = """examples:
+  {prog} app                                    # the embedded tiny model on http://127.0.0.1:7861
+  {prog} app --port 7862 --device cpu
+  {prog} app --model sd15-diffusers/ --hypernetwork-dir models/hypernetworks
+  {prog} app --model v1-5.safetensors --config sd15-diffusers/
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    prog = program_name()
     parser = argparse.ArgumentParser(
-        prog="python -m hypernetwork_ext.standalone.app", description="The hypernetwork web app (local)."
+        prog=f"{prog} app",
+        description="The local web app: Generate (prompts with <hypernet:...> tags), Train (create and train,\n"
+        "with a loss chart and previews) and Hypernetworks (cards); served until interrupted (Ctrl-C).",
+        epilog=APP_EXAMPLES.format(prog=prog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", help="single-file checkpoint or diffusers folder (default: the embedded tiny model)")
     parser.add_argument("--config", help="for a single file: a diffusers folder of the same architecture")
     parser.add_argument("--allow-download", action="store_true")
     parser.add_argument(
         "--hypernetwork-dir",
-        default=os.path.join("models", "hypernetworks"),
-        help="where networks are listed and trained ones go",
+        action="append",
+        help=f"folder of networks (repeatable; default: {DEFAULT_NETWORK_DIR} and {DEMO_NETWORKS}, the newest demo "
+        "run's, as for generate); networks created and trained in the app go to the first",
     )
     parser.add_argument("--output-dir", default="hypernetwork-app", help="presets, logs and card tiles")
     parser.add_argument("--host", default="127.0.0.1")
@@ -297,15 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    folders = network_folders(args.hypernetwork_dir)
     try:
+        check_writable_folder(folders[0])  # where the Train tab writes; the demo's folder need not exist yet
+        check_writable_folder(args.output_dir)
         source = load_model(args.model, config=args.config, allow_download=args.allow_download)
     except HypernetworkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     source.pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    os.makedirs(args.hypernetwork_dir, exist_ok=True)
+    os.makedirs(folders[0], exist_ok=True)
     os.makedirs(args.output_dir, exist_ok=True)
-    state = AppState(source, Library([args.hypernetwork_dir]), args.output_dir)
+    state = AppState(source, Library(folders), args.output_dir)
     app = build_app(state)
     app.queue()
     print(f"serving on http://{args.host}:{args.port}", flush=True)
@@ -315,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             server_name=args.host,
             server_port=args.port,
             show_api=False,
-            allowed_paths=[os.path.abspath(args.hypernetwork_dir), os.path.abspath(args.output_dir)],
+            allowed_paths=[*(os.path.abspath(folder) for folder in folders), os.path.abspath(args.output_dir)],
         )
     )
     return 0

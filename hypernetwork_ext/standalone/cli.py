@@ -15,41 +15,40 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from ..atomic import check_writable_file, check_writable_folder
 from ..errors import FileExistsRefusedError, HypernetworkError, InvalidConfigError, NonFiniteWeightsError
+from .folders import DEFAULT_NETWORK_DIR, DEMO_NETWORKS, DEMO_OUTPUT, network_folders, program_name
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 EXAMPLES = {
-    "inspect": "  hypernetwork inspect models/hypernetworks/anime.pt\n  hypernetwork inspect --json a.pt b.safetensors",
-    "convert": "  hypernetwork convert anime.pt anime.safetensors\n  hypernetwork convert models/hypernetworks/ converted/ --to safetensors",
+    "inspect": "  {prog} inspect models/hypernetworks/anime.pt\n  {prog} inspect --json a.pt b.safetensors",
+    "convert": "  {prog} convert anime.pt anime.safetensors\n  {prog} convert models/hypernetworks/ converted/ --to safetensors",
     "merge": (
-        "  hypernetwork merge blend.safetensors a.pt:0.6 b.pt:0.4\n"
-        "  hypernetwork merge blend.pt a.pt:0.5 b.pt:0.5 --width 768=0.8,0.2\n"
-        "  hypernetwork merge diff.pt --add-difference a.pt b.pt c.pt --multiplier 0.7"
+        "  {prog} merge blend.safetensors a.pt:0.6 b.pt:0.4\n"
+        "  {prog} merge blend.pt a.pt:0.5 b.pt:0.5 --width 768=0.8,0.2\n"
+        "  {prog} merge diff.pt --add-difference a.pt b.pt c.pt --multiplier 0.7"
     ),
-    "bake": "  hypernetwork bake v1-5.safetensors anime.pt:0.8 -o v1-5-anime.safetensors",
+    "bake": "  {prog} bake v1-5.safetensors anime.pt:0.8 -o v1-5-anime.safetensors",
     "export-lora": (
-        "  hypernetwork export-lora anime.pt --model v1-5.safetensors -o anime-lora.safetensors\n"
-        "  hypernetwork export-lora style.pt:0.8 --model v1-5.safetensors --rank 32 -o style-r32.safetensors"
+        "  {prog} export-lora anime.pt --model v1-5.safetensors -o anime-lora.safetensors\n"
+        "  {prog} export-lora style.pt:0.8 --model v1-5.safetensors --rank 32 -o style-r32.safetensors"
     ),
     "generate": (
-        '  hypernetwork generate "a castle <hypernet:anime:0.8>" --model v1-5.safetensors --config sd15-diffusers/ \\\n'
+        '  {prog} generate "a castle <hypernet:anime:0.8>" --model v1-5.safetensors --config sd15-diffusers/ \\\n'
         "      --hypernetwork-dir models/hypernetworks -o castle.png\n"
-        '  hypernetwork generate "a red circle <hypernet:demo>" --grid=-1,0,0.5,1 -o grid.png   # embedded tiny model'
+        '  {prog} generate "a red circle <hypernet:demo>" --grid=-1,0,0.5,1 -o grid.png   # embedded tiny model'
     ),
     "train": (
-        "  hypernetwork train --create anime --data-root data/anime --output-dir models/hypernetworks \\\n"
+        "  {prog} train --create anime --data-root data/anime --output-dir models/hypernetworks \\\n"
         "      --model sd15-diffusers/ --learn-rate '5e-5:100, 5e-6:1500, 1e-6' --steps 2000\n"
-        "  hypernetwork train --network models/hypernetworks/anime.pt --data-root data/anime --preset fast.json\n"
+        "  {prog} train --network models/hypernetworks/anime.pt --data-root data/anime --preset fast.json\n"
         "  accelerate launch --num_processes 2 -m hypernetwork_ext train --create anime --data-root data/anime   # 2 GPUs"
     ),
-    "demo": "  hypernetwork demo                 # embedded tiny model, output in ./hypernetwork-demo/run-*/\n  hypernetwork demo --model sd15/   # a real model",
+    "demo": "  {prog} demo                 # embedded tiny model, output in ./hypernetwork-demo/run-*/\n  {prog} demo --model sd15/   # a real model",
 }
 
 
-DEFAULT_NETWORK_DIR = os.path.join("models", "hypernetworks")
-DEMO_OUTPUT = "hypernetwork-demo"
-DEMO_NETWORKS = os.path.join(DEMO_OUTPUT, "latest", "networks")  # the newest demo run's networks
 STEP_LIMIT = "HYPERNETWORK_STEP_LIMIT"  # caps every step count: commands run as written, only shorter
 
 
@@ -214,6 +213,7 @@ def _convert(args) -> int:
     if source.is_dir():
         if not args.to:
             raise InvalidConfigError("converting a folder needs --to pt or --to safetensors")
+        check_writable_folder(args.destination)
         pairs = []
         for path in sorted(source.rglob("*")):
             if path.suffix.lower() in SUPPORTED_SUFFIXES and path.is_file() and not path.name.endswith(".optim"):
@@ -221,6 +221,7 @@ def _convert(args) -> int:
                 if path.suffix.lower() != f".{args.to}":
                     pairs.append((path, target))
     else:
+        check_writable_file(args.destination)
         pairs = [(source, Path(args.destination))]
     failed = 0
     for path, target in _progress(pairs, "converting"):
@@ -253,6 +254,7 @@ def _merge(args) -> int:
     name = args.name or Path(args.output).stem
     overrides = dict(args.width or [])
     _refuse_existing([args.output], args)
+    check_writable_file(args.output)
     if args.add_difference:
         if args.networks:
             raise InvalidConfigError("give either networks with weights or --add-difference A B C, not both")
@@ -276,6 +278,7 @@ def _bake(args) -> int:
     from ..ops.checkpoints import read_unet, write_unet
 
     _refuse_existing([args.output], args)
+    check_writable_folder(os.path.dirname(os.path.abspath(args.output)), output=args.output)  # a file or a folder
     entries = _load_entries(args.networks)
     weights = read_unet(args.checkpoint)
     changed, report = bake(weights, entries, approximate=args.approximate, seed=args.seed)
@@ -300,6 +303,7 @@ def _export_lora(args) -> int:
     from ..ops.checkpoints import read_unet
 
     _refuse_existing([args.output], args)
+    check_writable_file(args.output)
     entries = _load_entries(args.networks)
     weights = read_unet(args.model)
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -332,6 +336,25 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="let diffusers fetch a single file's configs from the Hugging Face hub",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        help="CPU threads (default: HYPERNETWORK_THREADS, else OMP_NUM_THREADS, else the cores free now: "
+        "the cores usable less the load average)",
+    )
+
+
+def _use_threads(args, print_to=None) -> None:
+    """As many CPU threads as cores are free now, unless the user chose (one process only: under
+    accelerate each process keeps what the launcher gave it)."""
+    from .threads import apply_threads, choose_threads
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    choice = choose_threads(args.threads)
+    apply_threads(choice)
+    if print_to is not None:
+        print(choice.describe(), file=print_to, flush=True)
 
 
 def _device(args) -> str:
@@ -352,7 +375,7 @@ def _library(args):
     """The folders given, else models/hypernetworks and the newest demo run's networks."""
     from ..library import Library
 
-    return Library(list(args.hypernetwork_dir or [DEFAULT_NETWORK_DIR, DEMO_NETWORKS]))
+    return Library(network_folders(args.hypernetwork_dir))
 
 
 def _refuse_existing(paths: list[str], args) -> None:
@@ -384,11 +407,15 @@ def _generate(args) -> int:
     settings.check()
     targets = [args.output] if args.grid else _image_paths(args.output, args.batch)
     _refuse_existing(targets, args)
+    for target in targets:  # found now, not after the whole render
+        check_writable_file(target)
     library = _library(args)
     reported = _tag_problems_before_sampling(library, args.prompt)
+    _use_threads(args, None if args.quiet else sys.stderr)
     source = _load_source(args)
     if args.grid:
-        picture, outputs = multiplier_grid(source, library, [args.prompt], args.grid, settings)
+        bar = _step_printer(args, settings.steps * len(args.grid))
+        picture, outputs = multiplier_grid(source, library, [args.prompt], args.grid, settings, on_step=bar)
         written = [save_png(picture, args.output, outputs[-1].infotext, overwrite=args.overwrite)]
         problems = [p for o in outputs for p in o.problems]
         notes = [n for o in outputs for n in o.notes]
@@ -470,12 +497,17 @@ _TRAINING_HELP = {
 }
 
 
+# Sized for SD1.5 in A1111; here sized for the model loaded (64 px on the embedded one): training.config.sized_for.
+_MODEL_SIZED = ("training_width", "training_height", "preview_width", "preview_height", "bucket_step")
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training options (TrainingConfig; same names, defaults and syntax as A1111)")
     for item in _training_options():
         flag = "--" + item.name.replace("_", "-")
         kind = item.type if isinstance(item.type, str) else item.type.__name__
-        help_text = _TRAINING_HELP.get(item.name, "") + f" (default: {item.default!r})"
+        default = "the model's own size" if item.name in _MODEL_SIZED else repr(item.default)
+        help_text = _TRAINING_HELP.get(item.name, "") + f" (default: {default})"
         if kind == "bool":
             group.add_argument(
                 flag, dest=f"cfg_{item.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -488,10 +520,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def _training_config(args, name: str):
+def _training_config(args, name: str, image_size: int | None = None):
+    """The options: the defaults (A1111's, or sized for a model made for ``image_size``), then the
+    preset's, then the flags given."""
     from ..training import TrainingConfig, load_preset
+    from ..training.config import sized_for
 
-    config = TrainingConfig(hypernetwork_name=name)
+    config = TrainingConfig(hypernetwork_name=name, **(sized_for(image_size) if image_size else {}))
     if args.preset:
         config = load_preset(args.preset, base=config)
     given = {item.name: getattr(args, f"cfg_{item.name}") for item in _training_options()}
@@ -533,6 +568,11 @@ def _check_training_inputs(args, config, created_path: str | None) -> None:
     from ..training.data import resolve_template
 
     _refuse_existing([created_path, args.save_preset], args)
+    check_writable_folder(args.output_dir)
+    if config.log_directory.strip():  # copies, previews, the loss CSV and the settings go there
+        check_writable_folder(config.log_directory)
+    if args.save_preset:
+        check_writable_file(args.save_preset)
     if not os.path.isdir(config.data_root):
         raise InvalidConfigError("data_root: the dataset folder does not exist", config.data_root)
     resolve_template(config.template_filename, args.template_dir or ())
@@ -554,8 +594,9 @@ def _removed_unless_trained(paths: list[str]):
 
 def _train(args) -> int:
     from ..formats import save
-    from ..training import TrainingCallbacks, save_preset, train
+    from ..training import TrainingCallbacks, distributed, save_preset, train
     from ..training.distributed import is_main
+    from .interrupts import resume_command, stop_on_first_interrupt
     from .workflows import new_network_for, training_backend
 
     network, path = _network_given(args), args.network
@@ -563,9 +604,11 @@ def _train(args) -> int:
     config = _training_config(args, args.create or (network.name if network is not None else ""))
     created = os.path.join(args.output_dir, f"{args.create}.{args.format}") if args.create else None
     _check_training_inputs(args, config, created)
+    _use_threads(args, None if args.quiet else sys.stderr)
     device = _setup_processes(args)
     source = _load_source(args, device)
     main_process = is_main()
+    config = _sized_for_the_model(args, config, source.image_size, main_process)
     with _removed_unless_trained([created, args.save_preset] if main_process else []):
         if args.create:
             network, path = new_network_for(source, args.create, **creation), created
@@ -573,20 +616,45 @@ def _train(args) -> int:
                 save(network, path, overwrite=args.overwrite)
         if args.save_preset and main_process:
             save_preset(config, args.save_preset, overwrite=args.overwrite)
-        callbacks = TrainingCallbacks(on_message=(lambda text: print(text, file=sys.stderr)) if main_process else None)
-        result = train(
-            network,
-            training_backend(source),
-            config,
-            callbacks,
-            source_path=path,
-            output_dir=args.output_dir,
-            template_dirs=args.template_dir or (),
-            progress_bar=main_process and not args.quiet,
-        )
+        # One process: the first Ctrl-C stops after the step and saves (under accelerate every
+        # process would stop at a different step, so there Ctrl-C ends the run as before).
+        with stop_on_first_interrupt(enabled=distributed.world_size() == 1) as stop:
+            callbacks = TrainingCallbacks(
+                on_message=(lambda text: print(text, file=sys.stderr)) if main_process else None,
+                should_stop=stop.is_set,
+            )
+            result = train(
+                network,
+                training_backend(source),
+                config,
+                callbacks,
+                source_path=path,
+                output_dir=args.output_dir,
+                template_dirs=args.template_dir or (),
+                progress_bar=main_process and not args.quiet,
+            )
     if main_process and result.path:
         print(f"wrote {result.path}")
+    if stop.is_set() and result.stopped == "interrupted":
+        if result.path:
+            print(f"to resume: {resume_command(program_name(), args.argv, result.path)}")
+            if not config.save_optimizer_state:
+                print("(the optimizer starts afresh on resume; --save-optimizer-state keeps its state in the copies)")
+        return EXIT_INTERRUPTED
     return EXIT_OK if result.stopped in ("finished", "already trained") else EXIT_PARTIAL
+
+
+def _sized_for_the_model(args, config, image_size: int, report: bool):
+    """A1111's defaults are sized for SD1.5 (512 px): what the user left open follows the model
+    loaded (64 px for the embedded one, 1024 for SDXL)."""
+    sized = _training_config(args, config.hypernetwork_name, image_size)
+    if report and (sized.training_width, sized.training_height) != (config.training_width, config.training_height):
+        print(
+            f"training at {sized.training_width}x{sized.training_height}, the model's own size "
+            "(--training-width/--training-height to choose another)",
+            file=sys.stderr,
+        )
+    return sized
 
 
 def _setup_processes(args) -> str:
@@ -603,6 +671,8 @@ def _demo(args) -> int:
     from .workflows import demo_report, run_demo
 
     steps = _limited_steps(args.steps)
+    check_writable_folder(args.output)
+    _use_threads(args, sys.stdout)  # the demo's log is its standard output
     source = _load_source(args)
     result = run_demo(args.output, source, steps=steps, seed=args.seed, log=lambda text: print(text, flush=True))
     latest = _link_latest(args.output, result.folder)
@@ -627,7 +697,7 @@ def _link_latest(root: str, folder: str) -> str | None:
 
 # -- parser ---------------------------------------------------------------------------------------
 def _subparser(commands, name: str, help_text: str, run) -> argparse.ArgumentParser:
-    epilog = f"examples:\n{EXAMPLES[name]}" if name in EXAMPLES else None
+    epilog = f"examples:\n{EXAMPLES[name].format(prog=program_name())}" if name in EXAMPLES else None
     parser = commands.add_parser(
         name, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -637,9 +707,9 @@ def _subparser(commands, name: str, help_text: str, run) -> argparse.ArgumentPar
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hypernetwork",
+        prog=program_name(),
         description="Hypernetworks for Stable Diffusion: inspect, convert, merge, bake, export, train, generate.",
-        epilog="Run 'hypernetwork COMMAND --help' for a command's options and examples.",
+        epilog=f"Run '{program_name()} COMMAND --help' for a command's options and examples.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -784,6 +854,9 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # argparse would answer with the top-level usage; the command's own is the useful one
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.argv = argv  # what was typed, for the command that resumes an interrupted run
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
     try:
         return args.run(args)
     except HypernetworkError as exc:
@@ -792,3 +865,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if threads is not None:  # called in a process that goes on (a test, a script): left as found
+            torch.set_num_threads(threads)

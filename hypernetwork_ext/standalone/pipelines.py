@@ -40,11 +40,26 @@ class ModelSource:
     def family(self) -> str | None:
         return infer_family(attention_widths(self.unet))
 
+    @property
+    def image_size(self) -> int:
+        """The side the model was trained at, in pixels (its UNet's sample size times the VAE's
+        downscaling): 64 for the embedded model, 512 for SD1.5, 768 for SD2-v, 1024 for SDXL."""
+        return native_image_size(self.pipe)
+
     def checkpoint_hash(self) -> str | None:
         """A1111's short hash of a single-file checkpoint (None for folders and the tiny model)."""
         if self.path and os.path.isfile(self.path):
             return short_hash(file_sha256(self.path))
         return None
+
+
+def native_image_size(pipe) -> int:
+    sample = getattr(getattr(pipe.unet, "config", None), "sample_size", None)
+    if isinstance(sample, (tuple, list)):
+        sample = sample[0]
+    vae_blocks = getattr(getattr(getattr(pipe, "vae", None), "config", None), "block_out_channels", None)
+    factor = 2 ** (len(vae_blocks) - 1) if vae_blocks else 8
+    return int(sample) * factor if isinstance(sample, int) and sample > 0 else 512
 
 
 def attention_widths(unet: torch.nn.Module) -> list[int]:
@@ -59,13 +74,19 @@ def load_model(
     """Load a model source; ``None`` is the embedded tiny model (its trained weights)."""
     if path is None:
         components = build_tiny_components()
-        return ModelSource(components.pipeline(), TINY_MODEL_NAME, None, False)
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return _load_folder(path)
-    if not os.path.isfile(path):
-        raise FileFormatError("no such model file or folder", path)
-    return _load_single_file(path, config, allow_download)
+        source = ModelSource(components.pipeline(), TINY_MODEL_NAME, None, False)
+    else:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            source = _load_folder(path)
+        elif not os.path.isfile(path):
+            raise FileFormatError("no such model file or folder", path)
+        else:
+            source = _load_single_file(path, config, allow_download)
+    # Every caller shows its own progress (a described bar with the time left, or the app's):
+    # diffusers' anonymous bar per image would only add one line per picture.
+    source.pipe.set_progress_bar_config(disable=True)
+    return source
 
 
 def _load_folder(path: str) -> ModelSource:

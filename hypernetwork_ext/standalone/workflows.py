@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..atomic import atomic_write_bytes, atomic_write_with, check_writable_folder
 from ..errors import InvalidConfigError
 from ..library import ActivationPlan, Library
 from ..network import Hypernetwork, create
@@ -66,12 +67,15 @@ def generate_with_tags(
         source, clean, plan.entries, compute_dtype=compute_dtype, on_step=on_step, should_stop=should_stop
     )
     hashes = {name: short for name, short in plan.hashes.items() if short}
-    return GenerationOutput(images, infotext(settings, source, hashes), list(plan.problems), list(plan.notes), hashes)
+    size = images[0].size if images else (settings.width or source.image_size, settings.height or source.image_size)
+    text = infotext(settings, source, hashes, size)
+    return GenerationOutput(images, text, list(plan.problems), list(plan.notes), hashes)
 
 
-def infotext(settings: GenerationSettings, source: ModelSource, hashes: dict[str, str]) -> str:
-    """The A1111-style parameters text (PNG "parameters" chunk); the prompt keeps its tags."""
-    width, height = settings.width or "auto", settings.height or "auto"
+def infotext(settings: GenerationSettings, source: ModelSource, hashes: dict[str, str], size: tuple[int, int]) -> str:
+    """The A1111-style parameters text (PNG "parameters" chunk); the prompt keeps its tags.
+    ``size`` is the images' (width, height): the model's own when the settings left it open."""
+    width, height = size
     fields = [
         f"Steps: {settings.steps}",
         f"Sampler: {settings.sampler or sampler_name(source.pipe.scheduler)}",
@@ -92,8 +96,6 @@ def infotext(settings: GenerationSettings, source: ModelSource, hashes: dict[str
 def save_png(image, path: str | os.PathLike, parameters: str, *, overwrite: bool = False) -> str:
     from PIL.PngImagePlugin import PngInfo
 
-    from ..atomic import atomic_write_with
-
     info = PngInfo()
     info.add_text("parameters", parameters)
     atomic_write_with(path, lambda handle: image.save(handle, format="PNG", pnginfo=info), overwrite=overwrite)
@@ -107,20 +109,22 @@ def multiplier_grid(
     multipliers: Sequence[float],
     settings: GenerationSettings,
     *,
-    on_tile: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
     tile_size: int | None = None,
 ) -> tuple[object, list[GenerationOutput]]:
     """One row per prompt, one column per multiplier (every tag's multiplier set to it);
-    ``on_tile(done, total)`` reports progress; ``tile_size`` scales the pictures in the grid."""
+    ``on_step(done, total)`` counts sampling steps over the whole grid (so a bar can estimate the
+    time left); ``tile_size`` scales the pictures in the grid."""
     outputs, tiles = [], []
+    total = len(prompts) * len(multipliers) * settings.steps
     for prompt in prompts:
         for multiplier in multipliers:
             tagged = set_multipliers(prompt, multiplier)
-            output = generate_with_tags(source, library, dataclasses.replace(settings, prompt=tagged))
+            before = len(tiles) * settings.steps
+            step = None if on_step is None else (lambda done, _steps, before=before: on_step(before + done, total))
+            output = generate_with_tags(source, library, dataclasses.replace(settings, prompt=tagged), on_step=step)
             outputs.append(output)
             tiles.append(output.images[0])
-            if on_tile is not None:
-                on_tile(len(tiles), len(prompts) * len(multipliers))
     labels = [f"x{format_number(m)}" for m in multipliers]
     rows = [strip_tags(p).strip()[:48] for p in prompts]
     if tile_size:
@@ -221,6 +225,7 @@ def run_demo(
     if image_count < 4:
         raise InvalidConfigError(f"image count must be at least 4, found {image_count}")
     demo_config(Path(output_root), steps=steps, seed=seed, image_size=image_size, learn_rate=learn_rate).check()
+    check_writable_folder(output_root)
     started = time.monotonic()
     folder = _fresh_folder(output_root)
     style = STYLES[DEMO_STYLE]
@@ -249,13 +254,14 @@ def run_demo(
         progress_bar=progress_bar,
     )
     train_seconds = time.monotonic() - train_started
-    pt_path = save(result.network, folder / "networks" / "demo-trained.pt")
+    # The A1111 copy has a folder of its own: beside the .safetensors, `demo-trained` would name two files.
+    pt_path = save(result.network, folder / "a1111" / "demo-trained.pt")
     loss_plot = folder / "loss.png"
     chart = line_chart(
         {"training loss": result.losses, "validation loss": result.validation_losses},
         title=f"demo: {result.step} steps",
     )
-    chart.save(loss_plot)
+    atomic_write_with(loss_plot, lambda handle: chart.save(handle, format="PNG"))
     library = Library([str(folder / "networks")])
     prompts = [p.format(name="demo-trained") for p in DEMO_PROMPTS]
     settings = GenerationSettings("", steps=20, cfg_scale=5.0, width=image_size, height=image_size, seed=seed + 1)
@@ -265,35 +271,36 @@ def run_demo(
         prompts,
         DEMO_MULTIPLIERS,
         settings,
-        on_tile=_tile_progress(log, progress_bar),
+        on_step=_grid_progress(log, progress_bar, settings.steps * len(DEMO_MULTIPLIERS)),
         tile_size=max(image_size, 128),
     )
     grid_path = folder / "multiplier-grid.png"
     save_png(picture, grid_path, outputs[-1].infotext)
     summary = _demo_summary(result, train_seconds, time.monotonic() - started, outputs, source, dataset)
     summary_path = folder / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(summary_path, json.dumps(summary, indent=2).encode())
     return DemoResult(str(folder), result.path, pt_path, str(grid_path), str(loss_plot), str(summary_path), summary)
 
 
-def _tile_progress(log: Callable[[str], None], progress_bar: bool) -> Callable[[int, int], None]:
-    """Progress while the grid renders: a tqdm bar in a console, else a line per row."""
+def _grid_progress(log: Callable[[str], None], progress_bar: bool, row_steps: int) -> Callable[[int, int], None]:
+    """Progress while the grid renders, counted in sampling steps: a tqdm bar (with the time left)
+    in a console, else a line per row of ``row_steps`` steps."""
     bar = None
 
-    def on_tile(done: int, total: int) -> None:
+    def on_step(done: int, total: int) -> None:
         nonlocal bar
         if progress_bar:
             if bar is None:
                 import tqdm
 
-                bar = tqdm.tqdm(total=total, desc="Rendering the multiplier grid")
-            bar.update(1)
+                bar = tqdm.tqdm(total=total, desc="Rendering the multiplier grid", unit="step")
+            bar.update(done - bar.n)
             if done == total:
                 bar.close()
-        elif done == total or done % len(DEMO_MULTIPLIERS) == 0:
-            log(f"multiplier grid: {done}/{total} pictures")
+        elif done == total or done % row_steps == 0:
+            log(f"multiplier grid: {done}/{total} sampling steps")
 
-    return on_tile
+    return on_step
 
 
 def _fresh_folder(root: str | os.PathLike) -> Path:
@@ -322,6 +329,7 @@ def _demo_summary(
 
     style = STYLES[DEMO_STYLE]
     losses = [loss for _, loss in result.losses]
+    load_at_end = _load_average()
     window = max(1, min(10, len(losses) // 4))
     per_prompt = len(DEMO_MULTIPLIERS)
     rows = len(outputs) // per_prompt
@@ -348,6 +356,8 @@ def _demo_summary(
         "training_seconds": round(train_seconds, 2),
         "steps_per_second": round(result.step / train_seconds, 2) if train_seconds else None,
         "total_seconds": round(total_seconds, 2),
+        "threads": torch.get_num_threads(),
+        "load_average_at_end": load_at_end,  # the machine's one-minute load as the demo ended (its own included)
         "loss_first_steps_mean": round(sum(losses[:window]) / window, 5) if losses else None,
         "loss_last_steps_mean": round(sum(losses[-window:]) / window, 5) if losses else None,
         "validation_loss": [[s, round(v, 5)] for s, v in result.validation_losses],
@@ -362,12 +372,20 @@ def _demo_summary(
     }
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def demo_report(result: DemoResult, latest: str | None = None) -> list[str]:
     """What the demo achieved, in a few lines for a console; ``latest`` is the link to the run's folder."""
     summary = result.summary
     lines = [
         f"demo finished in {summary['total_seconds']} s ({summary['steps']} training steps, "
-        f"{summary['steps_per_second']} steps/s)",
+        f"{summary['steps_per_second']} steps/s; {summary['threads']} CPU thread{'s' if summary['threads'] != 1 else ''}, load average "
+        f"{summary['load_average_at_end']} at the end)",
         f"loss: {summary['loss_first_steps_mean']} over the first steps -> {summary['loss_last_steps_mean']} "
         "over the last",
     ]

@@ -254,6 +254,18 @@ class TrainingConfig:
         return TrainingConfig.from_dict(changes, base=self)
 
 
+def sized_for(image_size: int) -> dict:
+    """The options A1111 sizes for SD1.5's 512 px, for a model made for ``image_size`` (the embedded
+    tiny model: 64, SDXL: 1024); a trainer applies them under what its user chose."""
+    return {
+        "training_width": image_size,
+        "training_height": image_size,
+        "preview_width": image_size,
+        "preview_height": image_size,
+        "bucket_step": max(8, min(64, image_size // 8 // 8 * 8)),
+    }
+
+
 def _field_type(item: dataclasses.Field) -> type:
     text = item.type if isinstance(item.type, str) else getattr(item.type, "__name__", "")
     return {"str": str, "int": int, "float": float, "bool": bool}[text]

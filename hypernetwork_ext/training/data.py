@@ -2,7 +2,9 @@
 
 As in A1111: every file of the dataset folder that PIL can open is an image (the folder is not
 searched recursively); ``<image>.txt`` next to it holds its ``[filewords]``, else the file name
-without leading digits and dashes (optionally picked apart with a regex and joined again).
+without leading digits and dashes (optionally picked apart with a regex and joined again). As in
+A1111 a file that cannot be read is skipped and the run goes on, but not silently: each one is
+reported by name (``on_skip``), with why.
 Templates are text files with one prompt per line using ``[name]`` and ``[filewords]``.
 
 Unlike A1111, a template line is drawn for every sample of every step (the host draws it once per
@@ -117,8 +119,15 @@ def filewords_for(path: str, word_regex: str = "", join_string: str = " ") -> st
     return text
 
 
-def scan_images(folder: str, word_regex: str = "", join_string: str = " ") -> list[tuple[str, str, tuple[int, int]]]:
-    """(path, filewords, original size) for every image file of ``folder`` (not recursive)."""
+def scan_images(
+    folder: str,
+    word_regex: str = "",
+    join_string: str = " ",
+    *,
+    on_skip: Callable[[str, str], None] | None = None,
+) -> list[tuple[str, str, tuple[int, int]]]:
+    """(path, filewords, original size) for every image file of ``folder`` (not recursive).
+    ``on_skip(path, why)`` hears of each file that PIL cannot open (skipped, as in the host)."""
     from PIL import Image
 
     if not folder or not os.path.isdir(folder):
@@ -131,12 +140,25 @@ def scan_images(folder: str, word_regex: str = "", join_string: str = " ") -> li
         try:
             with Image.open(path) as image:
                 size = image.size
-        except Exception:  # not an image PIL can read: skipped, as in the host
+        except Exception as exc:  # not an image PIL can read: skipped, as in the host, and named
+            if on_skip is not None:
+                on_skip(path, unreadable_because(exc))
             continue
         found.append((path, filewords_for(path, word_regex, join_string), size))
     if not found:
         raise HypernetworkError("no images found in the dataset folder", folder)
     return found
+
+
+def unreadable_because(exc: Exception) -> str:
+    """Why PIL could not read an image, without repeating its path."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file PIL can read (corrupt, or another kind of file)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too large to decode safely ({exc})"
+    return f"cannot be decoded ({type(exc).__name__}: {exc})"
 
 
 def bucket_size(width: int, height: int, area: int, step: int) -> tuple[int, int]:
@@ -321,13 +343,25 @@ def build_dataset(
     keep_aspect: bool,
     storage_device,
     should_stop: Callable[[], bool] = lambda: False,
+    on_skip: Callable[[str, str], None] | None = None,
+    on_image: Callable[[], None] | None = None,
 ) -> Dataset:
-    """Encode every image once (the VAE is not needed again), keeping what the sampling method needs."""
+    """Encode every image once (the VAE is not needed again), keeping what the sampling method needs.
+    An image that opened but cannot be decoded (a truncated file) is skipped and reported to
+    ``on_skip(path, why)``; ``on_image()`` is called after each image (a progress bar)."""
     entries: list[Entry] = []
     for index, ((path, words, _original), size) in enumerate(zip(found, sizes, strict=True)):
         if should_stop():
             raise PreparationInterrupted("interrupted while preparing the dataset")
-        pixels, alpha = load_pixels(path, size, keep_aspect=keep_aspect, with_alpha=use_weight)
+        try:
+            pixels, alpha = load_pixels(path, size, keep_aspect=keep_aspect, with_alpha=use_weight)
+        except Exception as exc:  # PIL decodes lazily: a truncated file fails only here
+            if on_skip is None:
+                raise
+            on_skip(path, unreadable_because(exc))
+            if on_image is not None:
+                on_image()
+            continue
         mean, std = encode(pixels[None])
         mean, std = mean[0].to(storage_device), std[0].to(storage_device)
         latent_size = (mean.shape[-1], mean.shape[-2])
@@ -339,6 +373,10 @@ def build_dataset(
             mean, std = mean + std * noise, None
         weight = alpha_weight(alpha, latent_size).to(storage_device) if use_weight else None
         entries.append(Entry(path, words, size, mean, std, weight))
+        if on_image is not None:
+            on_image()
+    if not entries:
+        raise HypernetworkError(f"none of the {len(found)} images of the dataset could be read")
     train, validation = split_validation(len(entries), validation_split, seed)
     return Dataset(
         entries=entries,

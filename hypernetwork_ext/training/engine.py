@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import formats
-from ..atomic import atomic_write_bytes, atomic_write_with
+from ..atomic import atomic_write_bytes, atomic_write_with, check_writable_folder
 from ..errors import HypernetworkError, InvalidConfigError
 from ..formats.optim import read_optimizer_sidecar, write_optimizer_sidecar
 from ..network import Hypernetwork
@@ -111,6 +111,7 @@ class TrainingResult:
     settings_path: str | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    skipped_images: list[str] = field(default_factory=list)  # dataset files that could not be read
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -255,6 +256,7 @@ class _Run:
         self.guard: DivergenceGuard | None = None
         self.settings_path: str | None = None
         self.error: Exception | None = None  # a failure after some steps: reported, the steps kept
+        self.skipped_images: list[str] = []  # dataset files that could not be read
         self.started = time.monotonic()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -278,6 +280,10 @@ class _Run:
         self.scaler = _cuda_grad_scaler() if use_scaler else None
         writes = config.log_directory and distributed.is_main()
         self.log_dir = logs.log_folder(config.log_directory, self.name) if writes else None
+        if distributed.is_main():  # refused now, not when the first copy or the result is due
+            check_writable_folder(self._result_folder())
+            if self.log_dir:
+                check_writable_folder(self.log_dir)
         if config.training_enable_tensorboard:
             logs.tensorboard_writer_class()
         if config.output_name.strip():
@@ -296,7 +302,10 @@ class _Run:
             keep_tags=config.keep_tags,
         )
         found = data_mod.scan_images(
-            config.data_root, config.dataset_filename_word_regex, config.dataset_filename_join_string
+            config.data_root,
+            config.dataset_filename_word_regex,
+            config.dataset_filename_join_string,
+            on_skip=self.skip_image,
         )
         sizes = data_mod.plan_sizes(
             found,
@@ -306,8 +315,38 @@ class _Run:
             bucketing=config.bucketing,
             step=config.bucket_step,
         )
-        self.callbacks.message(f"Preparing dataset: {len(found)} images")
-        self.dataset = data_mod.build_dataset(
+        self.callbacks.message(f"Preparing dataset: {len(found)} images{self.skipped_note()}")
+        bar = None
+        if self.progress_bar and distributed.is_main():
+            import tqdm
+
+            bar = tqdm.tqdm(total=len(found), desc="Encoding the dataset", unit="image")
+        try:
+            self.dataset = self._encoded_dataset(found, sizes, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.batches_per_epoch = self.dataset.batches_per_epoch
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+        self.conditioning = ConditioningCache(self.backend)
+
+    def skip_image(self, path: str, why: str) -> None:
+        """A file of the dataset that cannot be read: named, counted, and the run goes on (A1111
+        skips such files silently; a bad file among hundreds should not end a run)."""
+        self.skipped_images.append(path)
+        self.callbacks.message(f"warning: {path}: {why}; skipped, training goes on with the other images")
+
+    def skipped_note(self) -> str:
+        count = len(self.skipped_images)
+        if not count:
+            return ""
+        names = ", ".join(os.path.basename(path) for path in self.skipped_images[:5])
+        more = f" and {count - 5} more" if count > 5 else ""
+        return f" ({count} unreadable file{'s' if count > 1 else ''} skipped: {names}{more})"
+
+    def _encoded_dataset(self, found, sizes, bar) -> data_mod.Dataset:
+        config = self.config
+        return data_mod.build_dataset(
             found,
             sizes,
             self.backend.encode_images,
@@ -319,10 +358,9 @@ class _Run:
             keep_aspect=config.bucketing or config.varsize,
             storage_device=self.backend.device,
             should_stop=self.callbacks.stop_requested,
+            on_skip=self.skip_image,
+            on_image=bar.update if bar is not None else None,
         )
-        self.batches_per_epoch = self.dataset.batches_per_epoch
-        self._epoch_cache: dict[int, list[list[int]]] = {}
-        self.conditioning = ConditioningCache(self.backend)
 
     def load_resume_state(self, optimizer) -> None:
         if self.sidecar is None:
@@ -482,8 +520,11 @@ class _Run:
     def _extension(self) -> str:
         return f".{self.file_format}"
 
+    def _result_folder(self) -> str:
+        return self.output_dir or (os.path.dirname(self.source_path) if self.source_path else ".") or "."
+
     def _result_path(self, step: int) -> str:
-        folder = self.output_dir or (os.path.dirname(self.source_path) if self.source_path else ".")
+        folder = self._result_folder()
         if self.config.output_name.strip():
             return os.path.join(folder, self.config.output_name.strip() + self._extension())
         path = os.path.join(folder, f"{self.name}-{step}{self._extension()}")
@@ -545,7 +586,6 @@ class _Run:
         if image is None:
             return None
         path = os.path.join(self.log_dir, "images", f"{self.name}-{step}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_with(path, lambda handle: image.save(handle, format="PNG"), overwrite=True)
         self.previews.append(path)
         if self.tensorboard is not None:
@@ -571,6 +611,7 @@ class _Run:
             "backend": self.backend.name,
             "prediction_type": self.backend.prediction_type,
             "num_of_dataset_images": len(self.dataset.entries),
+            "skipped_dataset_files": list(self.skipped_images),
             "num_of_validation_images": len(self.dataset.validation),
             "source": self.source_path,
             "start_step": self.start_step,
@@ -802,6 +843,7 @@ def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
         message = f"{message}. Hypernetwork saved to {path}"
     else:
         message = f"{message}. No step was completed, so nothing was saved"
+    message += run.skipped_note()  # said again at the end: the warnings scrolled away, a tab shows only this
     run.callbacks.message(message)
     result = TrainingResult(
         network=network,
@@ -819,6 +861,7 @@ def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
         settings_path=run.settings_path,
         losses=run.losses,
         validation_losses=run.validation_losses,
+        skipped_images=run.skipped_images,
     )
     error = run.error
     if error is not None:

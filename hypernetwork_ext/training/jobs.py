@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import formats
+from ..atomic import check_writable_folder
 from ..errors import HypernetworkError, InvalidConfigError
 from ..families import FAMILIES, widths_fit
 from ..library import Library
@@ -252,7 +253,7 @@ class TrainingJobs:
     def create(self, request: CreateRequest | dict) -> dict:
         if isinstance(request, dict):
             request = CreateRequest.from_dict(request)
-        os.makedirs(self.services.hypernetwork_dir, exist_ok=True)
+        check_writable_folder(self.services.hypernetwork_dir)  # a clear refusal, not an OSError; the save makes it
         path, network = create_network_file(
             request, self.services.hypernetwork_dir, self.services.model_family(), self.services.new_network_widths()
         )

@@ -65,9 +65,8 @@ class HostHooks:
     start_js: str | None = None
 
 
-def _train_components() -> list[tuple[str, gr.components.Component]]:
-    """Every training option as (field, component), in a layout close to A1111's Train tab."""
-    d = _DEFAULTS
+def _train_components(d: TrainingConfig = _DEFAULTS) -> list[tuple[str, gr.components.Component]]:
+    """Every training option as (field, component), in a layout close to A1111's Train tab, showing ``d``'s values."""
     items: list[tuple[str, gr.components.Component]] = []
 
     def add(name, component):
@@ -245,6 +244,8 @@ class TrainingTab:
     train_errors: object = None
     current_job: str | None = None
     list_components: list = dataclasses.field(default_factory=list)
+    # What the fields show first: A1111's defaults, or sized for the model loaded (the local app).
+    defaults: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
 
     # -- handlers ---------------------------------------------------------------------------
     def network_names(self) -> list[str]:
@@ -287,7 +288,7 @@ class TrainingTab:
     def config_from(self, network: str, template: str, values) -> TrainingConfig:
         options = dict(zip(self.train_inputs, values, strict=True))
         for name, value in options.items():
-            default = getattr(_DEFAULTS, name)
+            default = getattr(self.defaults, name)
             if isinstance(default, bool):
                 options[name] = bool(value)
             elif isinstance(default, int):
@@ -297,7 +298,7 @@ class TrainingTab:
             elif value is None:
                 options[name] = default
         return TrainingConfig.from_dict(
-            {**options, "hypernetwork_name": network or "", "template_filename": template or ""}
+            {**options, "hypernetwork_name": network or "", "template_filename": template or ""}, base=self.defaults
         )
 
     def start(self, network: str, template: str, *values, task_id: str | None = None, txt2img=None) -> str:
@@ -382,10 +383,16 @@ class TrainingTab:
 
 
 def build_training_tab(
-    jobs: TrainingJobs, *, blocks: gr.Blocks, poll_seconds: float = 1.0, host: HostHooks | None = None
+    jobs: TrainingJobs,
+    *,
+    blocks: gr.Blocks,
+    poll_seconds: float = 1.0,
+    host: HostHooks | None = None,
+    defaults: TrainingConfig | None = None,
 ) -> TrainingTab:
-    """Build the tab inside the current gradio context (``blocks`` is the enclosing Blocks)."""
-    tab = TrainingTab(jobs)
+    """Build the tab inside the current gradio context (``blocks`` is the enclosing Blocks);
+    ``defaults`` are the options it shows first (A1111's when not given)."""
+    tab = TrainingTab(jobs, defaults=defaults or _DEFAULTS)
     with gr.Row():
         with gr.Column(scale=3), gr.Tabs():
             with gr.Tab("Create hypernetwork"):
@@ -445,7 +452,7 @@ def _build_train(tab: TrainingTab, host: HostHooks) -> None:
         preset = gr.Dropdown(label="Preset", choices=tab.preset_names(), allow_custom_value=True)
         load = gr.Button("Load preset")
         save = gr.Button("Save preset")
-    items = _train_components()
+    items = _train_components(tab.defaults)
     tab.train_inputs = dict(items)
     host_inputs = []
     if host.preview_sources:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,15 @@ def test_generate_with_tags_writes_png_with_infotext(library, tmp_path, capsys):
     plain = tmp_path / "plain.png"
     main(["generate", "a red circle", "--steps", "3", "--width", "64", "--height", "64", "-o", str(plain), "--quiet"])
     assert Image.open(out).tobytes() != Image.open(plain).tobytes()
+
+
+def test_generate_records_the_size_it_rendered_when_none_was_given(tmp_path, capsys):
+    """Without --width/--height the model's own size is used, and the PNG says which (not "autoxauto")."""
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle", "--steps", "2", "-o", str(out), "--quiet"]) == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert "Size: 64x64," in image.info["parameters"]
 
 
 def test_generate_reports_bad_tags_and_still_writes(library, tmp_path, capsys):
@@ -151,6 +161,44 @@ def test_train_creates_and_trains(tmp_path, capsys):
     )  # named by its base name and true step
 
 
+def test_train_defaults_follow_the_loaded_model(tmp_path, monkeypatch, capsys):
+    """A1111's 512 px on the embedded 64 px model took 74 s a step and drew garbage: sizes the
+    user leaves open follow the model (64 here, 512 for SD1.5, 1024 for SDXL); given ones win."""
+    import types
+
+    import hypernetwork_ext.training as training
+
+    seen = []
+
+    def record(network, backend, config, *args, **kwargs):
+        seen.append(config)
+        return types.SimpleNamespace(path=None, stopped="finished")
+
+    monkeypatch.setattr(training, "train", record)
+    procedural_images(tmp_path / "data", 2, seed=1, colour="blue")
+    base = ["train", "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "nets"), "--quiet"]
+    assert main([*base, "--create", "a", "--steps", "1"]) == 0
+    assert "training at 64x64, the model's own size" in capsys.readouterr().err
+    assert main([*base, "--create", "b", "--training-width", "128"]) == 0
+    (tmp_path / "p.json").write_text(json.dumps({"options": {"training_height": 96, "preview_width": 256}}))
+    assert main([*base, "--create", "c", "--preset", str(tmp_path / "p.json")]) == 0
+    sizes = [(c.training_width, c.training_height, c.preview_width, c.preview_height, c.bucket_step) for c in seen]
+    assert sizes == [(64, 64, 64, 64, 8), (128, 64, 64, 64, 8), (64, 96, 256, 64, 8)]
+
+
+@pytest.mark.parametrize("sample_size,vae_blocks,size", [(8, 4, 64), (64, 4, 512), (96, 4, 768), (128, 4, 1024)])
+def test_a_models_own_size_comes_from_its_unet_and_vae(sample_size, vae_blocks, size):
+    import types
+
+    from hypernetwork_ext.standalone.pipelines import native_image_size
+
+    pipe = types.SimpleNamespace(
+        unet=types.SimpleNamespace(config=types.SimpleNamespace(sample_size=sample_size)),
+        vae=types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=[1] * vae_blocks)),
+    )
+    assert native_image_size(pipe) == size
+
+
 def test_train_explains_bad_options(tmp_path, capsys):
     code = main(_train_args(tmp_path, "--create", "x", "--learn-rate", "fast", "--batch-size", "0"))
     err = capsys.readouterr().err
@@ -234,14 +282,16 @@ def test_demo_runs_end_to_end_and_generate_finds_its_networks(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     small = ["--steps", "2", "--width", "64", "--height", "64", "--quiet"]
     assert main(["generate", "a red circle <hypernet:demo-trained.safetensors:0.8>", *small, "-o", "a.png"]) == 0
+    capsys.readouterr()
     assert main(["generate", "a red circle <hypernet:demo-trained>", *small, "-o", "b.png"]) == 0
-    note = capsys.readouterr().err
-    assert "write demo-trained.pt or demo-trained.safetensors to choose" in note and "warning" not in note
+    assert capsys.readouterr().err == ""  # one file answers to the name: no note on the README's first command
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["stopped"] == "finished"
-    for name in ("multiplier-grid.png", "loss.png", "networks/demo-trained.safetensors", "networks/demo-trained.pt"):
+    for name in ("multiplier-grid.png", "loss.png", "networks/demo-trained.safetensors", "a1111/demo-trained.pt"):
         assert (run / name).exists(), name
-    assert hx.load(run / "networks" / "demo-trained.pt").step == 6
+    networks = sorted(path.name for path in (run / "networks").iterdir() if path.suffix in (".pt", ".safetensors"))
+    assert networks == ["demo-trained.safetensors", "demo.safetensors"]
+    assert hx.load(run / "a1111" / "demo-trained.pt").step == 6
     rows = next(run.glob("logs/**/hypernetwork_loss.csv")).read_text().splitlines()
     assert len(rows) == 7  # a header and every step (the host's default of 500 wrote nothing in 120 steps)
     differences = summary["mean_pixel_difference_from_multiplier_0"]
@@ -252,7 +302,15 @@ def test_demo_runs_end_to_end_and_generate_finds_its_networks(tmp_path, monkeypa
     printed, errors = finished.stdout, finished.stderr
     assert "multiplier grid:" in printed and run.name in printed and "night style" in printed
     assert "layer structure:" not in printed  # the untrained network's inspect block
-    assert "Rendering the multiplier grid" in errors and "Training hypernetwork" in errors  # progress bars
+    assert "threads: 1 (OMP_NUM_THREADS=1; --threads N or HYPERNETWORK_THREADS=N to choose)" in printed
+    assert summary["threads"] == 1 and "load_average_at_end" in summary
+    # every bar says what it counts and estimates the time left (elapsed<remaining); no anonymous per-image bars
+    bars = [part for part in re.split(r"[\r\n]+", errors) if re.search(r"\| *\d+/\d+ \[", part)]
+    described = ("Encoding the dataset: ", "Training hypernetwork demo-trained: ", "Rendering the multiplier grid: ")
+    assert bars and all(bar.startswith(described) for bar in bars)
+    started = [bar for bar in bars if not re.search(r"\| *0/", bar)]  # at 0 a bar has nothing to estimate from
+    assert all(re.search(r"\[\d\d:\d\d<\d\d:\d\d, +[\d.]+(it|s|step|image)", bar) for bar in started)
+    assert {bar.split(":")[0] for bar in bars} == {name.rstrip(": ") for name in described}
     assert "[transformers]" not in errors and "torchvision" not in errors
 
 

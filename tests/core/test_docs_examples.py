@@ -203,7 +203,10 @@ def test_the_hypernetwork_script_runs_from_any_folder_and_through_a_link(tmp_pat
     (tmp_path / "bin" / "hypernetwork").symlink_to(ROOT / "hypernetwork")
     for script in (ROOT / "hypernetwork", tmp_path / "bin" / "hypernetwork"):
         done = subprocess.run([str(script), "inspect", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert done.returncode == 0 and done.stdout.startswith("usage: hypernetwork inspect"), done.stderr
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: {script} inspect"), done.stderr
+    # usage lines and examples show the command as typed: ./hypernetwork from the checkout
+    done = subprocess.run(["./hypernetwork", "app", "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.stdout.startswith("usage: ./hypernetwork app ") and "  ./hypernetwork app --model " in done.stdout
 
 
 @pytest.mark.parametrize("language,code", [("sh", "true\nexit 3\n"), ("python", "raise SystemExit(3)\n")])

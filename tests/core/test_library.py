@@ -334,6 +334,17 @@ def test_plan_keeps_going_after_bad_tags(library, folder):
     assert set(library.loaded_keys()) >= {item.entry.key for item in plan.networks}
 
 
+def test_a_malformed_tag_also_says_when_its_name_does_not_exist(library):
+    """``<hypernet:x:abc>`` has two problems; fixing the multiplier should not merely reveal the second."""
+    plan = library.plan([["x", "abc"], ["anime", "abc"], ["y", "1", "foo=2"]])
+    unknown, known, named = plan.problems
+    assert unknown.startswith("<hypernet:x:abc>: multiplier must be a number, found 'abc'")
+    assert "no hypernetwork named 'x'" in unknown and str(library.folders()[0]) in unknown
+    assert "multiplier must be a number" in known and "no hypernetwork" not in known  # anime exists
+    assert "unknown argument 'foo'" in named and "no hypernetwork named 'y'" in named
+    assert plan.names_not_found  # a refreshed listing may find them
+
+
 def test_family_mismatch_is_skipped_unless_forced(tmp_path):
     root = tmp_path / "h"
     root.mkdir()

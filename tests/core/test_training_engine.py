@@ -453,3 +453,35 @@ def test_a_run_shorter_than_the_preview_interval_still_leaves_its_card_a_preview
     )
     assert stopped.stopped == "interrupted" and stopped.step == 1
     assert stopped.preview_path is None and len(requests) == 1
+
+
+def test_an_unreadable_image_is_named_counted_and_the_run_goes_on(tmp_path, ldm_model):
+    """A1111 skips a file it cannot read; so does a run here, but it names each one (a garbage file
+    fails when opened, a truncated PNG only when decoded), counts them in its last message and its
+    settings, and goes on with the others. With no readable image left it stops, saying so."""
+    import json
+
+    data = dataset_folder(tmp_path / "data", 3)
+    (data / "broken.png").write_bytes(b"not a png at all")
+    whole = next(data.glob("*.png")).read_bytes()
+    (data / "half.png").write_bytes(whole[: len(whole) // 2])
+    (data / "half.txt").write_text("a red triangle")
+    messages = []
+    result = train(
+        new_network(tmp_path), LdmBackend(ldm_model), config(tmp_path, data, steps=2),
+        TrainingCallbacks(on_message=messages.append), progress_bar=False,
+    )  # fmt: skip
+    assert result.stopped == "finished" and result.step == 2
+    broken, half = str(data / "broken.png"), str(data / "half.png")
+    assert result.skipped_images == [broken, half]
+    warnings = [m for m in messages if m.startswith("warning:")]
+    assert warnings[0].startswith(f"warning: {broken}: not an image file PIL can read")
+    assert warnings[1].startswith(f"warning: {half}: cannot be decoded") and "skipped" in warnings[1]
+    assert "2 unreadable files skipped: broken.png, half.png" in result.message  # the last word a tab shows
+    settings = json.loads(Path(result.settings_path).read_text())
+    assert settings["num_of_dataset_images"] == 3 and settings["skipped_dataset_files"] == [broken, half]
+    for path in data.glob("0*.png"):
+        path.write_bytes(b"garbage")
+    with pytest.raises(hx.HypernetworkError, match="none of the 1 images of the dataset could be read"):
+        train(new_network(tmp_path, name="other"), LdmBackend(ldm_model), config(tmp_path, data, steps=2),
+              progress_bar=False)  # fmt: skip
