@@ -31,7 +31,7 @@ NO_DEPS = ["stable-diffusion-sdkit==2.1.5"]
 
 PROFILES = {
     "core": ["tests/core", "tests/hosts", "tests/comfyui"],
-    "a1111": ["tests/a1111"],
+    "a1111": ["tests/a1111", "tests/forgeclassic"],  # Forge Classic pins A1111's gradio, fastapi, httpx, pydantic
     "forge": ["tests/forge"],
 }
 

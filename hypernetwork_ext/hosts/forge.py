@@ -1,4 +1,4 @@
-"""Forge and reForge: networks act through the UNet patcher's attention patch points.
+"""Forge, reForge and Forge Classic: networks act through the UNet patcher's attention patch points.
 
 The patches themselves are in :mod:`hypernetwork_ext.patches` (training uses them too). They go on
 a clone of the patcher in ``process_before_every_sampling``, the only hook whose changes the host
@@ -6,6 +6,8 @@ keeps for the sampling that follows; the shared patcher itself is never modified
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import nn
@@ -15,19 +17,35 @@ from ..patches import attention_patch
 from ..strength import CROSS, SELF
 
 FORGE_PATCHER_MODULES = ("backend.patcher.unet", "modules_forge.unet_patcher")
+# A1111's own hypernetwork code: every host keeps it (Forge and reForge without effect) except
+# Forge Classic, which removed it in January 2025 together with its Train tab and --hypernetwork-dir.
+HOST_HYPERNETWORK_PACKAGE = "modules.hypernetworks"
 
 
 def detect_patcher_host() -> str | None:
-    """The importable module of a UNet patcher (Forge, then reForge), or None on A1111."""
-    import importlib
-
+    """The importable module of a UNet patcher (Forge, then reForge and Forge Classic), or None on A1111."""
     for name in FORGE_PATCHER_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            continue
-        return name
+        if _importable(name):
+            return name
     return None
+
+
+def host_has_hypernetwork_code() -> bool:
+    """Whether the host still has A1111's ``modules.hypernetworks`` (all but Forge Classic)."""
+    return _importable(HOST_HYPERNETWORK_PACKAGE)
+
+
+def is_forge_classic() -> bool:
+    """Forge Classic: reForge's ``ldm_patched`` patcher, without any hypernetwork code of its own."""
+    return detect_patcher_host() == FORGE_PATCHER_MODULES[1] and not host_has_hypernetwork_code()
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 class PatcherApplier:

@@ -1,10 +1,12 @@
-"""Training on Forge and reForge: the backend over the loaded model, its memory manager, previews
-drawn by the host's txt2img with the network being trained, and Forge's Train tab.
+"""Training on Forge, reForge and Forge Classic: the backend over the loaded model, its memory
+manager, previews drawn by the host's txt2img with the network being trained, and a Train tab
+where the host has none.
 
-Forge removed its Train tab ("remove everything related to training"); the extension adds a
-top-level *Train* tab where A1111 has one (after *Checkpoint Merger*), holding the same sub-tabs,
-options, progress, loss chart, previews and Interrupt as on A1111. reForge kept A1111's Train tab,
-so there the sub-tab goes in as on A1111 (``webui_training``).
+Forge removed its Train tab ("remove everything related to training"), and so did Forge Classic;
+the extension adds a top-level *Train* tab among the extensions' tabs (on Forge after *Checkpoint
+Merger*, where A1111 has its Train tab; Forge Classic has no merger: after *PNG Info*), holding the
+same sub-tabs, options, progress, loss chart, previews and Interrupt as on A1111. reForge kept
+A1111's Train tab, so there the sub-tab goes in as on A1111 (``webui_training``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import torch
 from ..training.backends.forge import ForgeBackend
 from ..training.jobs import TrainingJobs
 from ..ui.training import HostHooks, build_training_tab
-from .forge import FORGE_PATCHER_MODULES, detect_patcher_host
+from .forge import FORGE_PATCHER_MODULES, detect_patcher_host, is_forge_classic
 
 MEMORY_MODULES = {
     FORGE_PATCHER_MODULES[0]: "backend.memory_management",  # Forge
-    FORGE_PATCHER_MODULES[1]: "ldm_patched.modules.model_management",  # reForge
+    FORGE_PATCHER_MODULES[1]: "ldm_patched.modules.model_management",  # reForge, Forge Classic
 }
 TAB_LABEL = "Train"
 TAB_ID = "hnx_train"
@@ -43,6 +45,11 @@ TXT2IMG_PREVIEW_IDS = (
 def is_forge() -> bool:
     """Forge itself (no Train tab), not reForge (which kept A1111's)."""
     return detect_patcher_host() == FORGE_PATCHER_MODULES[0]
+
+
+def host_has_train_tab() -> bool:
+    """A1111 and reForge build A1111's Train tab (our sub-tab joins it); Forge and Forge Classic removed it."""
+    return not (is_forge() or is_forge_classic())
 
 
 class HostMemory:
@@ -99,7 +106,7 @@ class Txt2imgSources:
 
 
 def train_tab(jobs: TrainingJobs, sources: Txt2imgSources) -> list[tuple]:
-    """``on_ui_tabs`` on Forge: a top-level Train tab with the same content as A1111's sub-tab."""
+    """``on_ui_tabs`` on Forge and Forge Classic: a top-level Train tab with the same content as A1111's sub-tab."""
     with gr.Blocks(analytics_enabled=False) as blocks, gr.Column(elem_id="hnx_train_tab"):
         build_training_tab(
             jobs, blocks=blocks, host=HostHooks(preview_sources=sources.components(), start_js="hnxStartTraining")

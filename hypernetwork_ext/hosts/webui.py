@@ -10,6 +10,7 @@ decided by trying to import a UNet patcher (Forge, reForge), never by version st
 from __future__ import annotations
 
 import html
+import inspect
 import os
 import sys
 import weakref
@@ -64,9 +65,19 @@ def log(message: str) -> None:
     print(f"{LOG_PREFIX} {message}", file=sys.stderr)
 
 
+def hypernetwork_dir() -> str:
+    """``--hypernetwork-dir``; where a host has no such option (Forge Classic before a restart adds it
+    through ``preload.py``), A1111's default, ``models/hypernetworks``."""
+    folder = getattr(shared.cmd_opts, "hypernetwork_dir", None)
+    if folder:
+        return folder
+    from modules import paths_internal
+
+    return os.path.join(paths_internal.models_path, "hypernetworks")
+
+
 def hypernetwork_folders() -> list[str]:
-    primary = getattr(shared.cmd_opts, "hypernetwork_dir", None)
-    return [folder for folder in [primary, *extra_folders(option("hypernetwork_extra_folders"))] if folder]
+    return [folder for folder in [hypernetwork_dir(), *extra_folders(option("hypernetwork_extra_folders"))] if folder]
 
 
 def cache_file() -> str | None:
@@ -135,7 +146,7 @@ class Extension:
 
     def _with_auto_added(self, p, tags: list[list[str]]) -> list[list[str]]:
         """Honour the host's "Add hypernetwork to prompt" setting, as its own handler did."""
-        extra = getattr(shared.opts, "data", {}).get("sd_hypernetwork", "None")
+        extra = getattr(shared.opts, "data", {}).get(HOST_AUTO_ADD_SETTING, "None")
         if not extra or extra == "None" or any(items and items[0] == extra for items in tags):
             return tags
         multiplier = format_number(_as_float(option("hypernetwork_default_multiplier"), 1.0))
@@ -554,6 +565,9 @@ PATCH = HostPatch()
 # --- settings, API, registration ---------------------------------------------------------------------
 
 
+HOST_AUTO_ADD_SETTING = "sd_hypernetwork"
+
+
 def add_settings() -> None:
     for setting in SETTINGS:
         info = shared.OptionInfo(
@@ -562,6 +576,21 @@ def add_settings() -> None:
         if setting.info:
             info = info.info(setting.info)
         shared.opts.add_option(setting.key, info)
+    if HOST_AUTO_ADD_SETTING not in shared.opts.data_labels:  # Forge Classic removed A1111's
+        shared.opts.add_option(HOST_AUTO_ADD_SETTING, auto_add_option())
+
+
+def auto_add_option():
+    """A1111's "Add hypernetwork to prompt" (``sd_hypernetwork``), under its key, for hosts that removed it."""
+    info = shared.OptionInfo(
+        "None",
+        "Add hypernetwork to prompt",
+        gr.Dropdown,
+        lambda: {"choices": ["None", *sorted(EXTENSION.prompt_names())]},
+        refresh=EXTENSION.library.refresh,
+        section=SECTION,
+    )
+    return info.info("added to every prompt with the default multiplier, as A1111's setting of this name does")
 
 
 def add_api_routes(demo, app) -> None:
@@ -569,14 +598,22 @@ def add_api_routes(demo, app) -> None:
     api.add_routes(app, EXTENSION.library, credentials=credentials or None)
 
 
+def on(register: Callable, callback: Callable, name: str) -> None:
+    """``script_callbacks.on_...(callback, name=name)``; Forge Classic's take no name (A1111 1.9 added it)."""
+    if "name" in inspect.signature(register).parameters:
+        register(callback, name=name)
+    else:
+        register(callback)
+
+
 def register_generation() -> None:
-    script_callbacks.on_before_ui(PATCH.apply, name="hypernetworks")
-    script_callbacks.on_script_unloaded(PATCH.undo, name="hypernetworks")
-    script_callbacks.on_ui_settings(add_settings, name="hypernetworks")
-    script_callbacks.on_app_started(add_api_routes, name="hypernetworks")
-    script_callbacks.on_infotext_pasted(EXTENSION.infotext_pasted, name="hypernetworks")
-    script_callbacks.on_model_loaded(EXTENSION.model_loaded, name="hypernetworks")
-    script_callbacks.on_cfg_denoiser(EXTENSION.cfg_denoiser, name="hypernetworks")
+    on(script_callbacks.on_before_ui, PATCH.apply, "hypernetworks")
+    on(script_callbacks.on_script_unloaded, PATCH.undo, "hypernetworks")
+    on(script_callbacks.on_ui_settings, add_settings, "hypernetworks")
+    on(script_callbacks.on_app_started, add_api_routes, "hypernetworks")
+    on(script_callbacks.on_infotext_pasted, EXTENSION.infotext_pasted, "hypernetworks")
+    on(script_callbacks.on_model_loaded, EXTENSION.model_loaded, "hypernetworks")
+    on(script_callbacks.on_cfg_denoiser, EXTENSION.cfg_denoiser, "hypernetworks")
 
 
 # Other parts of the extension (training) add their own registration function here.

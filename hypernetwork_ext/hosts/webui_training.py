@@ -14,9 +14,12 @@ routes, both on the host's loaded model, GPU queue, progress bar and Interrupt b
   ``DiffusionEngine`` for SDXL): nothing is copied; the engine's ``ModelGuard`` puts every module
   back as found. Previews are rendered by the host's own ``StableDiffusionProcessingTxt2Img`` with
   the network in the trainer's to_k/to_v hooks (not the host's ``loaded_hypernetworks``).
-- Forge and reForge train through ``forge_training`` (a backend over ``sd_model.forge_objects``):
-  reForge kept A1111's Train tab and gets the same sub-tab; Forge, which has none, gets a
-  top-level *Train* tab with the same content.
+- Forge, reForge and Forge Classic train through ``forge_training`` (a backend over
+  ``sd_model.forge_objects``): reForge kept A1111's Train tab and gets the same sub-tab; Forge and
+  Forge Classic, which have none, get a top-level *Train* tab with the same content. Forge Classic
+  also lost ``modules.lowvram``, ``--lowvram``, ``--hypernetwork-dir``,
+  ``--textual-inversion-templates-dir`` and ``shared.reload_hypernetworks``: each is used only
+  where the host has it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import gradio as gr
 from modules import (
     call_queue,
     devices,
-    lowvram,
     paths_internal,
     processing,
     progress,
@@ -61,6 +63,7 @@ from . import api, forge_training, webui
 from .forge import detect_patcher_host
 
 TAB_TITLE = "Hypernetworks"
+NAME = "hypernetworks-training"  # of our callbacks, where the host names them
 JOB_NAME = "train-hypernetwork"
 PRESETS_FOLDER = "hypernetwork-training-presets"
 HIDE_SETTING = "hypernetwork_hide_host_training"
@@ -124,10 +127,19 @@ def model_family(sd_model) -> str | None:
     return None
 
 
+def host_lowvram():
+    """A1111's ``modules.lowvram`` (--medvram/--lowvram bookkeeping); None where the host has none (Forge Classic)."""
+    try:
+        from modules import lowvram
+    except ImportError:
+        return None
+    return lowvram
+
+
 def refusal(sd_model) -> str | None:
     """Why the host cannot train now, or None."""
     patcher_host = detect_patcher_host()
-    if shared.cmd_opts.lowvram and not patcher_host:  # Forge's own low-VRAM modes: see ForgeBackend
+    if getattr(shared.cmd_opts, "lowvram", False) and not patcher_host:  # Forge's own low-VRAM modes: see ForgeBackend
         return LOWVRAM_REFUSAL
     if sd_model is None:
         return NO_MODEL_REFUSAL
@@ -270,7 +282,8 @@ def run_exclusive(work: Callable[[], Any], job: JobStatus) -> Any:
             progress.start_task(job.task_id)
         parallel = shared.parallel_processing_allowed
         shared.parallel_processing_allowed = False
-        medvram = lowvram.is_needed(shared.sd_model)
+        lowvram = host_lowvram()
+        medvram = lowvram is not None and lowvram.is_needed(shared.sd_model)
         webui.EXTENSION.finish()  # a generation that failed before its postprocess leaves its networks on
         try:
             if medvram:  # start and end with lowvram's "nothing on the GPU", so its bookkeeping stays true
@@ -327,18 +340,20 @@ def network_names() -> list[str]:
 
 
 def template_dirs() -> list[str]:
-    return [folder for folder in [shared.cmd_opts.textual_inversion_templates_dir] if folder]
+    return [folder for folder in [getattr(shared.cmd_opts, "textual_inversion_templates_dir", None)] if folder]
 
 
 def network_saved(path: str) -> None:
     """A new file: our library and the host's list see it (cards page, tags, /sdapi/v1/hypernetworks)."""
     webui.EXTENSION.library.refresh()
-    shared.reload_hypernetworks()
+    reload_host_list = getattr(shared, "reload_hypernetworks", None)  # Forge Classic has no list of its own
+    if callable(reload_host_list):
+        reload_host_list()
 
 
 def build_services() -> TrainingServices:
     return TrainingServices(
-        hypernetwork_dir=shared.cmd_opts.hypernetwork_dir,
+        hypernetwork_dir=webui.hypernetwork_dir(),
         make_backend=make_backend,
         model_family=lambda: model_family(loaded_model()),
         template_dirs=template_dirs,
@@ -401,15 +416,15 @@ def add_api_routes(demo, app) -> None:
 
 
 def register_training() -> None:
-    if forge_training.is_forge():  # no Train tab to join: a top-level one
+    if not forge_training.host_has_train_tab():  # Forge, Forge Classic: a top-level one
         sources = forge_training.Txt2imgSources()
-        script_callbacks.on_after_component(sources.collect, name="hypernetworks-training")
-        script_callbacks.on_ui_tabs(lambda: forge_training.train_tab(jobs(), sources), name="hypernetworks-training")
+        webui.on(script_callbacks.on_after_component, sources.collect, NAME)
+        webui.on(script_callbacks.on_ui_tabs, lambda: forge_training.train_tab(jobs(), sources), NAME)
     else:  # A1111 and reForge
-        script_callbacks.on_ui_train_tabs(add_train_tab, name="hypernetworks-training")
-        script_callbacks.on_after_component(hide_host_control, name="hypernetworks-training")
-        script_callbacks.on_ui_settings(add_settings, name="hypernetworks-training")
-    script_callbacks.on_app_started(add_api_routes, name="hypernetworks-training")
+        webui.on(script_callbacks.on_ui_train_tabs, add_train_tab, NAME)
+        webui.on(script_callbacks.on_after_component, hide_host_control, NAME)
+        webui.on(script_callbacks.on_ui_settings, add_settings, NAME)
+    webui.on(script_callbacks.on_app_started, add_api_routes, NAME)
 
 
 if register_training not in webui.REGISTRATIONS:

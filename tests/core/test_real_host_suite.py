@@ -30,3 +30,60 @@ def test_an_enabled_second_copy_of_the_extension_stops_the_suite_before_it_insta
 def test_a_disabled_copy_and_the_suites_own_clone_are_not_other_copies(tmp_path):
     config = a1111_folder(tmp_path, "old-copy", EXTENSION_FOLDER, disabled=["old-copy"])
     assert other_copies(config) == []
+
+
+@pytest.mark.parametrize(("own_hypernetworks", "kind"), [(True, "reforge"), (False, "forgeclassic")])
+def test_forge_classic_is_told_from_reforge_by_its_missing_hypernetwork_code(tmp_path, own_hypernetworks, kind):
+    from tests.hosts.real_host import host_kind
+
+    (tmp_path / "ldm_patched").mkdir()
+    (tmp_path / "modules").mkdir()
+    if own_hypernetworks:
+        (tmp_path / "modules" / "hypernetworks").mkdir()
+    assert host_kind(tmp_path) == kind
+
+
+def test_the_in_host_reference_script_applies_a1111s_formula(tmp_path, monkeypatch):
+    """The suite's reference for hosts that do not draw A1111's images (tests/hosts/reference_extension):
+    its to_k/to_v pre-hooks on a real ldm UNet give what the extension gives for the same stacked tags."""
+    import shutil
+    import sys
+    import types
+
+    import torch
+
+    import hypernetwork_ext as hx
+    from tests.hosts.real_host import REFERENCE_FOLDER, ROOT
+    from tests.support import models as M
+    from tests.support.networks import webui_network
+    from tests.support.scripts import script_module
+
+    folder = tmp_path / "models" / "hypernetworks" / "hnx-suite"
+    folder.mkdir(parents=True)
+    hx.save(webui_network(seed=1), folder / "one.pt")
+    hx.save(webui_network(seed=2, activation="tanh"), folder / "two.pt")
+    extension = tmp_path / REFERENCE_FOLDER
+    shutil.copytree(ROOT / "tests" / "hosts" / "reference_extension", extension)
+    shutil.copy(ROOT / "tests" / "support" / "reference.py", extension / "reference_formula.py")
+
+    class Script:
+        pass
+
+    host = {"paths_internal": types.SimpleNamespace(models_path=str(tmp_path / "models"))}
+    host["scripts"] = types.SimpleNamespace(Script=Script, AlwaysVisible=object())
+    monkeypatch.setitem(sys.modules, "modules", types.SimpleNamespace(**host))
+    unet, inputs = M.ldm_unet(0), M.ldm_inputs(0)
+    p = types.SimpleNamespace(sd_model=types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet)))
+    p.extra_generation_params = {}
+    with script_module(extension / "scripts" / "hnx_suite_reference.py", "hnx_suite_reference.py") as module:
+        script = module.SuiteReference()
+        plain = M.run_ldm(unet, inputs)
+        script.process(p, "one:0.8, two:-0.5")
+        with torch.no_grad():
+            got = M.run_ldm(unet, inputs)
+        script.postprocess(p, None)
+    entries = [(hx.load(folder / "one.pt"), 0.8), (hx.load(folder / "two.pt"), -0.5)]
+    with hx.apply(unet, entries), torch.no_grad():
+        want = M.run_ldm(unet, inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, plain) and torch.equal(M.run_ldm(unet, inputs), plain)  # hooks removed

@@ -39,16 +39,17 @@ def data(tmp_path_factory):
     return dataset_folder(tmp_path_factory.mktemp("data"), 2)
 
 
-def make_host(monkeypatch, tmp_path, *, reforge=False, memory=None, lazy=False):
+def make_host(monkeypatch, tmp_path, *, reforge=False, classic=False, memory=None, lazy=False):
     """A host with ``style.pt`` and the stand-in model; on Forge the checkpoint may still wait for
-    its first generation (``lazy``), as after Forge starts."""
+    its first generation (``lazy``), as after Forge starts. ``classic``: Forge Classic (reForge's
+    patcher, none of A1111's hypernetwork names)."""
     memory = memory or forge_engine.MemoryManager(capacity=1)
-    host = Host(monkeypatch, tmp_path, forge=not reforge, reforge=reforge)
-    forge_standin.install(monkeypatch, reforge=reforge, memory=memory)
+    host = Host(monkeypatch, tmp_path, forge=not (reforge or classic), reforge=reforge, classic=classic)
+    forge_standin.install(monkeypatch, reforge=reforge or classic, memory=memory)
     hx.save(hx.create(WIDTHS, (1, 2, 1), "relu", seed=1, name="style"), host.hypernetwork_dir / "style.pt")
     host.start()
     host.memory = memory
-    host.engine = forge_engine.build(0, reforge=reforge, memory=memory)
+    host.engine = forge_engine.build(0, reforge=reforge, classic=classic, memory=memory)
     if lazy:
         info = host.sd_models.CheckpointInfo("tiny.safetensors", "0123456789")
         host.sd_models.register(info)

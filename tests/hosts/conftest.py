@@ -23,7 +23,16 @@ import pytest
 from PIL import Image
 
 from tests.hosts import suite_files as files
-from tests.hosts.real_host import USAGE, HostConfig, HttpError, Rendered, Server, install_extension, remove_extension
+from tests.hosts.real_host import (
+    USAGE,
+    HostConfig,
+    HttpError,
+    Rendered,
+    Server,
+    install_extension,
+    install_reference_extension,
+    remove_extension,
+)
 
 
 @dataclass
@@ -155,6 +164,8 @@ def suite(config: HostConfig):
     if config.kind == "a1111":
         render_builtin_references(config, references)
     commit = install_extension(config)
+    if config.kind != "a1111":  # A1111 is the reference itself
+        install_reference_extension(config)
     server, calls, before, loaded_in = start_with_extension(config)
     try:
         yield Suite(config, server, checkpoint, references, commit, before, calls, loaded_in)

@@ -1,4 +1,4 @@
-"""A real WebUI (A1111 1.10.1, Forge, reForge) started from its own folder, with this extension installed
+"""A real WebUI (A1111 1.10.1, Forge, reForge, Forge Classic) started from its own folder, with this extension installed
 the way users install it, and driven over its HTTP API.
 
 The suite is told where the host is by three environment variables (see ``HostConfig.from_env``):
@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # in a host without touching the suite's usual one.
 EXTENSION_FOLDER = os.environ.get("HNX_EXTENSION_FOLDER", "").strip() or "sd-webui-hypernetworks"
 SUITE_MARKER = "hnx-host-suite"  # in the clone's .git: the suite may replace a clone it made itself
+# The suite's in-host reference (tests/hosts/reference_extension), for hosts that do not draw A1111's images
+REFERENCE_FOLDER = "hnx-suite-reference"
+REFERENCE_SCRIPT = "hnx suite reference"
 ENV_DIR, ENV_URL, ENV_LAUNCH = "HNX_HOST_DIR", "HNX_HOST_URL", "HNX_HOST_LAUNCH"
 ENV_ARTIFACTS = "HNX_HOST_ARTIFACTS"
 START_TIMEOUT = float(os.environ.get("HNX_HOST_START_TIMEOUT", "1200"))
@@ -44,14 +47,19 @@ USAGE = (
 
 
 def host_kind(folder: Path) -> str:
-    """``a1111``, ``forge`` or ``reforge``, from the host's own files."""
+    """``a1111``, ``forge``, ``reforge`` or ``forgeclassic``, from the host's own files."""
     if (folder / "backend" / "patcher" / "unet.py").is_file():
         return "forge"
     if (folder / "ldm_patched").is_dir() or (folder / "modules_forge" / "unet_patcher.py").is_file():
-        return "reforge"
+        # both run ldm_patched; Forge Classic removed A1111's hypernetwork code, reForge kept it
+        return "reforge" if (folder / "modules" / "hypernetworks").is_dir() else "forgeclassic"
     if (folder / "modules" / "launch_utils.py").is_file():
         return "a1111"
-    raise ValueError(f"{folder} is not an A1111, Forge or reForge folder")
+    raise ValueError(f"{folder} is not an A1111, Forge, reForge or Forge Classic folder")
+
+
+# Hosts without A1111's Train tab: the extension's Train tab is a top-level one there.
+WITHOUT_TRAIN_TAB = ("forge", "forgeclassic")
 
 
 @dataclass
@@ -123,6 +131,18 @@ def remove_extension(config: HostConfig) -> None:
     target = config.extension_dir
     if target.exists() and (target / ".git" / SUITE_MARKER).exists():
         shutil.rmtree(target)
+    shutil.rmtree(config.folder / "extensions" / REFERENCE_FOLDER, ignore_errors=True)
+
+
+def install_reference_extension(config: HostConfig) -> None:
+    """The in-host reference beside the extension: its always-on script, with A1111's formula from
+    tests/support/reference.py copied next to it (the host imports nothing from this checkout)."""
+    import shutil
+
+    target = config.folder / "extensions" / REFERENCE_FOLDER
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(ROOT / "tests" / "hosts" / "reference_extension", target)
+    shutil.copy(ROOT / "tests" / "support" / "reference.py", target / "reference_formula.py")
 
 
 # -- the server -------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Training in the real host (A1111, Forge, reForge): a network created for the loaded checkpoint,
+"""Training in the real host (A1111, Forge, reForge, Forge Classic): a network created for the loaded checkpoint,
 trained 20 steps at 64 px on a small generated dataset through the routes and through the Train
 tab in headless Chromium (the loss falls, a preview appears, Interrupt keeps the step reached), and
 the result rendered by its tag in the same server while the image without a tag stays the same.
@@ -19,7 +19,7 @@ import hypernetwork_ext as hx
 from hypernetwork_ext.standalone.tiny import procedural_images
 from tests.hosts import suite_files as files
 from tests.hosts.browser import open_page, screenshot, screenshot_on_failure
-from tests.hosts.real_host import HttpError, max_difference
+from tests.hosts.real_host import WITHOUT_TRAIN_TAB, HttpError, max_difference
 
 PREFIX = "hnx-train-"
 ROUTES_NAME, TAB_NAME = f"{PREFIX}routes", f"{PREFIX}tab"
@@ -173,9 +173,9 @@ def test_a_second_job_while_one_runs_is_refused(suite, dataset, routes_run):
 
 
 def open_train_tab(suite, page):
-    """Forge: the top-level Train tab. A1111 and reForge: Train, then its Hypernetworks sub-tab."""
+    """Forge, Forge Classic: the top-level Train tab. A1111 and reForge: Train, then its Hypernetworks sub-tab."""
     page.locator("#tabs > .tab-nav button", has_text=re.compile(r"^\s*Train\s*$")).first.click()
-    if suite.kind != "forge":
+    if suite.kind not in WITHOUT_TRAIN_TAB:
         page.locator("#train_tabs > .tab-nav button", has_text=re.compile(r"^\s*Hypernetworks\s*$")).click()
     tab = page.locator("#hnx_train_tab")
     tab.wait_for()

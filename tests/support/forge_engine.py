@@ -362,9 +362,17 @@ class Autoencoder(nn.Module):
 
 
 def build(
-    seed: int = 0, *, reforge: bool = False, family: str = "sd1", memory: MemoryManager | None = None
+    seed: int = 0,
+    *,
+    reforge: bool = False,
+    classic: bool = False,
+    family: str = "sd1",
+    memory: MemoryManager | None = None,
 ) -> ForgeEngine:
-    """Forge's (inference tensors, blocks adding in place) or reForge's loaded model, small."""
+    """Forge's (inference tensors, blocks adding in place) or reForge's loaded model, small.
+    ``classic``: Forge Classic's, reForge's model whose blocks add in place as Forge's do
+    (``ldm_patched/ldm/modules/attention.py``: ``x += n``)."""
+    reforge = reforge or classic
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     from tests.support.models import LDM_CONTEXT, randomise
@@ -385,7 +393,7 @@ def build(
                 nn.Sequential(nn.Linear(context + 6, width), nn.SiLU(), nn.Linear(width, width))
             )
         randomise(unet, seed + 1)
-        forge_standin.forge_unet(unet, in_place=not reforge)
+        forge_standin.forge_unet(unet, in_place=classic or not reforge)
         encoder = WordEncoder(context).eval()
         autoencoder = Autoencoder().eval()
     patcher = UnetPatcher(KModel(unet, reforge=reforge))

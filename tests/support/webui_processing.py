@@ -441,7 +441,9 @@ def make_processing(host, base_class):
 
     def process_images(p):
         stored = {k: shared.opts.data[k] for k in p.override_settings if k in shared.opts.data}
-        if host.forge and not host.reforge:  # Forge's manage_model_and_prompt_cache: the chosen checkpoint loads now
+        if host.forge and not (
+            host.reforge or host.classic
+        ):  # Forge's manage_model_and_prompt_cache: the chosen checkpoint loads now
             p.sd_model, _reloaded = sd_models.forge_model_reload()
         try:
             if sd_models.checkpoint_aliases.get(p.override_settings.get("sd_model_checkpoint")) is None:

@@ -7,7 +7,12 @@ that the extension touches, read in the host's source: ``modules/extra_networks.
 ``infotext_utils.py``, ``errors.py``, ``paths_internal.py`` and ``scripts/xyz_grid.py``. Behaviour
 follows the host (the registries' semantics, the prompt regex, callback order and error
 reporting, the CFG batch layout); nothing accepts arbitrary names. Forge keeps the same API;
-``forge=True`` gives gradio-4 widgets the way Forge's gradio shim does.
+``forge=True`` gives gradio-4 widgets the way Forge's gradio shim does. ``classic=True`` is Forge
+Classic (Haoming02/sd-webui-forge-classic 1f95d71): reForge's patcher and gradio 3.41, without what
+its commits "hypernet" (cde9f50) and "debloat" removed: ``--hypernetwork-dir``, ``--lowvram``/
+``--medvram``, ``--textual-inversion-templates-dir``, ``modules.hypernetworks``, ``modules.lowvram``,
+``shared.hypernetworks``/``loaded_hypernetworks``/``reload_hypernetworks``, the ``sd_hypernetwork``
+option, the built-in ``hypernet`` handler and page, and the Train tab.
 
 ``install(monkeypatch, tmp_path)`` puts the modules into ``sys.modules`` (undone after the test)
 and returns a :class:`Host` that loads the entry script as the WebUI does, starts and reloads the
@@ -236,7 +241,8 @@ REGISTRATION_NAMES = {
 }
 
 
-def make_script_callbacks(errors: Errors) -> types.ModuleType:
+def make_script_callbacks(errors: Errors, *, named: bool = True) -> types.ModuleType:
+    """``named=False``: Forge Classic's ``on_*(callback)``, which take no ``name`` (A1111 1.9 added it)."""
     callback_map = {f"callbacks_{category}": [] for category in CALLBACK_CATEGORIES}
 
     def add_callback(callbacks, fun, *, name=None, category="unknown", filename=None):
@@ -280,6 +286,10 @@ def make_script_callbacks(errors: Errors) -> types.ModuleType:
         def register(callback, *, name=None):
             add_callback(callback_map[f"callbacks_{category}"], callback, name=name, category=category)
 
+        def register_unnamed(callback):
+            add_callback(callback_map[f"callbacks_{category}"], callback, category=category)
+
+        register = register if named else register_unnamed
         register.__name__ = REGISTRATION_NAMES[category]
         return register
 
@@ -567,6 +577,9 @@ def make_ui_extra_networks(shared, extra_networks, metadata_module) -> types.Mod
         register_page(ExtraNetworksPageHypernetworks())
         register_page(ExtraNetworksPageCheckpoints())
 
+    def register_checkpoints_page():  # Forge Classic's default pages (and textual inversion's)
+        register_page(ExtraNetworksPageCheckpoints())
+
     return module(
         "modules.ui_extra_networks",
         extra_pages=extra_pages,
@@ -574,6 +587,7 @@ def make_ui_extra_networks(shared, extra_networks, metadata_module) -> types.Mod
         register_page=register_page,
         initialize=extra_pages.clear,
         register_default_pages=register_default_pages,
+        register_checkpoints_page=register_checkpoints_page,
         quote_js=quote_js,
         allowed_preview_extensions=allowed_preview_extensions,
         path_is_parent=path_is_parent,
@@ -819,10 +833,11 @@ class StableDiffusionProcessing:
 class Host:
     """The stand-in's modules plus the host's sequence of calls (startup, reload, generation)."""
 
-    def __init__(self, monkeypatch, tmp_path, *, forge: bool = False, reforge: bool = False):
+    def __init__(self, monkeypatch, tmp_path, *, forge: bool = False, reforge: bool = False, classic: bool = False):
         self.tmp_path = tmp_path
-        self.forge = forge or reforge
+        self.forge = forge or reforge or classic
         self.reforge = reforge
+        self.classic = classic
         self.errors = Errors()
         self.hypernetwork_dir = tmp_path / "models" / "hypernetworks"
         self.hypernetwork_dir.mkdir(parents=True)
@@ -858,7 +873,7 @@ class Host:
             loaded_hypernetworks=[],
         )
         self.shared.reload_hypernetworks = self._reload_hypernetworks
-        self.script_callbacks = make_script_callbacks(self.errors)
+        self.script_callbacks = make_script_callbacks(self.errors, named=not classic)
         self.extra_networks = make_extra_networks(self.errors, self.shared)
         self.metadata = module("modules.ui_extra_networks_user_metadata", UserMetadataEditor=UserMetadataEditor)
         self.ui_extra_networks = make_ui_extra_networks(self.shared, self.extra_networks, self.metadata)
@@ -879,6 +894,8 @@ class Host:
         self.call_queue = wp.make_call_queue(self.shared, self.progress)
         self.lowvram = wp.make_lowvram(self.shared)
         self.processing = wp.make_processing(self, StableDiffusionProcessing)
+        if classic:
+            self._remove_hypernetwork_names()
         errors_module = module("modules.errors", report=self.errors.report, display=self.errors.display)
         paths_internal = module(
             "modules.paths_internal", data_path=str(self.data_path), models_path=str(tmp_path / "models")
@@ -900,7 +917,11 @@ class Host:
             "call_queue": self.call_queue,
             "lowvram": self.lowvram,
             "devices": wp.make_devices(),
+            # A1111's own hypernetwork code, which every host but Forge Classic keeps
+            "hypernetworks": module("modules.hypernetworks", __path__=[]),
         }
+        if classic:
+            del submodules["lowvram"], submodules["hypernetworks"]
         monkeypatch.setitem(sys.modules, "modules", package)
         for name, value in submodules.items():
             setattr(package, name, value)
@@ -923,12 +944,24 @@ class Host:
         ]
         self.script_instances = [cls() for cls in script_classes]
 
+    def _remove_hypernetwork_names(self):
+        """Forge Classic: every hypernetwork name of A1111 that the extension could touch is gone."""
+        for name in ("hypernetwork_dir", "textual_inversion_templates_dir", "lowvram", "medvram", "medvram_sdxl"):
+            delattr(self.shared.cmd_opts, name)
+        for name in ("hypernetworks", "loaded_hypernetworks", "reload_hypernetworks"):
+            delattr(self.shared, name)
+        del self.shared.opts.data_labels["sd_hypernetwork"]
+        self.shared.opts.data.pop("sd_hypernetwork", None)
+        del self.extra_networks.register_default_extra_networks
+        self.ui_extra_networks.register_default_pages = self.ui_extra_networks.register_checkpoints_page
+
     def start(self):
         self.load_scripts()
         self.ui_extra_networks.initialize()
         self.ui_extra_networks.register_default_pages()
         self.extra_networks.initialize()
-        self.extra_networks.register_default_extra_networks()
+        if not self.classic:
+            self.extra_networks.register_default_extra_networks()
         self.script_callbacks.before_ui_callback()
         self.script_callbacks.ui_settings_callback()
 
@@ -1045,7 +1078,8 @@ class Host:
         sd_model.sd_model_hash = info.calculate_shorthash()
         sd_model.sd_model_checkpoint = info.filename
         sd_model.sd_checkpoint_info = info
-        sd_model.lowvram = self.lowvram.is_needed(sd_model)
+        if not self.classic:  # Forge Classic has no modules.lowvram
+            sd_model.lowvram = self.lowvram.is_needed(sd_model)
         self.shared.opts.data["sd_model_checkpoint"] = info.title
         self.set_model(sd_model)
         return sd_model

@@ -1,0 +1,27 @@
+"""Run by the WebUI before it parses its command line (A1111, Forge, reForge, Forge Classic).
+
+Forge Classic removed ``--hypernetwork-dir`` (January 2025), and extensions that read
+``shared.cmd_opts.hypernetwork_dir`` (tag autocomplete, Civitai Helper, ...) then fail with an
+AttributeError. Where the host lacks the option, it comes back here with A1111's name, default and
+help; where the host has it, nothing changes. Imports nothing of the extension.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+OPTION = "--hypernetwork-dir"
+
+
+def preload(parser: argparse.ArgumentParser) -> None:
+    if parser.get_default("hypernetwork_dir") is not None:
+        return  # the host's own option
+    from modules.paths_internal import models_path, normalized_filepath
+
+    parser.add_argument(
+        OPTION,
+        type=normalized_filepath,
+        default=os.path.join(models_path, "hypernetworks"),
+        help="hypernetwork directory",
+    )
