@@ -200,6 +200,12 @@ class ComfyServer:
     def get(self, path: str, **kwargs):
         return self.request("GET", path, **kwargs)
 
+    def free(self) -> None:
+        """ComfyUI unloads its models and empties its caches (what the Manager's "Free model and node
+        cache" asks): it does so between two queue items, at once when the queue is idle."""
+        self.request("POST", "/free", {"unload_models": True, "free_memory": True}, raw=True)
+        time.sleep(5)
+
     def object_info(self, node: str) -> dict:
         return self.get(f"/object_info/{node}")[node]
 

@@ -3,8 +3,8 @@
 Without them every test here is skipped, saying what to set. With them the session:
 1. writes the suite's hypernetworks (several structures, a ``.safetensors`` copy, a 2022-style file
    without ``activate_output``, dropout files) for the widths of the SD1.5 checkpoint in
-   ``models/checkpoints`` (and SDXL ones when an SDXL checkpoint is there), and a captioned dataset
-   into ``input/``;
+   ``models/checkpoints`` and, when one is there, of the (reduced) SDXL one (``-sdxl`` names); a
+   captioned dataset into ``input/``;
 2. writes the suite's reference node (A1111's formula from ``tests/support/reference.py``) and clones
    this repository into ``custom_nodes/``, as users install a node pack;
 3. starts ComfyUI, runs the tests through its HTTP API, stops it (its log stays with the artifacts).
@@ -12,6 +12,7 @@ Without them every test here is skipped, saying what to set. With them the sessi
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tests.hosts.suite_files import NETWORKS, NetworkSpec, attention_widths, mak
 
 SUITE_FOLDER = "hnx-suite"
 DATASET = "hnx-suite-train"
+TRAINED = "hnx-suite-trained"  # the training node's results in models/hypernetworks
 EXTRA_NETWORKS = (
     # Without layer norm or dropout, where ComfyUI's own loader follows A1111.
     NetworkSpec("hnx-tanh", (1, 2, 1), "tanh"),
@@ -42,19 +44,32 @@ EXTRA_NETWORKS = (
     # Dropout after the first of three layers: ComfyUI builds a Dropout(0.3) there and never sets eval mode.
     NetworkSpec("hnx-dropout-deep", (1, 2, 2, 1), "relu", dropout=(0, 0.3, 0, 0)),
 )
-SDXL_NETWORK = NetworkSpec("hnx-sdxl-relu-ln", (1, 2, 1), "relu", layer_norm=True)
+# The models the suite runs on: a random SD1.5 checkpoint (required) and the reduced SDXL one (when
+# models/checkpoints has it), told apart by their cross-attention width.
+MODELS = {"sd15": 768, "sdxl": 2048}
 
 
 @dataclass
 class Model:
+    label: str  # sd15, sdxl
     checkpoint: str  # the name ComfyUI lists it by
     widths: tuple[int, ...]
     networks: dict[str, Path] = field(default_factory=dict)  # suite name -> file
     _renders: dict = field(default_factory=dict)
 
+    @property
+    def suffix(self) -> str:
+        """Of the suite's file names for this model: SD1.5's are the bare names, so that prompts can
+        name them as users do; SDXL's end in -sdxl."""
+        return "" if self.label == "sd15" else f"-{self.label}"
+
     def listed(self, name: str) -> str:
         """A suite file's name as ComfyUI lists it (``hnx-suite/hnx-linear.pt``)."""
         return f"{SUITE_FOLDER}/{self.networks[name].name}"
+
+    def stem(self, name: str) -> str:
+        """A suite file's name in a ``<hypernet:...>`` tag (``hnx-linear``, ``hnx-linear-sdxl``)."""
+        return self.networks[name].stem
 
     def path(self, name: str) -> str:
         return str(self.networks[name])
@@ -67,12 +82,28 @@ class Model:
 class Suite:
     config: ComfyConfig
     server: ComfyServer
-    sd1: Model
-    sdxl: Model | None
+    models: dict[str, Model]
     commit: str
+    loaded: str | None = None  # the checkpoint of the last workflow run
+
+    @property
+    def sd1(self) -> Model:
+        return self.models["sd15"]
+
+    def run(self, workflow: dict) -> dict:
+        self._switch_to(workflow["ckpt"]["inputs"]["ckpt_name"])
+        return self.server.run(workflow)
 
     def render(self, workflow: graphs.Workflow) -> Rendered:
+        self._switch_to(workflow.checkpoint)
         return self.server.render(workflow.build())
+
+    def _switch_to(self, checkpoint: str) -> None:
+        """Another checkpoint: ComfyUI drops the last one's models and cached outputs first (/free), so
+        that this shared machine holds one model at a time."""
+        if self.loaded not in (None, checkpoint):
+            self.server.free()
+        self.loaded = checkpoint
 
     def save(self, name: str, rendered: Rendered) -> Path:
         path = self.config.artifacts / "images" / f"{name}.png"
@@ -103,7 +134,7 @@ def write_networks(config: ComfyConfig, model: Model, specs, *, seed_base: int) 
     folder = config.hypernetwork_dir / SUITE_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     for seed, spec in enumerate(specs, start=seed_base):
-        path = folder / f"{spec.name}.pt"
+        path = folder / f"{spec.name}{model.suffix}.pt"
         hx.save(make_network(spec, model.widths, seed), path, overwrite=True)
         model.networks[spec.name] = path
 
@@ -111,7 +142,7 @@ def write_networks(config: ComfyConfig, model: Model, specs, *, seed_base: int) 
 def derive_files(config: ComfyConfig, model: Model) -> None:
     folder = config.hypernetwork_dir / SUITE_FOLDER
     # The same network as .safetensors.
-    copy = folder / "hnx-relu-ln-st.safetensors"
+    copy = folder / f"hnx-relu-ln-st{model.suffix}.safetensors"
     hx.save(hx.load(model.networks["hnx-relu-ln"]), copy, overwrite=True)
     model.networks["hnx-relu-ln-st"] = copy
     # A 2022 file: no activate_output key at all.
@@ -121,7 +152,7 @@ def derive_files(config: ComfyConfig, model: Model) -> None:
     # The dropout network's weights in a file that declares no dropout: A1111 renders both alike.
     state = torch.load(model.networks["hnx-dropout-deep"], weights_only=True)
     state.update(use_dropout=False, last_layer_dropout=False, dropout_structure=[0.0] * len(state["layer_structure"]))
-    no_dropout = folder / "hnx-dropout-deep-nodrop.pt"
+    no_dropout = folder / f"hnx-dropout-deep-nodrop{model.suffix}.pt"
     torch.save(state, no_dropout)
     model.networks["hnx-dropout-deep-nodrop"] = no_dropout
 
@@ -152,24 +183,35 @@ def config() -> ComfyConfig:
 @pytest.fixture(scope="session")
 def comfy(config: ComfyConfig):
     checkpoints = find_checkpoints(config)
-    if 768 not in checkpoints:
+    if MODELS["sd15"] not in checkpoints:
         raise RuntimeError(f"no SD1.5 checkpoint in {config.checkpoint_dir}")
-    sd1 = Model(*checkpoints[768])
-    write_networks(config, sd1, (*NETWORKS, *EXTRA_NETWORKS), seed_base=1)
-    derive_files(config, sd1)
-    sdxl = None
-    if 2048 in checkpoints:
-        sdxl = Model(*checkpoints[2048])
-        write_networks(config, sdxl, (SDXL_NETWORK,), seed_base=11)
-    links = [link_unet(config, model) for model in (sd1, sdxl) if model is not None]
+    models = {label: Model(label, *checkpoints[width]) for label, width in MODELS.items() if width in checkpoints}
+    # Nothing of an earlier run: its files, the networks its training node saved.
+    shutil.rmtree(config.hypernetwork_dir / SUITE_FOLDER, ignore_errors=True)
+    for trained in config.hypernetwork_dir.glob(f"{TRAINED}*"):
+        trained.unlink()
+    for index, model in enumerate(models.values()):
+        write_networks(config, model, (*NETWORKS, *EXTRA_NETWORKS), seed_base=1 + 20 * index)
+        derive_files(config, model)
+    links = [link_unet(config, model) for model in models.values()]
     write_dataset(config)
     install_reference_node(config)
     commit = install_pack(config)
     server = ComfyServer(config).start()
     try:
-        yield Suite(config, server, sd1, sdxl, commit.strip())
+        yield Suite(config, server, models, commit.strip())
     finally:
         server.stop()
         remove_installed(config)
         for link in links:
             link.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session", params=list(MODELS))
+def model(request, comfy) -> Model:
+    """Each test that takes ``model`` runs on SD1.5 and on the reduced SDXL checkpoint (skipped, saying
+    so, when models/checkpoints has none)."""
+    found = comfy.models.get(request.param)
+    if found is None:
+        pytest.skip(f"no {request.param} checkpoint in {comfy.config.checkpoint_dir}")
+    return found

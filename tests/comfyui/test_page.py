@@ -38,6 +38,8 @@ def test_workflow_in_comfyuis_front_end(comfy):
     workflow = showcase(comfy.sd1)
     path = comfy.config.artifacts / "images" / "comfyui-workflow.png"
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A returning user's page: a first start opens ComfyUI's template browser over the graph.
+    comfy.server.request("POST", "/settings/Comfy.TutorialCompleted", True, raw=True)
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

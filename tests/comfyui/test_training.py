@@ -7,7 +7,7 @@ import statistics
 
 from tests.comfyui import graphs
 from tests.comfyui.comfy_host import max_difference
-from tests.comfyui.conftest import DATASET
+from tests.comfyui.conftest import DATASET, TRAINED
 from tests.comfyui.test_render import EFFECT
 from tests.hosts.real_host import TOLERANCE
 
@@ -43,9 +43,8 @@ def training_workflow(model, name: str) -> dict:
     return workflow
 
 
-def test_training_node_trains_and_its_result_renders(comfy):
-    model = comfy.sd1
-    entry = comfy.server.run(training_workflow(model, "hnx-suite-trained"))
+def test_training_node_trains_and_its_result_renders(comfy, model):
+    entry = comfy.run(training_workflow(model, f"{TRAINED}{model.suffix}"))
     outputs = entry["outputs"]
     name = outputs["show_name"]["text"][0]
     losses = json.loads(outputs["show_loss"]["text"][0])["loss"]
@@ -53,7 +52,7 @@ def test_training_node_trains_and_its_result_renders(comfy):
     trained_image = comfy.server.image(outputs["save"]["images"][0])
     first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
     print(
-        f"\n[comfyui] trained {name}: {steps} steps in {entry['seconds']:.0f} s; loss first 5 mean {first:.4f}, "
+        f"\n[comfyui] {model.label} trained {name}: {steps} steps in {entry['seconds']:.0f} s; loss first 5 mean {first:.4f}, "
         f"last 5 mean {last:.4f}; losses {[round(loss, 4) for loss in losses]}"
     )
     assert steps == STEPS and len(losses) == STEPS
@@ -66,10 +65,10 @@ def test_training_node_trains_and_its_result_renders(comfy):
     stem = name.rsplit("/", 1)[-1].removesuffix(".safetensors")
     text = f"a red circle <hypernet:{stem}:1>"
     tagged = comfy.render(graphs.with_nodes(model.workflow(prompt=text), ("HypernetworksFromPrompt", {"text": text})))
-    comfy.save("trained", loaded)
+    comfy.save(f"{model.label}-trained", loaded)
     effect = max_difference(loaded, comfy.baseline(model))
     print(
-        f"[comfyui] trained network: effect max {effect}/255; loader vs the training node's MODEL max "
+        f"[comfyui] {model.label} trained network: effect max {effect}/255; loader vs the training node's MODEL max "
         f"{max_difference(loaded.pixels, _pixels(trained_image))}/255; prompt tag vs loader {max_difference(tagged, loaded)}/255"
     )
     assert effect > EFFECT
