@@ -12,8 +12,6 @@ from __future__ import annotations
 import html
 import inspect
 import os
-import sys
-import weakref
 from collections.abc import Callable
 
 import gradio as gr
@@ -28,246 +26,41 @@ from modules import (
 )
 
 from ..errors import HypernetworkError
-from ..library import ActivationPlan, Library, NetworkEntry, distinct_names, fit_problem, preferred_multiplier_of
-from ..shape import ModelShape, model_shape
-from ..syntax import TAG_TYPE, find_tags, format_hashes, format_number, parse_hashes, parse_presets, rename_tags
+from ..library import NetworkEntry, preferred_multiplier_of
+from ..syntax import TAG_TYPE, find_tags, format_number
 from ..syntax import set_multipliers as set_prompt_multipliers
 from ..ui import compat
 from ..ui.metadata import metadata_rows
-from ..ui.settings import (
-    DEFAULTS,
-    MISMATCH_FORCE,
-    SECTION,
-    SETTINGS,
-    UNKNOWN_CONSOLE,
-    UNKNOWN_STOP,
-    component_class,
-    compute_dtype,
-    extra_folders,
-)
+from ..ui.settings import SECTION, SETTINGS, component_class
 from . import api
-from .a1111 import LdmApplier
-from .forge import PatcherApplier, detect_patcher_host
+from .extension import (
+    EXTENSION,
+    HOST_AUTO_ADD_SETTING,
+    Extension,
+    api_credentials,
+    as_float,
+    hypernetwork_folders,
+    log,
+    option,
+    primary_folder,
+)
 
-LOG_PREFIX = "[Hypernetworks]"
+__all__ = [
+    "EXTENSION",
+    "SECTION",
+    "Extension",
+    "HypernetworkScript",
+    "hypernetwork_dir",
+    "hypernetwork_folders",
+    "log",
+    "option",
+    "register_all",
+]
+
+hypernetwork_dir = primary_folder  # the training glue's name for it
+
 PAGE_TITLE = "Hypernetworks"
 XYZ_STRENGTH_LABEL = "[Hypernet] Strength"
-CACHE_FILE_NAME = "hypernetworks-cache.json"
-
-
-def option(key: str):
-    """A setting's value; its default until the settings page has registered it."""
-    data = getattr(shared.opts, "data", {}) or {}
-    return data.get(key, DEFAULTS[key])
-
-
-def log(message: str) -> None:
-    print(f"{LOG_PREFIX} {message}", file=sys.stderr)
-
-
-def hypernetwork_dir() -> str:
-    """``--hypernetwork-dir``; where a host has no such option (Forge Classic before a restart adds it
-    through ``preload.py``), A1111's default, ``models/hypernetworks``."""
-    folder = getattr(shared.cmd_opts, "hypernetwork_dir", None)
-    if folder:
-        return folder
-    from modules import paths_internal
-
-    return os.path.join(paths_internal.models_path, "hypernetworks")
-
-
-def hypernetwork_folders() -> list[str]:
-    return [folder for folder in [hypernetwork_dir(), *extra_folders(option("hypernetwork_extra_folders"))] if folder]
-
-
-def cache_file() -> str | None:
-    try:
-        from modules import paths_internal
-    except ImportError:
-        return None
-    return os.path.join(paths_internal.data_path, "cache", CACHE_FILE_NAME)
-
-
-# --- the extension's state ------------------------------------------------------------------------
-
-
-class Extension:
-    """What lives as long as the process: the library, the attention mechanism and the last plan."""
-
-    def __init__(self) -> None:
-        self.library = Library(
-            hypernetwork_folders, cache_size=DEFAULTS["hypernetwork_cache_size"], cache_file=cache_file()
-        )
-        self.applier = PatcherApplier() if detect_patcher_host() else LdmApplier()
-        self.last_plan: ActivationPlan | None = None
-        self._shape: tuple = (None, None)
-
-    # -- generation -------------------------------------------------------------------------------
-    def activate(self, p, tags: list[list[str]]) -> None:
-        tags = self._with_auto_added(p, tags)
-        if not tags:
-            self.applier.detach()
-            self.last_plan = None
-            return
-        self.library.set_cache_size(_as_int(option("hypernetwork_cache_size"), 4))
-        plan = self.plan(p.sd_model, tags)
-        self.last_plan = plan
-        self._report(p, plan)
-        self._apply(p.sd_model, plan.entries, compute_dtype(option("hypernetwork_compute_dtype")))
-        self._record_hashes(p, plan)
-
-    def plan(self, sd_model, tags: list[list[str]]) -> ActivationPlan:
-        shape = self.shape_of(self.applier.unet(sd_model))
-        try:
-            presets = parse_presets(str(option("hypernetwork_block_presets") or ""))
-            preset_problem = None
-        except HypernetworkError as exc:
-            presets, preset_problem = {}, f"block presets setting: {exc}"
-
-        def make() -> ActivationPlan:
-            return self.library.plan(
-                tags,
-                default_multiplier=_as_float(option("hypernetwork_default_multiplier"), 1.0),
-                model_blocks=shape.blocks,
-                presets=presets,
-                context_width=shape.context_width,
-                self_widths=shape.self_widths,
-                force_mismatch=option("hypernetwork_family_mismatch") == MISMATCH_FORCE,
-                with_hashes=bool(option("hypernetwork_add_hashes_to_infotext")),
-            )
-
-        plan = make()
-        if plan.names_not_found:
-            self.library.refresh()  # a file added since the last listing
-            plan = make()
-        if preset_problem:
-            plan.problems.insert(0, preset_problem)
-        return plan
-
-    def _with_auto_added(self, p, tags: list[list[str]]) -> list[list[str]]:
-        """Honour the host's "Add hypernetwork to prompt" setting, as its own handler did."""
-        extra = getattr(shared.opts, "data", {}).get(HOST_AUTO_ADD_SETTING, "None")
-        if not extra or extra == "None" or any(items and items[0] == extra for items in tags):
-            return tags
-        multiplier = format_number(_as_float(option("hypernetwork_default_multiplier"), 1.0))
-        text = f"<{TAG_TYPE}:{extra}:{multiplier}>"
-        p.all_prompts = [f"{prompt}{text}" for prompt in p.all_prompts]
-        return [*tags, [extra, multiplier]]
-
-    def _report(self, p, plan: ActivationPlan) -> None:
-        behaviour = option("hypernetwork_unknown_name")
-        for problem in plan.problems:
-            log(problem)
-            if behaviour != UNKNOWN_CONSOLE:
-                p.comment(f"Hypernetworks: {problem}")
-        for note in plan.notes:
-            log(note)
-            p.comment(f"Hypernetworks: {note}")
-        if plan.problems and behaviour == UNKNOWN_STOP:
-            log("stopping the generation (setting: stop on unknown names and malformed tags)")
-            shared.state.interrupt()
-
-    def _record_hashes(self, p, plan: ActivationPlan) -> None:
-        if not option("hypernetwork_add_hashes_to_infotext"):
-            return
-        if not getattr(p, "is_hr_pass", False) or not hasattr(p, "hnx_hashes"):
-            p.hnx_hashes = {}
-        p.hnx_hashes.update(plan.hashes)
-        if p.hnx_hashes:
-            p.extra_generation_params["Hypernet hashes"] = format_hashes(p.hnx_hashes)
-
-    def cfg_denoiser(self, params) -> None:
-        denoiser = getattr(params, "denoiser", None)
-        step, total = getattr(denoiser, "step", None), getattr(denoiser, "total_steps", None)
-        if not isinstance(step, int) or not total:
-            step, total = params.sampling_step, params.total_sampling_steps
-        progress = min(1.0, max(0.0, step / total)) if total else None
-        cond = params.text_cond
-        cond = cond.get("crossattn") if isinstance(cond, dict) else cond
-        x = params.x
-        rows = getattr(cond, "shape", [None])[0]
-        self.applier.step(progress, rows, x.shape[0] if hasattr(x, "shape") else None)
-
-    def model_loaded(self, sd_model) -> None:
-        """A checkpoint switch: nothing may stay on the old model; active networks follow if they fit."""
-        if not isinstance(self.applier, LdmApplier) or self.applier.attached_unet is None:
-            return
-        unet = self.applier.unet(sd_model)
-        if unet is self.applier.attached_unet:
-            return
-        entries, dtype = self.applier.entries, self.applier.compute_dtype
-        self.applier.clear()
-        shape = self.shape_of(unet)
-        kept = []
-        for network, strength in entries:
-            problem = fit_problem(network, shape.context_width, shape.self_widths)
-            if problem and option("hypernetwork_family_mismatch") != MISMATCH_FORCE:
-                log(f"{network.name} {problem}; not applied to the new model")
-                continue
-            kept.append((network, strength))
-        if kept and unet is not None:
-            self._apply(sd_model, kept, dtype)
-
-    def _apply(self, sd_model, entries: list, dtype) -> None:
-        # The built-in Lora's functional mode decides whether folds may follow its merged weights.
-        lora_functional = bool((getattr(shared.opts, "data", {}) or {}).get("lora_functional", False))
-        self.applier.apply(sd_model, entries, dtype, lora_functional=lora_functional)
-
-    def finish(self) -> None:
-        self.applier.detach()
-
-    # -- names -----------------------------------------------------------------------------------
-    def shape_of(self, unet) -> ModelShape:
-        """The attention widths and blocks of a UNet, remembered for the last UNet asked about."""
-        if unet is None:
-            return model_shape(None)
-        cached = self._shape[0]() if self._shape[0] is not None else None
-        if cached is not unet:  # a weak reference: a switched-away model must not stay alive here
-            self._shape = (weakref.ref(unet), model_shape(unet))
-        return self._shape[1]
-
-    def prompt_names(self) -> dict[str, NetworkEntry]:
-        """Each file under the shortest name that resolves to it (see ``library.distinct_names``)."""
-        return distinct_names(self.library.entries)
-
-    def prompt_name(self, entry: NetworkEntry) -> str:
-        return next((name for name, other in self.prompt_names().items() if other.path == entry.path), entry.name)
-
-    def infotext_pasted(self, infotext: str, params: dict) -> None:
-        """Map the names of ``Hypernet hashes`` to local files with those hashes (renamed copies)."""
-        hashes = parse_hashes(params.get("Hypernet hashes", ""))
-        mapping = {}
-        for name, short in hashes.items():
-            try:
-                if self.library.short_hash(self.library.resolve(name).entry) == short:
-                    continue
-            except HypernetworkError:
-                pass
-            matches = self.library.find_by_hash(short)
-            if matches:
-                mapping[name] = self.prompt_name(matches[0])
-        if not mapping:
-            return
-        for key in ("Prompt", "Hires prompt"):
-            if isinstance(params.get(key), str):
-                params[key] = rename_tags(params[key], mapping)
-
-
-def _as_float(value, default: float) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def _as_int(value, default: int) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
-
-
-EXTENSION = Extension()
 
 
 # --- host objects -----------------------------------------------------------------------------------
@@ -286,6 +79,10 @@ class HypernetExtraNetwork(extra_networks.ExtraNetwork):
         """Hooks come off in the script's postprocess, which runs even without tags."""
 
 
+def _loaded():
+    return getattr(shared, "sd_model", None)
+
+
 class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):
     def __init__(self) -> None:
         super().__init__(PAGE_TITLE)
@@ -302,7 +99,7 @@ class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):
     def _item(self, prompt_name: str, entry: NetworkEntry, index, enable_filter: bool = True):
         library = EXTENSION.library
         info = library.info(entry)
-        if enable_filter and not option("hypernetwork_show_all") and not self._fits_loaded_model(info):
+        if enable_filter and not option("hypernetwork_show_all") and not EXTENSION.fits_loaded_model(info, _loaded()):
             return None
         path, _ = os.path.splitext(entry.path)
         user = library.user_metadata(entry)
@@ -330,16 +127,6 @@ class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):
             "user_metadata": user,
         }
 
-    def _fits_loaded_model(self, info: dict) -> bool:
-        if info.get("error") or not info.get("widths"):
-            return True  # shown, so the user can see what is wrong with it
-        sd_model = getattr(shared, "sd_model", None)
-        unet = EXTENSION.applier.unet(sd_model) if sd_model is not None else None
-        if unet is None:
-            return True
-        shape = EXTENSION.shape_of(unet)
-        return fit_problem(_Widths(info["widths"], info.get("family")), shape.context_width, shape.self_widths) is None
-
     def list_items(self):
         with EXTENSION.library.deferred_cache_writes():
             for index, (name, entry) in enumerate(EXTENSION.prompt_names().items()):
@@ -352,14 +139,6 @@ class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):
 
     def create_user_metadata_editor(self, ui, tabname):
         return HypernetworkMetadataEditor(ui, tabname, self)
-
-
-class _Widths:
-    """Just enough of a network for :func:`fit_problem`, from a cached summary."""
-
-    def __init__(self, widths, family) -> None:
-        self.widths = list(widths)
-        self.family = family
 
 
 class HypernetworkMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
@@ -388,7 +167,7 @@ class HypernetworkMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEdi
     def put_values_into_components(self, name):
         values = super().put_values_into_components(name)
         user = self.get_user_metadata(name)
-        preferred = _as_float(user.get("preferred weight"), 0.0)
+        preferred = as_float(user.get("preferred weight"), 0.0)
         return [*values, user.get("alias", ""), preferred, user.get("activation text", "")]
 
     def save_hypernetwork_metadata(self, name, description, notes, alias, preferred, activation_text):
@@ -565,9 +344,6 @@ PATCH = HostPatch()
 # --- settings, API, registration ---------------------------------------------------------------------
 
 
-HOST_AUTO_ADD_SETTING = "sd_hypernetwork"
-
-
 def add_settings() -> None:
     for setting in SETTINGS:
         info = shared.OptionInfo(
@@ -594,8 +370,7 @@ def auto_add_option():
 
 
 def add_api_routes(demo, app) -> None:
-    credentials = api.parse_credentials(getattr(shared.cmd_opts, "api_auth", None))
-    api.add_routes(app, EXTENSION.library, credentials=credentials or None)
+    api.add_routes(app, EXTENSION.library, credentials=api_credentials())
 
 
 def on(register: Callable, callback: Callable, name: str) -> None:

@@ -26,8 +26,9 @@ VIEWPORT = {"width": 1440, "height": 1000}
 
 
 @contextlib.contextmanager
-def open_page(url: str) -> Iterator:
-    """The host's UI, loaded (its txt2img prompt is there)."""
+def open_page(url: str, *, ready: str = "visible") -> Iterator:
+    """The host's UI, loaded (its txt2img prompt is there; ``ready="attached"``: in the page, where the
+    host's UI opens on another tab, as SD.Next's Control tab)."""
     playwright_api = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"the page tests drive Debian's Chromium at {CHROMIUM}")
@@ -37,7 +38,7 @@ def open_page(url: str) -> Iterator:
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(UI_TIMEOUT)
             page.goto(url)
-            page.wait_for_selector("#txt2img_prompt textarea")
+            page.wait_for_selector("#txt2img_prompt textarea", state=ready)
             yield page
         finally:
             browser.close()

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.hosts import sdnext_host
 from tests.hosts import suite_files as files
 from tests.hosts.real_host import (
     USAGE,
@@ -107,6 +108,25 @@ def render_builtin_references(config: HostConfig, references: ReferenceStore) ->
         server.stop()
 
 
+def render_formula_references(config: HostConfig, references: ReferenceStore) -> None:
+    """SD.Next without the extension, with the reference formula's own small extension in its place
+    (SD.Next has no hypernetworks): the images the tags must render on SD.Next's pipeline."""
+    missing = [(case, prompt) for case, prompt in ALL_CASES if references.get(case, prompt, _settings()) is None]
+    if not missing:
+        return
+    remove_extension(config)
+    sdnext_host.install_reference(config)
+    try:
+        server = Server(config, "reference").start()
+        try:
+            for case, prompt in missing:
+                references.put(case, prompt, _settings(), server.txt2img(prompt))
+        finally:
+            server.stop()
+    finally:
+        sdnext_host.remove_reference(config)
+
+
 def _settings() -> dict:
     from tests.hosts.real_host import DEFAULT_SETTINGS
 
@@ -160,9 +180,12 @@ def suite(config: HostConfig):
     paths = files.write_networks(config, checkpoint.widths)
     paths[files.LORA_NAME] = files.write_lora(config, checkpoint)
     hashes = {name: files.file_sha256(path, config) for name, path in sorted(paths.items())}
-    references = ReferenceStore(config.artifacts.parent / "references" / checkpoint.sha256[:12], hashes)
+    folder = config.artifacts.parent / "references" / checkpoint.sha256[:12]
+    references = ReferenceStore(folder / "sdnext" if config.kind == "sdnext" else folder, hashes)
     if config.kind == "a1111":
         render_builtin_references(config, references)
+    elif config.kind == "sdnext":
+        render_formula_references(config, references)
     commit = install_extension(config)
     if config.kind != "a1111":  # A1111 is the reference itself
         install_reference_extension(config)

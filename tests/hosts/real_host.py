@@ -47,7 +47,9 @@ USAGE = (
 
 
 def host_kind(folder: Path) -> str:
-    """``a1111``, ``forge``, ``reforge`` or ``forgeclassic``, from the host's own files."""
+    """``a1111``, ``forge``, ``reforge``, ``forgeclassic`` or ``sdnext``, from the host's own files."""
+    if (folder / "modules" / "processing_diffusers.py").is_file():
+        return "sdnext"
     if (folder / "backend" / "patcher" / "unet.py").is_file():
         return "forge"
     if (folder / "ldm_patched").is_dir() or (folder / "modules_forge" / "unet_patcher.py").is_file():
@@ -55,11 +57,11 @@ def host_kind(folder: Path) -> str:
         return "reforge" if (folder / "modules" / "hypernetworks").is_dir() else "forgeclassic"
     if (folder / "modules" / "launch_utils.py").is_file():
         return "a1111"
-    raise ValueError(f"{folder} is not an A1111, Forge, reForge or Forge Classic folder")
+    raise ValueError(f"{folder} is not an A1111, Forge, reForge, Forge Classic or SD.Next folder")
 
 
 # Hosts without A1111's Train tab: the extension's Train tab is a top-level one there.
-WITHOUT_TRAIN_TAB = ("forge", "forgeclassic")
+WITHOUT_TRAIN_TAB = ("forge", "forgeclassic", "sdnext")
 
 
 @dataclass

@@ -7,12 +7,14 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import hypernetwork_ext as hx
+from tests.hosts import sdnext_host
 from tests.hosts.real_host import HostConfig, Server
 from tests.support.networks import perturbed
 
@@ -109,6 +111,8 @@ def launch_checkpoint(config: HostConfig) -> Checkpoint:
     if "--ckpt" in arguments and arguments.index("--ckpt") + 1 < len(arguments):
         path = Path(arguments[arguments.index("--ckpt") + 1])
         path = path if path.is_absolute() else config.folder / path
+    elif config.kind == "sdnext" and sdnext_host.configured_checkpoint(config) is not None:
+        path = sdnext_host.configured_checkpoint(config)
     else:
         found = sorted((config.folder / "models" / "Stable-diffusion").glob("*.safetensors"))
         found = [p for p in found if not p.name.startswith("hnx-suite")]
@@ -121,20 +125,34 @@ def launch_checkpoint(config: HostConfig) -> Checkpoint:
 
 def loaded_title(server: Server, checkpoint: Checkpoint) -> str:
     """The host's title of the checkpoint (as /sdapi/v1/options names it)."""
+    return title_for(server, checkpoint.path)
+
+
+def title_for(server: Server, path: Path) -> str:
+    """The host's title of a checkpoint file or diffusers folder (SD.Next lists relative filenames)."""
     for model in server.checkpoints():
-        if Path(model["filename"]).resolve() == checkpoint.path.resolve():
+        listed = Path(model["filename"])
+        if (server.config.folder / listed).resolve() == path.resolve():
             return model["title"]
-    raise RuntimeError(f"{checkpoint.path} is not in the host's /sdapi/v1/sd-models")
+    raise RuntimeError(f"{path} is not in the host's /sdapi/v1/sd-models")
+
+
+def unet_file(path: Path) -> tuple[Path, str]:
+    """The file holding the UNet's weights, and the prefix of its keys: a single file or a diffusers folder."""
+    if path.is_dir():
+        return path / "unet" / "diffusion_pytorch_model.safetensors", ""
+    return path, "model.diffusion_model."
 
 
 def attention_widths(path: Path) -> tuple[int, tuple[int, ...]]:
     """(context width, self-attention widths) from the checkpoint's to_k weights."""
     from safetensors import safe_open
 
+    file, prefix = unet_file(path)
     context, selfs = None, set()
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(file), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            if not key.startswith("model.diffusion_model.") or not key.endswith("to_k.weight"):
+            if not key.startswith(prefix) or not key.endswith("to_k.weight"):
                 continue
             width = handle.get_slice(key).get_shape()[1]
             if ".attn2." in key:
@@ -147,28 +165,43 @@ def attention_widths(path: Path) -> tuple[int, tuple[int, ...]]:
 
 
 def file_sha256(path: Path, config: HostConfig) -> str:
-    """Hashed once per file version; the cache lives with the suite's artifacts."""
+    """Hashed once per file version (a diffusers folder: its files in order); the cache lives with
+    the suite's artifacts."""
     cache_file = config.artifacts.parent / "checkpoint-hashes.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    stat = path.stat()
-    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = f"{path.resolve()}:" + ";".join(f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     if key not in cache:
         digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
+        for file in files:
+            digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
+            with open(file, "rb") as handle:
+                for block in iter(lambda handle=handle: handle.read(1 << 24), b""):
+                    digest.update(block)
         cache[key] = digest.hexdigest()
         cache_file.write_text(json.dumps(cache, indent=1))
     return cache[key]
 
 
 def second_name_for(checkpoint: Checkpoint) -> Path:
-    """A hard link of the loaded checkpoint under another name: switching to it is a full checkpoint
-    load in the host, without a second copy on disk."""
+    """A hard link of the loaded checkpoint under another name (a diffusers folder: a folder of hard
+    links): switching to it is a full checkpoint load in the host, without a second copy on disk."""
     link = checkpoint.path.with_name(f"hnx-suite-switch{checkpoint.path.suffix}")
-    if not link.exists():
+    if link.exists():
+        return link
+    if checkpoint.path.is_dir():
+        shutil.copytree(checkpoint.path, link, copy_function=os.link)
+    else:
         os.link(checkpoint.path, link)
     return link
+
+
+def remove_checkpoint(path: Path) -> None:
+    """A checkpoint file or diffusers folder the suite made."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # -- a small LoRA for the loaded checkpoint's attention projections ---------------------------------------
@@ -178,13 +211,16 @@ def write_lora(config: HostConfig, checkpoint: Checkpoint, seed: int = 5, rank: 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from hypernetwork_ext.ops.checkpoints import LDM_PREFIX, UnetWeights, diffusers_module_path
+    from hypernetwork_ext.ops.checkpoints import UnetWeights, diffusers_module_path
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    with safe_open(str(checkpoint.path), framework="pt") as handle:
-        shapes = {key[len(LDM_PREFIX) :]: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
-    names_only = UnetWeights(str(checkpoint.path), "single-file", dict.fromkeys(shapes))
+    file, prefix = unet_file(checkpoint.path)
+    with safe_open(str(file), framework="pt") as handle:
+        keys = [key for key in handle.keys() if key.startswith(prefix)]  # noqa: SIM118 (safe_open has no __iter__)
+        shapes = {key[len(prefix) :]: handle.get_slice(key).get_shape() for key in keys}
+    layout = "diffusers" if checkpoint.path.is_dir() else "single-file"
+    names_only = UnetWeights(str(checkpoint.path), layout, dict.fromkeys(shapes))
     for key, (out_features, in_features) in ((k, v) for k, v in shapes.items() if k.endswith(LORA_TARGETS)):
         attention, projection = key[: -len(".weight")].rsplit(".", 1)
         name = "lora_unet_" + f"{diffusers_module_path(names_only, attention)}.{projection}".replace(".", "_")

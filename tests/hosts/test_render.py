@@ -100,22 +100,23 @@ def test_linear_network_equals_the_checkpoint_it_is_baked_into(suite):
     """A reference computed by the host's own code alone: an affine network folded into a copy of the
     checkpoint's projections (``bake``) must render, without a tag, what the tag renders."""
     tagged = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-linear:1.2>")
-    baked_path = suite.checkpoint.path.with_name("hnx-suite-baked-linear.safetensors")
-    baked_path.unlink(missing_ok=True)
+    suffix = "" if suite.checkpoint.path.is_dir() else ".safetensors"  # a diffusers folder, or a single file
+    baked_path = suite.checkpoint.path.with_name(f"hnx-suite-baked-linear{suffix}")
+    files.remove_checkpoint(baked_path)
     bake_in_float32(
         suite.checkpoint.path, suite.config.hypernetwork_dir / files.SUITE_FOLDER / "hnx-linear.pt", baked_path
     )
     try:
         suite.server.post("/sdapi/v1/refresh-checkpoints")
         original = files.loaded_title(suite.server, suite.checkpoint)
-        baked_title = next(m["title"] for m in suite.server.checkpoints() if m["model_name"] == baked_path.stem)
+        baked_title = files.title_for(suite.server, baked_path)
         suite.server.switch_checkpoint(baked_title)
         try:
             baked = suite.server.txt2img(files.NO_TAG)
         finally:
             suite.server.switch_checkpoint(original)
     finally:
-        baked_path.unlink(missing_ok=True)
+        files.remove_checkpoint(baked_path)
         suite.server.post("/sdapi/v1/refresh-checkpoints")
     suite.save("baked-linear", baked)
     assert mean_difference(tagged, suite.before_tags) > VISIBLE

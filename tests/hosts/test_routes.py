@@ -23,7 +23,7 @@ def test_routes_answer_during_a_checkpoint_switch(suite):
     link = files.second_name_for(suite.checkpoint)
     suite.server.post("/sdapi/v1/refresh-checkpoints")
     original = files.loaded_title(suite.server, suite.checkpoint)
-    other = next(m["title"] for m in suite.server.checkpoints() if m["model_name"] == link.stem)
+    other = files.title_for(suite.server, link)
     statuses: list = []
     switching = threading.Thread(target=suite.server.switch_checkpoint, args=(other,))
     switching.start()
@@ -40,7 +40,7 @@ def test_routes_answer_during_a_checkpoint_switch(suite):
         tagged = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0.8>")  # networks follow the switch
     finally:
         suite.server.switch_checkpoint(original)
-        link.unlink(missing_ok=True)
+        files.remove_checkpoint(link)
         suite.server.post("/sdapi/v1/refresh-checkpoints")
     assert statuses and all(status == 200 for status in statuses), statuses
     assert max_difference(tagged, suite.before_tags) > TOLERANCE
