@@ -124,8 +124,8 @@ def comfy_builtin(name: str, strength: float) -> tuple[str, dict]:
     return ("HypernetworkLoader", {"hypernetwork_name": name, "strength": strength})
 
 
-def reference(path: str, strength: float) -> tuple[str, dict]:
-    return ("HnxSuiteReferenceHypernetwork", {"path": path, "strength": strength})
+def reference(path: str, strength: float, precision: str = "float32") -> tuple[str, dict]:
+    return ("HnxSuiteReferenceHypernetwork", {"path": path, "strength": strength, "precision": precision})
 
 
 def with_nodes(base: Workflow, *nodes: tuple[str, dict]) -> Workflow:

@@ -45,20 +45,24 @@ def load_reference(path, strength):
 
 
 class ReferencePatch:
-    def __init__(self, pairs):
+    def __init__(self, pairs, dtype):
         self.pairs = pairs
+        self.dtype = dtype  # float32 as A1111 computes; float64 for the formula without its rounding
 
     def __call__(self, n, context, value, extra_options):
         pair = self.pairs.get(context.shape[-1])
         if pair is not None:
-            context = pair[0](context.float()).to(context.dtype)
+            context = pair[0](context.to(self.dtype)).to(context.dtype)
         pair = self.pairs.get(value.shape[-1])
         if pair is not None:
-            value = pair[1](value.float()).to(value.dtype)
+            value = pair[1](value.to(self.dtype)).to(value.dtype)
         return n, context, value
 
     def __deepcopy__(self, memo):
         return self
+
+
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
 class HnxSuiteReferenceHypernetwork:
@@ -68,10 +72,13 @@ class HnxSuiteReferenceHypernetwork:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "path": ("STRING", {"default": ""}), "strength": ("FLOAT",)}}
+        return {
+            "required": {"model": ("MODEL",), "path": ("STRING", {"default": ""}), "strength": ("FLOAT",)},
+            "optional": {"precision": (list(PRECISIONS), {"default": "float32"})},
+        }
 
-    def apply(self, model, path, strength):
-        patch = ReferencePatch(load_reference(path, strength))
+    def apply(self, model, path, strength, precision="float32"):
+        patch = ReferencePatch(load_reference(path, strength), PRECISIONS[precision])
         clone = model.clone()
         clone.set_model_attn1_patch(patch)
         clone.set_model_attn2_patch(patch)

@@ -67,14 +67,14 @@ def reference_mlp(state: dict, layer_structure, activation, layer_norm, dropout_
             if activation == "prelu":
                 slope = state[f"linear.{index}.weight"]
                 consumed.add(f"linear.{index}.weight")
-                steps.append(("fn", lambda x, s=slope: F.prelu(x, s)))
+                steps.append(("fn", lambda x, s=slope: F.prelu(x, s.to(x.dtype))))
             else:
                 steps.append(("fn", FUNCTIONS[activation]))
             index += 1
         if layer_norm:
             ln_w, ln_b = state[f"linear.{index}.weight"], state[f"linear.{index}.bias"]
             consumed |= {f"linear.{index}.weight", f"linear.{index}.bias"}
-            steps.append(("fn", lambda x, w=ln_w, b=ln_b: F.layer_norm(x, (w.shape[0],), w, b)))
+            steps.append(("fn", lambda x, w=ln_w, b=ln_b: F.layer_norm(x, (w.shape[0],), w.to(x.dtype), b.to(x.dtype))))
             index += 1
         if dropout_structure[i + 1] > 0:
             index += 1  # a Dropout takes an index; identity at inference
@@ -83,7 +83,7 @@ def reference_mlp(state: dict, layer_structure, activation, layer_norm, dropout_
     def run(x):
         for step in steps:
             if step[0] == "linear":
-                x = F.linear(x, step[1].float(), step[2].float())
+                x = F.linear(x, step[1].to(x.dtype), step[2].to(x.dtype))  # float32 here, float64 for an exact check
             else:
                 x = step[1](x)
         return x
