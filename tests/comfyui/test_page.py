@@ -10,6 +10,27 @@ from tests.comfyui.conftest import DATASET
 from tests.hosts.browser import CHROMIUM, CHROMIUM_ARGS
 
 OUR_NODES = ("HypernetworkLoaderA1111", "HypernetworksFromPrompt", "TrainHypernetwork")
+PAGE_SETTINGS = {
+    "Comfy.TutorialCompleted": True,  # a returning user's page: a first start opens the template browser
+    "LiteGraph.Canvas.MinFontSizeForLOD": 0,  # titles and widgets drawn at any zoom, not grey boxes
+    "Comfy.Minimap.Visible": False,
+}
+# Our nodes at 100% zoom, clear of the side bar and the tabs: returns their box on the page.
+SHOW_OUR_NODES = """(types) => {
+  const canvas = window.app.canvas, ds = canvas.ds, margin = 20, title = 30, left = 100, top = 140;
+  const ours = window.app.graph.nodes.filter((n) => types.includes(n.type));
+  const x0 = Math.min(...ours.map((n) => n.pos[0])) - margin;
+  const y0 = Math.min(...ours.map((n) => n.pos[1])) - title - margin;
+  const x1 = Math.max(...ours.map((n) => n.pos[0] + n.size[0])) + margin;
+  const y1 = Math.max(...ours.map((n) => n.pos[1] + n.size[1])) + margin;
+  ds.scale = 1;
+  ds.offset[0] = left - x0;
+  ds.offset[1] = top - y0;
+  canvas.setDirty(true, true);
+  const rect = canvas.canvas.getBoundingClientRect();
+  return {x: rect.left + left, y: rect.top + top,
+          width: Math.min(x1 - x0, innerWidth - rect.left - left), height: Math.min(y1 - y0, innerHeight - rect.top - top)};
+}"""
 
 
 def showcase(model) -> dict:
@@ -37,9 +58,10 @@ def test_workflow_in_comfyuis_front_end(comfy):
     playwright_api = pytest.importorskip("playwright.sync_api")
     workflow = showcase(comfy.sd1)
     path = comfy.config.artifacts / "images" / "comfyui-workflow.png"
+    close_up = path.with_name("comfyui-nodes.png")  # our nodes at 100% (docs/images/comfyui-nodes.png)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A returning user's page: a first start opens ComfyUI's template browser over the graph.
-    comfy.server.request("POST", "/settings/Comfy.TutorialCompleted", True, raw=True)
+    for setting, value in PAGE_SETTINGS.items():
+        comfy.server.request("POST", f"/settings/{setting}", value, raw=True)
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -60,9 +82,16 @@ def test_workflow_in_comfyuis_front_end(comfy):
             page.wait_for_timeout(2000)
             dialogs = page.locator(".p-dialog:visible").count()
             page.screenshot(path=str(path))
+            page.set_viewport_size({"width": 2000, "height": 1400})
+            page.wait_for_timeout(1000)
+            box = page.evaluate(SHOW_OUR_NODES, list(OUR_NODES))
+            page.wait_for_timeout(2000)
+            page.screenshot(path=str(close_up), clip=box)
         finally:
             browser.close()
-    print(f"\n[comfyui] front end: nodes {types}; screenshot {path}")
+    print(
+        f"\n[comfyui] front end: nodes {types}; screenshots {path}, {close_up} ({box['width']:.0f}x{box['height']:.0f})"
+    )
     known = {node_type for node_type, _errors in types}
     assert set(OUR_NODES) <= known
     assert len(types) == len(workflow)
