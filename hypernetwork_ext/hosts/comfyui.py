@@ -28,34 +28,16 @@ from torch import nn
 
 from ..attach import KVRewriter, NetworkSpec, normalise_networks
 from ..errors import IncompatibleNetworkError
-from ..patches import SamplingProgress, attention_patch
+from ..patches import AttentionPatch as SharedAttentionPatch
+from ..patches import SamplingProgress
 from ..shape import ModelShape, model_shape
 from ..strength import CROSS, SELF
 
 
-class AttentionPatch:
-    """One attn1 (``kind`` self) or attn2 (cross) patch in ComfyUI's patch list."""
-
-    def __init__(self, rewriter: KVRewriter, kind: str, progress: SamplingProgress | None):
-        self.rewriter = rewriter
-        self.kind = kind
-        self._patch = attention_patch(rewriter, kind, progress=progress)
-        self._device: torch.device | None = None
-
-    def __call__(self, n, context, value, extra_options):
-        return self._patch(n, context, value, extra_options)
-
-    def to(self, target):
-        """ComfyUI moves patches with the model (``model_patches_to``): a device or a dtype."""
-        if isinstance(target, (torch.device, str)):
-            device = torch.device(target)
-            if self._device is not None and device != self._device:
-                self.rewriter.reset(self.rewriter.entries)  # drop copies and contexts on the old device
-            self._device = device
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
+class AttentionPatch(SharedAttentionPatch):
+    """One attn1 (``kind`` self) or attn2 (cross) patch in ComfyUI's patch list: Forge's and reForge's
+    patch (it copies as itself and follows the model's device through ``model_patches_to``, letting go
+    of what it kept on other devices), reading the step from the sampler's sigmas."""
 
     @property
     def networks(self) -> list:
@@ -84,8 +66,8 @@ def patched_model(model, networks: Sequence[NetworkSpec], *, compute_dtype: torc
         return clone
     rewriter = KVRewriter(entries, compute_dtype)
     progress = SamplingProgress() if any(strength.is_scheduled for _net, strength in entries) else None
-    clone.set_model_attn1_patch(AttentionPatch(rewriter, SELF, progress))
-    clone.set_model_attn2_patch(AttentionPatch(rewriter, CROSS, progress))
+    clone.set_model_attn1_patch(AttentionPatch(rewriter, SELF, progress=progress))
+    clone.set_model_attn2_patch(AttentionPatch(rewriter, CROSS, progress=progress))
     return clone
 
 

@@ -110,10 +110,10 @@ def test_clones_share_the_networks_and_patches_follow_the_device(host, model, in
     before = denoise(clone, inputs)
     clone.load()  # the memory manager: .to(load device), then .to(the model's dtype)
     assert comfyui.our_patches(clone) == [patch]
-    patch.rewriter._copies[("dummy",)] = object()  # what a GPU copy would be
-    clone.model_patches_to(torch.device("meta"))  # unloading to another device drops what was made for the old one
-    assert patch.rewriter._copies == {}
+    # What a copy on the GPU would be; unloading the model to the CPU drops what was made for another device.
+    patch.rewriter._copies[(0, torch.device("meta"), torch.float32)] = torch.nn.Linear(2, 2, device="meta")
     clone.model_patches_to(torch.device("cpu"))
+    assert not [key for key in patch.rewriter._copies if key[1] != torch.device("cpu")]
     torch.testing.assert_close(denoise(clone, inputs), before, rtol=0, atol=0)
 
 
