@@ -224,6 +224,25 @@ def test_nonlinear_networks_round_as_a1111s_formula(unet, case):
     assert stats["paired_first_layers"] > 0  # on CPU the batched GEMM gives the same bits
 
 
+def test_a_batched_gemm_that_rounds_otherwise_is_not_used(ldm, ldm_inputs, monkeypatch):
+    """Where a batched first-layer GEMM gives other bits than two separate ones (a kernel chosen per
+    shape), the two paths keep their own GEMMs."""
+    original = fastpath._PairPlan._first_layers
+
+    def other_rounding(self, x):
+        return tuple(torch.nextafter(out, torch.full_like(out, float("inf"))) for out in original(self, x))
+
+    monkeypatch.setattr(fastpath._PairPlan, "_first_layers", other_rounding)
+    entries = _deep_and_stacked()["stacked"]
+    expected = M.run_ldm(reference_model(ldm, entries), ldm_inputs)
+    with hx.apply(ldm, entries) as handle:
+        outputs = steps(ldm, ldm_inputs)
+        stats = dict(handle.stats)
+    assert all(torch.equal(output, expected) for output in outputs)
+    assert stats["pairs_unlike_apart"] > 0 and stats.get("paired_first_layers", 0) == 0
+    assert stats["paired_calls"] > 0  # to_v still takes what the to_k call computed
+
+
 def test_context_cache_follows_context_values(ldm, ldm_inputs):
     net = make(activation="relu", layer_norm=True)
     other_inputs = {**ldm_inputs, "context": torch.randn_like(ldm_inputs["context"])}
