@@ -163,6 +163,7 @@ class Server:
         self.log_path = config.artifacts / f"{name}.log"
         self.process: subprocess.Popen | None = None
         self.started_in: float | None = None
+        self.restore_options: dict = {}
 
     # -- lifecycle
     def start(self, extra_args: str = "") -> Server:
@@ -190,11 +191,22 @@ class Server:
                 raise RuntimeError(f"the host was not ready within {START_TIMEOUT:.0f} s; see {self.log_path}")
             time.sleep(1)
         self.started_in = time.monotonic() - started
+        self._answer_lossless_images()
         return self
+
+    def _answer_lossless_images(self) -> None:
+        """The API answers in the host's own image format, JPEG by default in SD.Next (quality 90): the
+        suite compares pixels, so the host answers PNG while it runs and gets its format back at the end."""
+        before = self.get("/sdapi/v1/options").get("samples_format")
+        if before not in (None, "png"):
+            self.post("/sdapi/v1/options", {"samples_format": "png"})
+            self.restore_options["samples_format"] = before
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        if self.restore_options and self._answers():
+            self.post("/sdapi/v1/options", self.restore_options)
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(60)
@@ -241,6 +253,8 @@ class Server:
         seconds = time.monotonic() - started
         info = json.loads(result.get("info") or "{}")
         images = [decode_image(image) for image in result["images"]]
+        if images[0].format != "PNG":  # a lossy image would hide or invent the differences measured
+            raise RuntimeError(f"the host answered a {images[0].format} image; the suite compares PNG pixels")
         return Rendered(images[0], info.get("infotexts", [""])[0], seconds, payload)
 
     def checkpoint(self) -> str:
