@@ -256,3 +256,22 @@ def _wait(client, job_id: str) -> dict:
             return status
         time.sleep(0.1)
     raise AssertionError("the job did not end")
+
+
+def test_preload_leaves_sdnexts_hidden_option_alone(monkeypatch):
+    """SD.Next keeps ``--hypernetwork-dir`` hidden and without a default (``SD_HYPERNETWORKDIR`` or None),
+    and its ``paths_internal`` has no ``models_path``: the extension's preload.py failed with an
+    ImportError at every start of the real SD.Next until it asked for the option, not its default."""
+    import argparse
+    from pathlib import Path
+
+    from tests.support.scripts import script_module
+
+    monkeypatch.setitem(sys.modules, "modules", type(sys)("modules"))
+    monkeypatch.setitem(sys.modules, "modules.paths_internal", type(sys)("modules.paths_internal"))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hypernetwork-dir", type=str, default=None, help=argparse.SUPPRESS)
+    with script_module(Path(sdnext_standin.ROOT) / "preload.py", "preload.py") as module:
+        module.preload(parser)
+    assert parser.parse_args([]).hypernetwork_dir is None
+    assert len([a for a in parser._actions if "--hypernetwork-dir" in a.option_strings]) == 1
