@@ -28,6 +28,17 @@ SCRIPT_TITLE = "Hypernetworks"
 FAMILY_LABELS = {"sd1": "SD 1.5", "sd2": "SD 2", "sdxl": "SDXL"}  # SD.Next's version labels on cards
 
 
+def loaded_pipeline():
+    """The pipeline SD.Next has loaded, or None. Not ``shared.sd_model`` alone: reading it while no model
+    is loaded makes SD.Next load the configured one (and warn "Model locked" while one loads), so
+    listing the networks would load a model."""
+    try:
+        from modules.modeldata import model_data
+    except ImportError:  # an SD.Next from before modules.modeldata (2024)
+        return shared.sd_model
+    return model_data.sd_model
+
+
 class HypernetExtraNetwork(extra_networks.ExtraNetwork):
     """``<hypernet:...>``: SD.Next calls ``activate`` before the prompt is encoded (once per pass,
     hires included, with an empty list when the prompt has no tag) and ``deactivate`` after the
@@ -67,7 +78,7 @@ class HypernetworkPage(ui_extra_networks.ExtraNetworksPage):
     def create_item(self, prompt_name: str, entry: NetworkEntry) -> dict | None:
         library = EXTENSION.library
         info = library.info(entry)
-        if not option("hypernetwork_show_all") and not EXTENSION.fits_loaded_model(info, shared.sd_model):
+        if not option("hypernetwork_show_all") and not EXTENSION.fits_loaded_model(info, loaded_pipeline()):
             return None
         user = library.user_metadata(entry)
         sha = library.cached_sha256(entry)

@@ -275,3 +275,18 @@ def test_preload_leaves_sdnexts_hidden_option_alone(monkeypatch):
         module.preload(parser)
     assert parser.parse_args([]).hypernetwork_dir is None
     assert len([a for a in parser._actions if "--hypernetwork-dir" in a.option_strings]) == 1
+
+
+def test_listing_networks_and_the_training_state_load_no_model(host):
+    """SD.Next's ``shared.sd_model`` loads the configured checkpoint when none is loaded (and logs
+    "Model locked" while one loads: the real SD.Next logged it for each card while its model loaded)."""
+    write_network(host, "ink")
+    data = host.modules["modules.modeldata"].model_data
+    data.sd_model = None
+    page = host.shared.extra_networks[0]
+    page.create_items("txt2img")
+    assert [item["name"] for item in page.items] == ["ink"]
+    from hypernetwork_ext.hosts import sdnext_training
+
+    assert sdnext_training.loaded_model() is None
+    assert data.load_requests == 0
