@@ -314,9 +314,16 @@ def mean_difference(a: Rendered, b: Rendered) -> float:
 
 # -- the server log ----------------------------------------------------------------------------------------
 TRACEBACK = re.compile(r"Traceback \(most recent call last\):\n(?:[ \t].*\n|\n)*?\S.*", re.M)
+# SD.Next prints its tracebacks with rich: no "Traceback" header, a frame is "/path/file.py:20 in preload"
+RICH_FRAME = re.compile(r"^\S+\.py:\d+ in \S+[ \t]*$", re.M)
 OURS = ("hypernetwork_ext", EXTENSION_FOLDER)
 
 
 def extension_tracebacks(log: str) -> list[str]:
-    """Tracebacks in the host's log that pass through this extension's code."""
-    return [match for match in TRACEBACK.findall(log) if any(name in match for name in OURS)]
+    """Tracebacks in the host's log that pass through this extension's code (Python's own format, or
+    the frames of SD.Next's rich tracebacks, each with the lines that follow it)."""
+    found = [match for match in TRACEBACK.findall(log) if any(name in match for name in OURS)]
+    for frame in RICH_FRAME.finditer(log):
+        if any(name in frame.group() for name in OURS):
+            found.append("\n".join(log[frame.start() :].splitlines()[:8]))
+    return found
