@@ -198,9 +198,19 @@ class Server:
         """The API answers in the host's own image format, JPEG by default in SD.Next (quality 90): the
         suite compares pixels, so the host answers PNG while it runs and gets its format back at the end."""
         before = self.get("/sdapi/v1/options").get("samples_format")
-        if before not in (None, "png"):
-            self.post("/sdapi/v1/options", {"samples_format": "png"})
+        if before == "png":
+            return
+        if before is None:  # SD.Next lists only the options set; its defaults are in /options-info
+            before = self._option_default("samples_format")
+        self.post("/sdapi/v1/options", {"samples_format": "png"})
+        if before is not None:
             self.restore_options["samples_format"] = before
+
+    def _option_default(self, key: str):
+        try:
+            return self.get("/sdapi/v1/options-info")["options"][key]["default"]
+        except (HttpError, KeyError, TypeError):
+            return None
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
