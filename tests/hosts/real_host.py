@@ -148,6 +148,13 @@ def install_reference_extension(config: HostConfig) -> None:
 
 
 # -- the server -------------------------------------------------------------------------------------------
+SETTINGS_FILES = ("config.json", "secrets.json")  # what SD.Next writes when an option is set
+
+
+def _modified(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
 class HttpError(RuntimeError):
     def __init__(self, method: str, path: str, status: int, body: str):
         super().__init__(f"{method} {path}: HTTP {status}: {body[:2000]}")
@@ -206,6 +213,16 @@ class Server:
         if before is not None:
             self.restore_options["samples_format"] = before
 
+    def _set_options_and_wait_saved(self, options: dict) -> None:
+        """SD.Next writes its settings files in a thread after it answers: stopping it at once cut its
+        secrets.json short once (an error at its next start)."""
+        files = [self.config.folder / name for name in SETTINGS_FILES]
+        before = [_modified(path) for path in files]
+        self.post("/sdapi/v1/options", options)
+        deadline = time.monotonic() + 30
+        while any(_modified(p) == b for p, b in zip(files, before, strict=True)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def _option_default(self, key: str):
         try:
             return self.get("/sdapi/v1/options-info")["options"][key]["default"]
@@ -216,7 +233,7 @@ class Server:
         if self.process is None or self.process.poll() is not None:
             return
         if self.restore_options and self._answers():
-            self.post("/sdapi/v1/options", self.restore_options)
+            self._set_options_and_wait_saved(self.restore_options)
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(60)
