@@ -110,8 +110,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
 
 
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[BinaryIO], None], *, overwrite: bool = False) -> None:
+    """``writer(handle)`` writes the file; a failed write (a full disk) names ``path``, as above."""
     with atomic_output(path, overwrite=overwrite) as handle:
-        writer(handle)
+        try:
+            writer(handle)
+        except OSError as exc:
+            raise _not_written(os.fspath(path), exc) from exc
 
 
 def _mode_for(path: str) -> int:

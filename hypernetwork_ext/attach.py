@@ -12,9 +12,11 @@ exactly; both run under every attention kernel because every kernel calls ``to_k
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,7 @@ from .fastpath import (
     autocast_state,
     combine,
     copy_module,
+    fold_bytes,
     fold_dtype,
     fold_weights,
     foldable_projection,
@@ -38,6 +41,7 @@ from .fastpath import (
     needs_autograd,
     version_of,
 )
+from .memory import DEFAULT_FOLD_LIMIT, FoldBudget, HeldMemory
 from .network import Hypernetwork, HypernetworkModule
 from .strength import CROSS, KEY, SELF, VALUE, Strength
 
@@ -132,11 +136,18 @@ class Runtime:
     merging into the weights, its default), False (Lora's functional mode: deltas added on the
     fly, so folding into the weight would lose them) or None (unknown: every folded call checks
     one row against ``F.linear``).
+
+    ``lower_precision(device)``, given by a host whose own networks must be matched (A1111), tells
+    whether the host computes in lower precision at this moment (its autocast, or casting layers
+    itself). Then, with no compute dtype chosen, every network is computed as that host computes
+    its own: ``x + mlp(x) * m`` on the input as it comes, under the host's casting, each rounding
+    where the host's is (see ``KVRewriter._rewrite_as_host``).
     """
 
     progress: float | None = None
     uncond_rows: torch.Tensor | None = None  # bool per batch row
     linear_projections: bool | None = None
+    lower_precision: Callable[[torch.device], bool] | None = None
 
 
 @dataclass
@@ -168,6 +179,7 @@ class KVRewriter:
         self._engine = Engine()
         self._rows_memo: tuple = (None, -1, None, None)
         self._active_memo: dict[int, tuple] = {}
+        self._learning_contexts: dict[tuple, tuple] = {}
 
     @property
     def stats(self):
@@ -197,10 +209,14 @@ class KVRewriter:
         infos = [self._engine.info(stage.module) for stage in stages]
         if needs_autograd(x, infos):
             self.stats["plain_calls"] += 1
+            if kind == CROSS:
+                return self._rewrite_learning_context(x, path, stages)
             return self._rewrite_plain(x, stages)
         active = self._active(stages, infos, x)
         if not active:
             return x
+        if self._as_host(x):
+            return self._rewrite_as_host(x, path, kind, active)
         dtype = self._dtype(stages)
         if kind == CROSS:
             return self._rewrite_context(x, path, kind, block, active, dtype)
@@ -218,15 +234,60 @@ class KVRewriter:
             self.rewrite(value_input, VALUE, kind=kind, block=block),
         )
 
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """``(kind, tensor)`` for what the fast paths keep (see :mod:`hypernetwork_ext.memory`)."""
+        copies = [("network_copies", p) for copy in self._copies.values() for p in copy.parameters()]
+        return copies + self._engine.held_tensors()
+
+    def memory(self) -> HeldMemory:
+        """What the rewriter alone holds (an attachment adds its folds)."""
+        return HeldMemory.measure(self.held_tensors(), folding=False)
+
+    def release(self, keep: set[torch.device] | None = None) -> None:
+        """Drop what is kept on devices other than ``keep`` (everything when None); the networks
+        stay, and what they need is rebuilt at the next call."""
+        for key in [key for key in self._copies if keep is None or key[1] not in keep]:
+            del self._copies[key]
+        self._engine.release(keep)
+
     def reset(self, entries: list[tuple[Hypernetwork, Strength]]) -> None:
         self.entries = entries
         self._plans.clear()
         self._copies.clear()
         self._active_memo.clear()
+        self._learning_contexts.clear()
         self._engine.clear()
+
+    # -- while a network learns -----------------------------------------------------------------
+    def _rewrite_learning_context(self, x: torch.Tensor, path: str, stages: list[_Stage]) -> torch.Tensor:
+        """The text context, rewritten once per forward pass while the networks learn: every
+        cross-attention layer of a width gets the same context tensor, so the layers share one
+        result (autograd adds up the gradient of every use) instead of running the networks
+        once each (16 times on SD1.5, as A1111 does). Only while every stage is in training mode
+        (its multiplier is ignored, as the host does) and draws no dropout (a fresh mask per call)."""
+        if _UNSHARED[0] or not all(stage.module.training and not _draws_dropout(stage.module) for stage in stages):
+            return self._rewrite_plain(x, stages)
+        key = (id(x), path, tuple(id(stage.module) for stage in stages))
+        token = (version_of(x), torch.is_grad_enabled(), tuple(self._engine.info(s.module).token() for s in stages))
+        entry = self._learning_contexts.get(key)
+        if entry is not None and entry[0]() is x and entry[1] == token:
+            self.stats["shared_learning_contexts"] += 1
+            return entry[2]
+        y = self._rewrite_plain(x, stages)
+        # Kept while the context lives (to the end of the step), dropped with it.
+        forget = self._learning_contexts.pop
+        self._learning_contexts[key] = (weakref.ref(x, lambda _ref, key=key: forget(key, None)), token, y)
+        return y
 
     # -- the plain path: one module call per stage, differentiable -------------------------------
     def _rewrite_plain(self, x: torch.Tensor, stages: list[_Stage]) -> torch.Tensor:
+        if self._as_host(x) and not any(stage.module.training for stage in stages):
+            y = x
+            for stage in stages:
+                multiplier = self._multiplier(stage, y)
+                if not (isinstance(multiplier, float) and multiplier == 0.0):
+                    y = self._host_stage(y, stage.module, multiplier)
+            return y.to(x.dtype)
         dtype = self._dtype(stages)
         y = x.to(dtype)
         changed = False
@@ -256,6 +317,46 @@ class KVRewriter:
             copy = copy_module(module).to(device=device, dtype=dtype)
             self._copies[key] = copy
         return copy
+
+    # -- the host's own arithmetic ---------------------------------------------------------------------
+    def _as_host(self, x: torch.Tensor) -> bool:
+        """Whether this call computes as the host computes its own networks (see ``Runtime``)."""
+        lower_precision = self.runtime.lower_precision
+        return self.compute_dtype is None and lower_precision is not None and lower_precision(x.device)
+
+    def _host_stage(
+        self, y: torch.Tensor, module: HypernetworkModule, multiplier: float | torch.Tensor
+    ) -> torch.Tensor:
+        """One network as A1111 computes it: ``x + linear(x) * m``, the layers called on the input as it
+        comes (in its dtype, the host's autocast or casting deciding each layer's precision), the
+        product rounded before the sum. In lower precision every other order rounds differently,
+        and sampling grows those differences into visible ones (5-6/255 with A1111's FP8 weights)."""
+        own = next(module.parameters(), None)
+        dtype = own.dtype if own is not None else y.dtype
+        g = self._module_on(module, y.device, dtype).linear(y)
+        return y + g * multiplier
+
+    def _rewrite_as_host(self, x: torch.Tensor, path: str, kind: str, active: Active) -> torch.Tensor:
+        """No fold, composed matrix or batched GEMM (each rounds otherwise than the host); the text
+        context's result is still computed once per generation."""
+        entry = self._engine.contexts.entry_for(x) if kind == CROSS else None
+        key = None
+        if entry is not None:
+            signature = tuple((id(info.module), info.token(), mult.key) for info, mult in active)
+            key = ("host", path, x.dtype, autocast_state(x.device), signature)
+            found = entry.get(key)
+            if found is not None:
+                self.stats["context_hits"] += 1
+                return found
+        y = x
+        for info, mult in active:
+            y = self._host_stage(y, info.module, mult.value_for(y))
+        out = y.to(x.dtype)
+        self.stats["host_arithmetic_calls"] += 1
+        if entry is not None:
+            entry.put(key, out)
+            self.stats["context_computed"] += 1
+        return out
 
     # -- the fast paths -------------------------------------------------------------------------------
     def _dtype(self, stages: list[_Stage]) -> torch.dtype:
@@ -407,7 +508,7 @@ class KVRewriter:
         if not self.fast or needs_autograd(x, infos, weights):
             self.stats["plain_calls"] += 1
             return forward(projection, self.rewrite(x, path, kind=kind, block=block))
-        if state.unstable or not foldable_weight(projection.weight):
+        if state.unstable or not foldable_weight(projection.weight) or self._as_host(x):
             return forward(projection, self.rewrite(x, path, kind=kind, block=block))
         active = self._active(stages, infos, x)
         if not active:
@@ -465,11 +566,7 @@ class KVRewriter:
     ) -> torch.Tensor:
         weight, bias = projection.weight, projection.bias
         folding = fold_dtype(weight)
-        state.revalidate(
-            _tensor_token(weight) + _tensor_token(bias),
-            (*(info.token() for info, _ in suffix), folding),
-            tuple(t.detach() for t in (weight, bias) if t is not None),
-        )
+        state.revalidate(_tensor_token(weight) + _tensor_token(bias), (*(info.token() for info, _ in suffix), folding))
         progress = self.runtime.progress if scheduled else None
         outputs = []
         for rows, multipliers in _row_groups(suffix):
@@ -479,11 +576,15 @@ class KVRewriter:
                 continue
             fold = state.lookup(multipliers)
             if fold is None and state.worth_folding(multipliers, progress):
-                started = time.perf_counter()
-                affines = [self._engine.affine(info, weight.device, folding) for info, _ in suffix]
-                fold = state.store(multipliers, *fold_weights(weight, bias, affines, multipliers))
-                self.stats["folds"] += 1
-                self.stats["fold_seconds"] += time.perf_counter() - started  # host time (GPU: queued)
+                if state.budget.admit(fold_bytes(weight)):
+                    started = time.perf_counter()
+                    affines = [self._engine.affine(info, weight.device, folding) for info, _ in suffix]
+                    held = tuple(t.detach() for t in (weight, bias) if t is not None)
+                    fold = state.store(multipliers, *fold_weights(weight, bias, affines, multipliers), held)
+                    self.stats["folds"] += 1
+                    self.stats["fold_seconds"] += time.perf_counter() - started  # host time (GPU: queued)
+                else:
+                    self.stats["unfolded_over_limit"] += 1
             if fold is not None:
                 self.stats["folded_calls"] += 1
                 outputs.append((rows, F.linear(part, fold.weight, fold.bias)))
@@ -605,12 +706,16 @@ class Attachment:
     ``attach()`` and ``remove()`` are idempotent; ``update()`` swaps the networks. Projections
     where no network acts (no module of that width, a zero factor) get nothing; with no networks
     nothing is attached at all. ``fast=False`` keeps the plain computation everywhere;
-    ``fold=False`` keeps the other fast paths but folds nothing, which saves the memory of one copy
-    of the self-attention key/value weights (about 50 MB for SD1.5 and 410 MB for SDXL in fp16).
+    ``fold=False`` keeps the other fast paths but folds nothing.
 
-    Folded weights and rewritten contexts survive ``remove()``/``attach()`` of the same handle, so
-    attaching again for the next generation costs nothing; ``update()`` with other networks, or
-    dropping the handle, frees them.
+    Folded weights take up to ``fold_limit`` bytes (None: no bound; a full set is one copy of the
+    self-attention key/value weights, about 50 MB for SD1.5 and 410 MB for SDXL in fp16); beyond
+    it projections compute unfolded (:class:`~hypernetwork_ext.memory.FoldBudget`). They and the
+    rewritten contexts survive ``remove()``/``attach()`` of the same handle, so attaching again for
+    the next generation costs nothing, unless the model's weights moved off their device meanwhile:
+    ``remove()`` lets go of whatever is on a device the model no longer uses, and ``release()``
+    lets go of everything. ``memory()`` tells what is held; ``update()`` with other networks, or
+    dropping the handle, frees it all.
     """
 
     def __init__(
@@ -621,6 +726,7 @@ class Attachment:
         compute_dtype: torch.dtype | None = None,
         fast: bool = True,
         fold: bool = True,
+        fold_limit: int | None = DEFAULT_FOLD_LIMIT,
     ):
         self.model = model
         self.fold = fold
@@ -631,8 +737,9 @@ class Attachment:
             )
         _refuse_fused_projections(self.sites)
         self.rewriter = KVRewriter(normalise_networks(networks), compute_dtype, fast=fast)
+        self.budget = FoldBudget(fold_limit)
         self._bindings: list[_Binding] = []
-        self._fold_states: dict[tuple[int, str], FoldState] = {}
+        self._fold_states: dict[tuple[int, str], tuple[nn.Module, FoldState]] = {}
 
     @property
     def runtime(self) -> Runtime:
@@ -651,9 +758,18 @@ class Attachment:
         """How many calls took which way (folded, cached context, paired, plain...)."""
         return self.rewriter.stats
 
+    @property
+    def fold_limit(self) -> int | None:
+        return self.budget.limit
+
+    @fold_limit.setter
+    def fold_limit(self, limit: int | None) -> None:
+        self.budget.set_limit(limit)  # folds beyond a lower limit go at once
+
     def attach(self) -> Attachment:
         if self._bindings or not self.rewriter.entries:
             return self
+        self.budget.new_epoch()
         for site in self.sites:
             for path, projection in ((KEY, site.key_projection), (VALUE, site.value_projection)):
                 width = getattr(projection, "in_features", None)
@@ -675,7 +791,7 @@ class Attachment:
             and _is_affine_module(stages[-1].module)
             and foldable_projection(projection)
         ):
-            state = self._fold_states.setdefault((id(projection), path), FoldState())
+            _, state = self._fold_states.setdefault((id(projection), path), (projection, FoldState(self.budget)))
             folded = _FoldedForward(projection, self.rewriter, path, site.kind, site.block, state)
             projection.forward = folded
             return _Binding(projection, folded=folded)
@@ -687,6 +803,7 @@ class Attachment:
             binding.release()
         self._bindings.clear()
         self.rewriter._engine.drop_pending()
+        self.release(keep=self.model_devices())
 
     def update(self, networks: Iterable[NetworkSpec]) -> Attachment:
         entries = normalise_networks(networks)
@@ -694,14 +811,61 @@ class Attachment:
             return self.attach()  # keep folds and cached contexts
         self.remove()
         self.rewriter.reset(entries)
-        self._fold_states.clear()
+        self._clear_folds()
         return self.attach()
+
+    # -- memory ------------------------------------------------------------------------------------
+    def model_devices(self) -> set[torch.device]:
+        """The devices the attention projections' weights are on now (none for meta tensors)."""
+        devices = set()
+        for site in self.sites:
+            for projection in (site.key_projection, site.value_projection):
+                weight = getattr(projection, "weight", None)
+                if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+                    devices.add(weight.device)
+        return devices
+
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """``(kind, tensor)`` for everything kept between calls (see :mod:`hypernetwork_ext.memory`)."""
+        held = [("folds", t) for _, state in self._fold_states.values() for t in state.tensors()]
+        held += [
+            ("old_unet_weights", t)
+            for projection, state in self._fold_states.values()
+            if state.holds_old_weights(_projection_tensors(projection))
+            for t in state.held
+        ]
+        return held + self.rewriter.held_tensors()
+
+    def memory(self) -> HeldMemory:
+        """What the fast paths hold now, per device and kind."""
+        return HeldMemory.measure(self.held_tensors(), folds=len(self.budget), fold_limit=self.budget.limit)
+
+    def release(self, keep: set[torch.device] | None = None) -> int:
+        """Let go of everything kept on devices other than ``keep`` (everything when None), and of
+        every fold made from weights the projection no longer has; returns the bytes let go.
+        Attached networks keep working: what they need is rebuilt at the next call."""
+        before = self.memory().total
+        for projection, state in self._fold_states.values():
+            on_kept_device = keep is not None and all(t.device in keep for t in (*state.held, *state.tensors()))
+            if not on_kept_device or state.holds_old_weights(_projection_tensors(projection)):
+                state.clear()
+        self.rewriter.release(keep)
+        return before - self.memory().total
+
+    def _clear_folds(self) -> None:
+        for _, state in self._fold_states.values():
+            state.clear()
+        self._fold_states.clear()
 
     def __enter__(self) -> Attachment:
         return self.attach()
 
     def __exit__(self, *exc_info) -> None:
         self.remove()
+
+
+def _projection_tensors(projection: nn.Module) -> tuple:
+    return getattr(projection, "weight", None), getattr(projection, "bias", None)
 
 
 def _is_affine_module(module: HypernetworkModule) -> bool:
@@ -711,6 +875,24 @@ def _is_affine_module(module: HypernetworkModule) -> bool:
 def same_entries(a: list[tuple[Hypernetwork, Strength]], b: list[tuple[Hypernetwork, Strength]]) -> bool:
     """The same network objects with equal strengths, in the same order."""
     return len(a) == len(b) and all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b, strict=True))
+
+
+_UNSHARED = [0]  # inside a recomputed (checkpointed) block: see unshared_contexts
+
+
+@contextlib.contextmanager
+def unshared_contexts():
+    """Every call computes its own context: a gradient checkpoint recomputes its block in the
+    backward pass and needs the same work done there as in the forward pass."""
+    _UNSHARED[0] += 1
+    try:
+        yield
+    finally:
+        _UNSHARED[0] -= 1
+
+
+def _draws_dropout(module: nn.Module) -> bool:
+    return any(isinstance(layer, nn.Dropout) and layer.p > 0 for layer in module.modules())
 
 
 def _make_hook(rewriter: KVRewriter, path: str, kind: str, block: str | None):
@@ -740,10 +922,14 @@ def apply(
     compute_dtype: torch.dtype | None = None,
     fast: bool = True,
     fold: bool = True,
+    fold_limit: int | None = DEFAULT_FOLD_LIMIT,
 ) -> Attachment:
     """Attach networks to ``model`` now; use the result as a context manager or call ``remove()``.
 
     ``fast=False`` computes every network at every call, the way A1111 does (for comparisons);
-    ``fold=False`` never folds affine networks into the projections (saves their memory).
+    ``fold=False`` never folds affine networks into the projections (saves their memory);
+    ``fold_limit`` bounds the bytes of folded weights (None: no bound).
     """
-    return Attachment(model, networks, compute_dtype=compute_dtype, fast=fast, fold=fold).attach()
+    return Attachment(
+        model, networks, compute_dtype=compute_dtype, fast=fast, fold=fold, fold_limit=fold_limit
+    ).attach()

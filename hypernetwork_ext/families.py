@@ -16,15 +16,21 @@ class ModelFamily:
     label: str
     context_width: int
     self_attention_widths: tuple[int, ...]
+    # (width, transformer blocks of that width): each block has one self- and one cross-attention
+    self_attention_layers: tuple[tuple[int, int], ...] = ()
 
     @property
     def widths(self) -> tuple[int, ...]:
         return (self.context_width, *self.self_attention_widths)
 
 
-SD1 = ModelFamily("sd1", "SD1", 768, (320, 640, 1280))
-SD2 = ModelFamily("sd2", "SD2", 1024, (320, 640, 1280))
-SDXL = ModelFamily("sdxl", "SDXL", 2048, (640, 1280))
+# SD1/SD2: one transformer block per attention level: input blocks 1-2, 4-5, 7-8, the middle block,
+# output blocks 3-11. SDXL: 2 blocks deep at 640 (input 4-5, output 3-5), 10 at 1280 (input 7-8,
+# middle, output 0-2).
+_SD_LAYERS = ((320, 5), (640, 5), (1280, 6))
+SD1 = ModelFamily("sd1", "SD1", 768, (320, 640, 1280), _SD_LAYERS)
+SD2 = ModelFamily("sd2", "SD2", 1024, (320, 640, 1280), _SD_LAYERS)
+SDXL = ModelFamily("sdxl", "SDXL", 2048, (640, 1280), ((640, 10), (1280, 60)))
 
 FAMILIES: dict[str, ModelFamily] = {family.key: family for family in (SD1, SD2, SDXL)}
 CONTEXT_WIDTHS: dict[int, ModelFamily] = {family.context_width: family for family in FAMILIES.values()}

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .memory import FoldBudget
 from .network import HypernetworkModule
 
 # These normalise over a dimension that, for the host's 3-D inputs, is the batch (the legacy
@@ -190,6 +191,23 @@ class Engine:
         self._pair_misses.clear()
         self._unpaired.clear()
         self.contexts.clear()
+
+    # -- what is kept, and letting it go ---------------------------------------------------------
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """``(kind, tensor)`` for every tensor the caches keep (kinds of :mod:`hypernetwork_ext.memory`)."""
+        held = [("network_copies", p) for copy in self._converted.values() for p in copy.parameters()]
+        held += [("composites", t) for pair in self._affine.values() for t in pair]
+        held += [("paired_layers", t) for plan in self._pairs.values() for t in (plan.weights, plan.biases)]
+        return held + [("contexts", t) for t in self.contexts.tensors()]
+
+    def release(self, keep: set[torch.device] | None = None) -> None:
+        """Drop what is kept on devices other than ``keep`` (everything when None); it is rebuilt
+        when needed."""
+        for cache in (self._converted, self._affine, self._pairs):
+            for key in [key for key in cache if keep is None or key[-2] not in keep]:  # keys end (device, dtype)
+                del cache[key]
+        self.contexts.release(keep)
+        self._pending = None
 
     # -- module facts and copies --------------------------------------------------------------
     def info(self, module: HypernetworkModule) -> ModuleInfo:
@@ -497,6 +515,12 @@ class ContextCache:
         self._misses_in_a_row = 0
         self.bypass = False
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for entry in self._entries for t in (entry.copy, entry.seen, *entry.outputs.values())]
+
+    def release(self, keep: set[torch.device] | None = None) -> None:
+        self._entries = [entry for entry in self._entries if keep is not None and entry.copy.device in keep]
+
     def entry_for(self, x: torch.Tensor) -> _ContextEntry | None:
         if self.bypass:
             return None
@@ -621,11 +645,19 @@ class _Fold:
     weight: torch.Tensor
     bias: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias))
+
 
 class FoldState:
-    """The folded weights of one projection, valid while its weight and the networks are unchanged."""
+    """The folded weights of one projection, valid while its weight and the networks are unchanged.
 
-    def __init__(self) -> None:
+    Every fold is registered with ``budget`` (:class:`~hypernetwork_ext.memory.FoldBudget`),
+    which may refuse a new one or evict an old one (:meth:`evict`)."""
+
+    def __init__(self, budget: FoldBudget | None = None) -> None:
+        self.budget = budget if budget is not None else FoldBudget(None)
         self.projection_token: tuple | None = None
         self.network_token: tuple | None = None
         self.held: tuple[torch.Tensor, ...] = ()
@@ -637,14 +669,19 @@ class FoldState:
     def clear(self) -> None:
         self.projection_token = self.network_token = None
         self.held = ()
-        self.folds.clear()
+        self._drop_folds()
         self.first_seen.clear()
         self.refolds_in_a_row = 0
         self.unstable = False
 
-    def revalidate(self, projection_token: tuple, network_token: tuple, held: tuple[torch.Tensor, ...]) -> None:
-        """Forget folds made from other weights. ``held`` keeps the projection's tensors alive so
-        that their addresses, part of the token, cannot be taken by new weights meanwhile."""
+    def _drop_folds(self) -> None:
+        for signature in self.folds:
+            self.budget.removed(self, signature)
+        self.folds.clear()
+        self.held = ()
+
+    def revalidate(self, projection_token: tuple, network_token: tuple) -> None:
+        """Forget folds made from other weights."""
         if projection_token == self.projection_token and network_token == self.network_token:
             return
         if projection_token != self.projection_token and self.folds:
@@ -656,15 +693,21 @@ class FoldState:
                 self.clear()
                 self.unstable = True
                 return
-        self.projection_token, self.network_token, self.held = projection_token, network_token, held
-        self.folds.clear()
+        self.projection_token, self.network_token = projection_token, network_token
+        self._drop_folds()
         self.first_seen.clear()
+
+    def holds_old_weights(self, current: Sequence[torch.Tensor | None]) -> bool:
+        """Whether the tensors kept in ``held`` are no longer the projection's ``current`` ones."""
+        pointers = {t.data_ptr() for t in current if t is not None}
+        return any(t.data_ptr() not in pointers or t.device.type == "meta" for t in self.held)
 
     def lookup(self, signature: tuple) -> _Fold | None:
         fold = self.folds.get(signature)
         if fold is not None:
             self.folds.move_to_end(signature)
             self.refolds_in_a_row = 0
+            self.budget.used_now(self, signature)
         return fold
 
     def worth_folding(self, signature: tuple, progress: float | None) -> bool:
@@ -679,8 +722,33 @@ class FoldState:
             self.first_seen.clear()
         return self.first_seen.setdefault(signature, progress) != progress
 
-    def store(self, signature: tuple, weight: torch.Tensor, bias: torch.Tensor) -> _Fold:
+    def store(
+        self, signature: tuple, weight: torch.Tensor, bias: torch.Tensor, held: tuple[torch.Tensor, ...]
+    ) -> _Fold:
+        """Keep a fold of the projection's current tensors ``held``. They are kept alive with the
+        folds so that their addresses, part of the token, cannot be taken by other weights
+        meanwhile; once the projection has other tensors (the host moved or replaced them),
+        :meth:`holds_old_weights` tells, and the attachment drops this state at the end of the
+        generation, or earlier when the host releases memory."""
+        self.held = held
         fold = self.folds[signature] = _Fold(weight, bias)
+        self.budget.added(self, signature, fold.nbytes)
         while len(self.folds) > FOLDS_PER_PROJECTION:
-            self.folds.popitem(last=False)
+            oldest, _ = self.folds.popitem(last=False)
+            self.budget.removed(self, oldest)
         return fold
+
+    def evict(self, signature: tuple) -> None:
+        """The budget took this fold back (it no longer counts it)."""
+        self.folds.pop(signature, None)
+        if not self.folds:
+            self.held = ()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for fold in self.folds.values() for t in (fold.weight, fold.bias)]
+
+
+def fold_bytes(weight: torch.Tensor) -> int:
+    """What the fold of a ``[out, in]`` weight takes: the folded weight and its bias, in its dtype."""
+    out_features, in_features = weight.shape
+    return out_features * (in_features + 1) * weight.element_size()

@@ -10,6 +10,7 @@ and training (``training/backends/forge.py``) use the same patches.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -48,17 +49,55 @@ def _row_flags(flags: tuple[bool, ...], per_chunk: int) -> torch.Tensor:
         return torch.tensor(flags).repeat_interleave(per_chunk)
 
 
-def attention_patch(rewriter: KVRewriter, kind: str):
+class AttentionPatch:
     """An attn1 (``kind`` self) or attn2 (cross) patch that rewrites through ``rewriter``.
 
-    A plain function, not a bound method: the patcher deep-copies its options on clone(), which
-    keeps functions as they are but would copy a method's object (and its networks)."""
+    The patcher deep-copies its options on ``clone()``: the patch copies as itself, or the copy
+    would carry copies of the networks. The memory managers of Forge and reForge call ``to(device)``
+    on every patch that has one when they load the UNet onto its device or unload it
+    (``model_patches_to``); the rewriter then lets go of what it keeps on other devices, so it
+    follows the UNet, and ``on_move(device, released_bytes)`` is told.
+    """
 
-    def patch(n, context, value, extra_options):
+    hnx_patch = True
+
+    def __init__(self, rewriter: KVRewriter, kind: str, on_move: Callable[[torch.device, int], None] | None = None):
+        self.rewriter = rewriter
+        self.kind = kind
+        self.on_move = on_move
+
+    def __call__(self, n, context, value, extra_options):
+        rewriter = self.rewriter
         rewriter.runtime.uncond_rows = uncond_rows(extra_options, n.shape[0]) if n is not None else None
         block = block_id(extra_options.get("block"))
-        context, value = rewriter.rewrite_pair(context, value, kind=kind, block=block)
+        context, value = rewriter.rewrite_pair(context, value, kind=self.kind, block=block)
         return n, context, value
 
-    patch.hnx_patch = True
-    return patch
+    def to(self, target) -> AttentionPatch:
+        """``model_patches_to(device)``; also called with the model's dtype, which changes nothing here."""
+        if isinstance(target, (torch.device, str)):
+            device = torch.device(target)
+            before = self.rewriter.memory().total
+            self.rewriter.release(keep={device, *_same_devices(device)})
+            if self.on_move is not None:
+                self.on_move(device, before - self.rewriter.memory().total)
+        return self
+
+    def __deepcopy__(self, memo) -> AttentionPatch:
+        return self
+
+    def __copy__(self) -> AttentionPatch:
+        return self
+
+
+def _same_devices(device: torch.device) -> tuple[torch.device, ...]:
+    """``cuda`` and ``cuda:0`` name one device when 0 is the current one."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return (torch.device("cuda", index),)
+    return ()
+
+
+def attention_patch(rewriter: KVRewriter, kind: str) -> AttentionPatch:
+    """An attn1 (``kind`` self) or attn2 (cross) patch (see :class:`AttentionPatch`)."""
+    return AttentionPatch(rewriter, kind)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..attach import Attachment
+from ..fastpath import autocast_state
+from ..memory import DEFAULT_FOLD_LIMIT, HeldMemory
 
 
 def unet_of(sd_model) -> nn.Module | None:
@@ -37,6 +39,15 @@ def linear_projection_hint(lora_functional: bool) -> bool | None:
     if getattr(forward, "__name__", "") == "network_Linear_forward":
         return not lora_functional
     return None
+
+
+def lower_precision_now(device: torch.device) -> bool:
+    """Whether A1111 computes in lower precision now, so that its own hypernetworks round as it does:
+    under torch's autocast (``devices.autocast()``: float16 on CUDA, bfloat16 on the CPU with FP8
+    weights) or under its ``manual_cast`` (MPS, XPU, GPUs without autocast, FP8 weights with
+    ``--precision full``), which replaces the layer classes' forward and keeps the original as
+    ``org_forward`` on the class while it is active."""
+    return bool(autocast_state(device)[0]) or hasattr(torch.nn.Linear, "org_forward")
 
 
 class RowLayout:
@@ -78,6 +89,7 @@ class LdmApplier:
         self._unet_hook = None
         self.entries: list = []
         self.compute_dtype: torch.dtype | None = None
+        self.fold_limit: int | None = DEFAULT_FOLD_LIMIT
 
     def unet(self, sd_model) -> nn.Module | None:
         return unet_of(sd_model)
@@ -98,7 +110,9 @@ class LdmApplier:
         if self.attachment is not None and (self.attachment.model is not unet or self._dtype_changed(compute_dtype)):
             self.clear(keep_entries=True)
         if self.attachment is None:
-            self.attachment = Attachment(unet, compute_dtype=compute_dtype)
+            self.attachment = Attachment(unet, compute_dtype=compute_dtype, fold_limit=self.fold_limit)
+            self.attachment.runtime.lower_precision = lower_precision_now
+        self.attachment.fold_limit = self.fold_limit
         if self._unet_hook is None:
             self._unet_hook = unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
         self.attachment.runtime.linear_projections = linear_projection_hint(lora_functional)
@@ -137,10 +151,21 @@ class LdmApplier:
         self.layout.clear()
         self.entries = []
 
+    def memory(self) -> HeldMemory:
+        if self.attachment is None:
+            return HeldMemory(fold_limit=self.fold_limit)
+        return self.attachment.memory()
+
+    def release(self) -> int:
+        """Let go of the folds and caches (the host is about to move the UNet off its device);
+        the networks stay attached and rebuild what they need at the next call."""
+        return self.attachment.release() if self.attachment is not None else 0
+
     def clear(self, *, keep_entries: bool = False) -> None:
         """Drop the attachment and everything it kept (checkpoint switch, unload)."""
         if self.attachment is not None:
             self.attachment.remove()
+            self.attachment.release()  # now, not when the garbage collector meets the folds' cycle
             self.attachment = None
         self._remove_unet_hook()
         self.layout.clear()

@@ -6,6 +6,7 @@ host adds it only to its own ``/sdapi`` routes), so the same HTTP Basic check is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from secrets import compare_digest
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
@@ -46,9 +47,23 @@ def auth_dependencies(credentials: dict[str, str] | None) -> list:
     return [Depends(_auth_dependency(credentials))] if credentials else []
 
 
-def add_routes(app: FastAPI, library: Library, *, credentials: dict[str, str] | None = None) -> APIRouter:
+def add_routes(
+    app: FastAPI,
+    library: Library,
+    *,
+    credentials: dict[str, str] | None = None,
+    memory: Callable[[], dict] | None = None,
+) -> APIRouter:
     dependencies = auth_dependencies(credentials)
     router = APIRouter(prefix=PREFIX, dependencies=dependencies)
+
+    if memory is not None:
+
+        @router.get("/memory")
+        def held_memory() -> dict:
+            """What the fast paths hold between generations (bytes per device and kind), the fold
+            limit and the last releases."""
+            return memory()
 
     @router.get("/networks")
     def list_networks(hashes: bool = False) -> list:

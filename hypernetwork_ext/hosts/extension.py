@@ -9,23 +9,30 @@ from __future__ import annotations
 import os
 import sys
 import weakref
+from collections.abc import Callable
 
 from modules import shared
 
 from ..errors import HypernetworkError
 from ..library import ActivationPlan, Library, NetworkEntry, distinct_names, fit_problem
+from ..memory import DEFAULT_FOLD_LIMIT, limit_from_mib
 from ..shape import ModelShape, model_shape
 from ..syntax import TAG_TYPE, format_hashes, format_number, parse_hashes, parse_presets, rename_tags
 from ..ui.settings import DEFAULTS, MISMATCH_FORCE, UNKNOWN_CONSOLE, UNKNOWN_STOP, compute_dtype, extra_folders
 from . import api
 from .a1111 import LdmApplier
 from .forge import PatcherApplier, detect_patcher_host
+from .held_memory import SWITCHED, HeldMemoryKeeper
 from .sdnext import DiffusersApplier, running_in_sdnext
 
 LOG_PREFIX = "[Hypernetworks]"
 CACHE_FILE_NAME = "hypernetworks-cache.json"
 DEFAULT_FOLDER = "hypernetworks"  # under the host's models folder, where --hypernetwork-dir has no default
 HOST_AUTO_ADD_SETTING = "sd_hypernetwork"  # A1111's "Add hypernetwork to prompt"
+HASHES_KEY = "Hypernet hashes"
+# A tag's problems on the generation's parameters: in the API's ``info`` (``extra_generation_params``
+# and each image's infotext) and the PNG; a paste drops them (``infotext_pasted``).
+WARNINGS_KEY = "Hypernet warnings"
 
 
 def option(key: str):
@@ -96,22 +103,48 @@ class Extension:
             hypernetwork_folders, cache_size=DEFAULTS["hypernetwork_cache_size"], cache_file=cache_file()
         )
         self.applier = make_applier()
+        self.memory = HeldMemoryKeeper(self.applier, log)
+        if isinstance(self.applier, PatcherApplier):
+            self.applier.on_move = self.memory.unet_moved
         self.last_plan: ActivationPlan | None = None
         self._shape: tuple = (None, None)
+        self._builtin_loaded: list = []  # A1111's own loaded networks, while ours handle the tags
 
     # -- generation -------------------------------------------------------------------------------
     def activate(self, p, tags: list[list[str]]) -> None:
         tags = self._with_auto_added(p, tags)
         if not tags:
+            self._record_warnings(p, [])
             self.applier.detach()
             self.last_plan = None
             return
         self.library.set_cache_size(as_int(option("hypernetwork_cache_size"), 4))
+        self.applier.fold_limit = self.fold_limit(p.sd_model)
         plan = self.plan(p.sd_model, tags)
         self.last_plan = plan
         self._report(p, plan)
         self._apply(p.sd_model, plan.entries, compute_dtype(option("hypernetwork_compute_dtype")))
         self._record_hashes(p, plan)
+
+    # -- A1111's own code, for comparisons (setting hypernetwork_builtin_handler) ------------------------
+    def hand_back(self, p, activate_builtin: Callable[[], None]) -> None:
+        """Nothing of ours acts; A1111's handler loads the tags into ``shared.loaded_hypernetworks``,
+        which its attention code applies. What it had loaded before comes back first, so it reads
+        from disk only what it would without this extension."""
+        self.applier.detach()
+        self.last_plan = None
+        loaded = getattr(shared, "loaded_hypernetworks", None)
+        if isinstance(loaded, list) and not loaded:
+            loaded.extend(self._builtin_loaded)
+        self._builtin_loaded = []
+        activate_builtin()
+
+    def take_over(self) -> None:
+        """Before our own handling: A1111's networks must not act a second time; they are kept aside."""
+        loaded = getattr(shared, "loaded_hypernetworks", None)
+        if isinstance(loaded, list) and loaded:
+            self._builtin_loaded = list(loaded)
+            loaded.clear()
 
     def plan(self, sd_model, tags: list[list[str]]) -> ActivationPlan:
         shape = self.shape_of(self.applier.unet(sd_model))
@@ -160,9 +193,32 @@ class Extension:
         for note in plan.notes:
             log(note)
             p.comment(f"Hypernetworks: {note}")
+        self._record_warnings(p, plan.problems if behaviour != UNKNOWN_CONSOLE else [])
         if plan.problems and behaviour == UNKNOWN_STOP:
             log("stopping the generation (setting: stop on unknown names and malformed tags)")
             shared.state.interrupt()
+
+    def _record_warnings(self, p, problems: list[str]) -> None:
+        """The problems of this batch's tags (and of its hires pass) as ``Hypernet warnings``: comments
+        reach only the UI, this reaches API users too. Folders are named without their path, as
+        the parameters go into PNGs that users share."""
+        params = getattr(p, "extra_generation_params", None)
+        if not isinstance(params, dict):
+            return
+        if not getattr(p, "is_hr_pass", False) or not isinstance(getattr(p, "hnx_warnings", None), dict):
+            p.hnx_warnings = {}
+        for problem in problems:
+            p.hnx_warnings[self._without_folder_paths(problem)] = None
+        if p.hnx_warnings:
+            params[WARNINGS_KEY] = "; ".join(p.hnx_warnings)
+        else:
+            params.pop(WARNINGS_KEY, None)
+
+    def _without_folder_paths(self, text: str) -> str:
+        folders = {str(folder).rstrip("/\\") for folder in [*self.library.folders(), *hypernetwork_folders()]}
+        for folder in sorted((f for f in folders if f), key=len, reverse=True):
+            text = text.replace(folder, os.path.basename(folder) or folder)
+        return text
 
     def _record_hashes(self, p, plan: ActivationPlan) -> None:
         if not option("hypernetwork_add_hashes_to_infotext"):
@@ -171,7 +227,7 @@ class Extension:
             p.hnx_hashes = {}
         p.hnx_hashes.update(plan.hashes)
         if p.hnx_hashes:
-            p.extra_generation_params["Hypernet hashes"] = format_hashes(p.hnx_hashes)
+            p.extra_generation_params[HASHES_KEY] = format_hashes(p.hnx_hashes)
 
     def cfg_denoiser(self, params) -> None:
         denoiser = getattr(params, "denoiser", None)
@@ -185,14 +241,26 @@ class Extension:
         rows = getattr(cond, "shape", [None])[0]
         self.applier.step(progress, rows, x.shape[0] if hasattr(x, "shape") else None)
 
+    # -- memory -----------------------------------------------------------------------------------
+    def fold_limit(self, sd_model) -> int | None:
+        """The setting, except under A1111's ``--lowvram``, which moves each UNet block onto the
+        device for its call and off again: a fold would keep the block's weights there."""
+        if getattr(shared.cmd_opts, "lowvram", False) and getattr(sd_model, "lowvram", False):
+            return 0
+        return limit_from_mib(option("hypernetwork_fold_limit_mib"), DEFAULT_FOLD_LIMIT)
+
     def model_loaded(self, sd_model) -> None:
         """A checkpoint switch: nothing may stay on the old model; active networks follow if they fit."""
-        if not isinstance(self.applier, LdmApplier) or self.applier.attached_unet is None:
+        if isinstance(self.applier, PatcherApplier):
+            self.memory.release(SWITCHED)
+            return
+        if self.applier.attached_unet is None:
             return
         unet = self.applier.unet(sd_model)
         if unet is self.applier.attached_unet:
             return
         entries, dtype = self.applier.entries, self.applier.compute_dtype
+        self.memory.release(SWITCHED)
         self.applier.clear()
         shape = self.shape_of(unet)
         kept = []
@@ -212,6 +280,7 @@ class Extension:
 
     def finish(self) -> None:
         self.applier.detach()
+        self.memory.report()
 
     # -- names -----------------------------------------------------------------------------------
     def shape_of(self, unet) -> ModelShape:
@@ -242,8 +311,10 @@ class Extension:
         return next((name for name, other in self.prompt_names().items() if other.path == entry.path), entry.name)
 
     def infotext_pasted(self, infotext: str, params: dict) -> None:
-        """Map the names of ``Hypernet hashes`` to local files with those hashes (renamed copies)."""
-        hashes = parse_hashes(params.get("Hypernet hashes", ""))
+        """Map the names of ``Hypernet hashes`` to local files with those hashes (renamed copies);
+        drop ``Hypernet warnings``, which says what went wrong then and sets nothing."""
+        params.pop(WARNINGS_KEY, None)
+        hashes = parse_hashes(params.get(HASHES_KEY, ""))
         mapping = {}
         for name, short in hashes.items():
             try:

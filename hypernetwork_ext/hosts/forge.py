@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..attach import KVRewriter, same_entries
-from ..patches import attention_patch
+from ..memory import HeldMemory
+from ..patches import AttentionPatch
 from ..strength import CROSS, SELF
 
 FORGE_PATCHER_MODULES = ("backend.patcher.unet", "modules_forge.unet_patcher")
@@ -56,8 +57,15 @@ class PatcherApplier:
     def __init__(self) -> None:
         self.rewriter = KVRewriter([])
         self.entries: list = []
-        self.attn1_patch = attention_patch(self.rewriter, SELF)
-        self.attn2_patch = attention_patch(self.rewriter, CROSS)
+        self.fold_limit: int | None = None  # nothing is folded here: the patches rewrite inputs
+        self.on_move = None  # called with (device, released bytes) when the memory manager moves the UNet
+        self.attn1_patch = AttentionPatch(self.rewriter, SELF, self._moved)
+        self.attn2_patch = AttentionPatch(self.rewriter, CROSS, self._moved)
+        self._last_held = 0
+
+    def _moved(self, device: torch.device, released: int) -> None:
+        if self.on_move is not None:
+            self.on_move(device, released)
 
     def unet(self, sd_model) -> nn.Module | None:
         patcher = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
@@ -73,6 +81,7 @@ class PatcherApplier:
         if compute_dtype != self.rewriter.compute_dtype or not same_entries(self.entries, self.rewriter.entries):
             self.rewriter.compute_dtype = compute_dtype
             self.rewriter.reset(self.entries)  # the same networks as last time keep what was computed
+            self._last_held = 0
 
     def step(self, progress: float | None, cond_rows: int | None, total_rows: int | None) -> None:
         self.rewriter.runtime.progress = progress
@@ -88,7 +97,24 @@ class PatcherApplier:
         clone = patcher.clone()
         clone.set_model_attn1_patch(self.attn1_patch)
         clone.set_model_attn2_patch(self.attn2_patch)
+        preserve = getattr(clone, "add_extra_preserved_memory_during_sampling", None)
+        if callable(preserve):
+            preserve(self.expected_bytes(getattr(clone, "load_device", None)))
         forge_objects.unet = clone
+
+    def expected_bytes(self, device) -> int:
+        """What the sampling will add on ``device`` for the fast paths, for the memory manager to
+        keep free (it plans with the memory it sees free, where what is already held is not):
+        what the last generation with these networks held, or before any, the networks' own size
+        in their compute dtype; less what is still held there."""
+        dtype = self.rewriter.compute_dtype
+        expected = self._last_held or sum(
+            p.numel() * (p.element_size() if dtype is None else torch.empty((), dtype=dtype).element_size())
+            for network, _ in self.entries
+            for p in network.parameters()
+        )
+        held = self.memory().on(str(torch.device(device))) if device is not None else 0
+        return max(0, expected - held)
 
     def installed_on(self, patcher) -> bool:
         patches = patcher.model_options.get("transformer_options", {}).get("patches", {})
@@ -97,14 +123,26 @@ class PatcherApplier:
     def detach(self) -> None:
         """After a generation: no patch goes on the next sampling's patcher until networks are
         applied again; what the rewriter computed stays for the same networks."""
+        if self.entries:
+            self._last_held = self.memory().total
         self.entries = []
         self.rewriter.runtime.progress = None
         self.rewriter.runtime.uncond_rows = None
+
+    def memory(self) -> HeldMemory:
+        return self.rewriter.memory()
+
+    def release(self) -> int:
+        """Let go of what the rewriter keeps (a checkpoint switch, an unload); rebuilt when needed."""
+        before = self.rewriter.memory().total
+        self.rewriter.release()
+        return before - self.rewriter.memory().total
 
     def clear(self, *, keep_entries: bool = False) -> None:
         if not keep_entries:
             self.entries = []
             self.rewriter.reset([])
+            self._last_held = 0
         self.rewriter.runtime.progress = None
         self.rewriter.runtime.uncond_rows = None
 

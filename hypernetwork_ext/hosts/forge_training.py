@@ -71,6 +71,14 @@ class HostMemory:
                 return not getattr(loaded, "model_accelerated", False)  # Forge's CPU swap
         return False
 
+    def unload_others(self, patcher) -> None:
+        device = torch.device(patcher.load_device)
+        if device.type == "cpu":
+            return
+        keep = [loaded for loaded in self.module.current_loaded_models if loaded.model is patcher]
+        with torch.inference_mode():
+            self.module.free_memory(1e30, device, keep_loaded=keep)
+
 
 def host_memory() -> HostMemory:
     return HostMemory(importlib.import_module(MEMORY_MODULES[detect_patcher_host()]))

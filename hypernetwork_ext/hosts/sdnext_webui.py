@@ -170,6 +170,8 @@ PATCH = SdnextPatch()
 
 def add_settings() -> None:
     for setting in SETTINGS:
+        if setting.a1111_only:  # SD.Next has no A1111 hypernetwork code to hand tags back to
+            continue
         info = shared.OptionInfo(
             setting.default, setting.label, component_class(setting.kind), dict(setting.args), section=SECTION
         )
@@ -179,7 +181,7 @@ def add_settings() -> None:
 
 
 def add_api_routes(demo, app) -> None:
-    api.add_routes(app, EXTENSION.library, credentials=api_credentials())
+    api.add_routes(app, EXTENSION.library, credentials=api_credentials(), memory=EXTENSION.memory.as_dict)
 
 
 def register_generation() -> None:

@@ -33,6 +33,7 @@ from ..ui import compat
 from ..ui.metadata import metadata_rows
 from ..ui.settings import SECTION, SETTINGS, component_class
 from . import api
+from .a1111 import LdmApplier
 from .extension import (
     EXTENSION,
     HOST_AUTO_ADD_SETTING,
@@ -44,6 +45,7 @@ from .extension import (
     option,
     primary_folder,
 )
+from .held_memory import ModelMoveWatch
 
 __all__ = [
     "EXTENSION",
@@ -73,6 +75,11 @@ class HypernetExtraNetwork(extra_networks.ExtraNetwork):
         super().__init__(TAG_TYPE)
 
     def activate(self, p, params_list) -> None:
+        builtin = PATCH.replaced_handler
+        if option("hypernetwork_builtin_handler") and builtin is not None and isinstance(EXTENSION.applier, LdmApplier):
+            EXTENSION.hand_back(p, lambda: builtin.activate(p, params_list))
+            return
+        EXTENSION.take_over()
         EXTENSION.activate(p, [list(params.items) for params in params_list])
 
     def deactivate(self, p) -> None:
@@ -243,6 +250,12 @@ class HypernetworkScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         EXTENSION.applier.before_sampling(p)
 
+    def post_sample(self, p, ps, *args):
+        EXTENSION.memory.after_sampling(p)
+
+    def before_hr(self, p, *args):
+        EXTENSION.memory.after_sampling(p)
+
     def postprocess(self, p, processed, *args):
         EXTENSION.finish()
 
@@ -281,11 +294,13 @@ class HostPatch:
         self.page: HypernetworksPage | None = None
         self.removed_pages: list = []
         self.xyz: tuple | None = None
+        self.model_moves = ModelMoveWatch()
 
     def apply(self) -> None:
         self._take_over_handler()
         self._take_over_page()
         self._add_xyz_axis()
+        self._watch_model_moves()
         loaded = getattr(shared, "loaded_hypernetworks", None)
         if isinstance(loaded, list):
             loaded.clear()  # whatever the host's own handler loaded would act a second time
@@ -318,8 +333,17 @@ class HostPatch:
         module.axis_options.append(axis)
         self.xyz = (module, axis)
 
+    def _watch_model_moves(self) -> None:
+        try:
+            from modules import sd_models
+        except ImportError:
+            return
+        a1111 = isinstance(EXTENSION.applier, LdmApplier)
+        self.model_moves.apply(sd_models, EXTENSION.memory, a1111=a1111, on_error=errors.display)
+
     def undo(self) -> None:
         EXTENSION.finish()
+        self.model_moves.undo()
         registry = extra_networks.extra_network_registry
         if self.handler is not None and registry.get(TAG_TYPE) is self.handler:
             if self.replaced_handler is not None:
@@ -346,6 +370,8 @@ PATCH = HostPatch()
 
 def add_settings() -> None:
     for setting in SETTINGS:
+        if setting.a1111_only and not isinstance(EXTENSION.applier, LdmApplier):
+            continue
         info = shared.OptionInfo(
             setting.default, setting.label, component_class(setting.kind), dict(setting.args), section=SECTION
         )
@@ -370,7 +396,7 @@ def auto_add_option():
 
 
 def add_api_routes(demo, app) -> None:
-    api.add_routes(app, EXTENSION.library, credentials=api_credentials())
+    api.add_routes(app, EXTENSION.library, credentials=api_credentials(), memory=EXTENSION.memory.as_dict)
 
 
 def on(register: Callable, callback: Callable, name: str) -> None:

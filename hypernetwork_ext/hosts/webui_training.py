@@ -223,6 +223,9 @@ def make_backend() -> TrainingBackend:
     # Under --medvram parts of the model rest on the CPU between calls; the host's device is
     # where it computes.
     backend.device = devices.device
+    lowvram = host_lowvram()
+    if lowvram is not None and lowvram.is_needed(sd_model):  # its hooks move the encoders onto the GPU for each call
+        backend.unload_refusal = "--medvram already keeps the text encoder and VAE off the GPU between their uses"
     return backend
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_bytes
 from ..errors import FileExistsRefusedError, FileFormatError
 from ..formats.safe_pickle import load_torch_file
+from .safetensors_files import write_streaming
 
 LDM_PREFIX = "model.diffusion_model."
 _PROJECTION = re.compile(r"^(?P<path>.*\.(?:attn1|attn2))\.(?P<proj>to_k|to_v|to_q|to_out\.0)\.(?P<param>weight|bias)$")
@@ -73,7 +73,7 @@ def _read_state_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     if path.lower().endswith(".safetensors"):
         from safetensors import safe_open
 
-        try:
+        try:  # the library's tensors are views of the mapped file: an SDXL checkpoint costs page cache, not memory
             with safe_open(path, "pt") as handle:
                 return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
         except Exception as exc:
@@ -141,8 +141,6 @@ def write_unet(
     weights: UnetWeights, changed: dict[str, torch.Tensor], destination: str | os.PathLike, note: dict[str, str]
 ) -> str:
     """Write a copy of the checkpoint with ``changed`` UNet tensors, never over an existing path."""
-    from safetensors.torch import save
-
     destination = os.fspath(destination)
     if os.path.exists(destination):
         raise FileExistsRefusedError("exists; refusing to overwrite it", destination)
@@ -152,7 +150,7 @@ def write_unet(
             raise FileFormatError("a baked single-file checkpoint is written as .safetensors", destination)
         tensors = dict(weights.everything or {})
         tensors.update({LDM_PREFIX + key: value for key, value in changed.items()})
-        atomic_write_bytes(destination, save(_contiguous(tensors), metadata=metadata))
+        write_streaming(destination, tensors, metadata)
         return destination
     partial = destination + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -164,13 +162,6 @@ def write_unet(
         return [name for name in names if name.startswith("diffusion_pytorch_model")]
 
     shutil.copytree(weights.source, partial, ignore=skip_unet_weights)
-    tensors = {**weights.tensors, **changed}
-    atomic_write_bytes(
-        os.path.join(partial, "unet", _DIFFUSERS_UNET_FILES[0]), save(_contiguous(tensors), metadata=metadata)
-    )
+    write_streaming(os.path.join(partial, "unet", _DIFFUSERS_UNET_FILES[0]), {**weights.tensors, **changed}, metadata)
     os.replace(partial, destination)
     return destination
-
-
-def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key: value.contiguous() for key, value in tensors.items()}

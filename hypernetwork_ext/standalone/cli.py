@@ -49,6 +49,7 @@ EXAMPLES = {
 }
 
 
+DEFAULT_FOLD_LIMIT_MIB = 256  # hypernetwork_ext.memory.DEFAULT_FOLD_LIMIT, without importing torch for --help
 STEP_LIMIT = "HYPERNETWORK_STEP_LIMIT"  # caps every step count: commands run as written, only shorter
 
 
@@ -167,7 +168,47 @@ def _inspect_record(path: str) -> dict:
         "short_hash": short_hash(sha),
         "content_hash": content_hash(network),
         "description": network.describe(),
+        "device_memory": _device_memory(network),
     }
+
+
+def _device_memory(network) -> dict | None:
+    """What generating with the network keeps on the GPU, on the family it targets with a float16
+    UNet: per kind, one set of folded weights (A1111 folds affine networks; Forge and reForge fold
+    nothing), as :mod:`hypernetwork_ext.footprint` works it out (docs/speed.md has it measured)."""
+    from ..families import FAMILIES, infer_family
+    from ..footprint import expected_bytes
+    from ..memory import DEFAULT_FOLD_LIMIT
+
+    key = network.family or infer_family(network.widths)
+    if key is None and {320, 640, 1280} & set(network.widths):
+        key = "sd1"  # no context width: SD1 and SD2 share their self-attention layout
+    if key is None:
+        return None
+    family = FAMILIES[key]
+    return {
+        "family": family.label,
+        "unet_dtype": "float16",
+        "a1111": expected_bytes(network, family),
+        "forge": expected_bytes(network, family, folding=False),
+        "fold_limit_bytes": DEFAULT_FOLD_LIMIT,
+    }
+
+
+def _device_memory_line(memory: dict | None) -> str:
+    from ..memory import mib
+
+    if memory is None:
+        return "GPU memory while in use: unknown (no width of a known model family)"
+    a1111, forge = memory["a1111"], memory["forge"]
+    rest = sum(nbytes for kind, nbytes in a1111.items() if kind != "folds")
+    line = f"GPU memory while in use on {memory['family']} (float16 UNet): A1111 {mib(rest)}"
+    if a1111["folds"]:
+        line += (
+            f" + {mib(a1111['folds'])} of folded weights per set of multipliers"
+            f" (at most 2, limited to {mib(memory['fold_limit_bytes'])} by default)"
+        )
+    return line + f"; Forge/reForge {mib(sum(forge.values()))}"
 
 
 def _refused_record(path: str, exc: HypernetworkError) -> dict:
@@ -195,6 +236,7 @@ def _inspect(args) -> int:
             print(record["description"])
             print(f"hash: {record['short_hash']} (sha256 {record['sha256']})")
             print(f"content hash: {record['content_hash']}")
+            print(_device_memory_line(record["device_memory"]))
             print()
     return _batch_exit(failed, len(args.files))
 
@@ -404,6 +446,7 @@ def _generate(args) -> int:
     settings = GenerationSettings(
         args.prompt, args.negative, _limited_steps(args.steps), args.cfg, args.width, args.height, args.seed, args.batch
     )
+    settings.fold_limit = None if args.fold_limit < 0 else args.fold_limit << 20
     settings.check()
     targets = [args.output] if args.grid else _image_paths(args.output, args.batch)
     _refuse_existing(targets, args)
@@ -494,6 +537,9 @@ _TRAINING_HELP = {
     "caption_dropout": "share of samples trained on the empty negative prompt's conditioning; -1 = auto (0.1 on SDXL)",
     "optimizer": "AdamW, AdamW8bit, Lion, Prodigy, or any torch.optim class",
     "resume_from": "a saved copy to continue from (with its .optim sidecar when saved)",
+    "gradient_checkpointing": "recompute the UNet's blocks in the backward pass: far less memory, slower steps",
+    "mixed_precision": "auto, no, fp16 or bf16 (auto: bf16 on GPUs that have it, none on a CPU)",
+    "unload_models_when_training": "text encoder and VAE off the GPU during steps (saves their memory)",
 }
 
 
@@ -794,6 +840,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one image per multiplier (every tag's), tiled into one grid",
     )
     generate.add_argument("--force", action="store_true", help="apply networks made for another model family too")
+    generate.add_argument(
+        "--fold-limit",
+        type=lambda text: _whole_number(text, -1),
+        default=DEFAULT_FOLD_LIMIT_MIB,
+        metavar="MIB",
+        help=f"memory for folded weights in MiB (default {DEFAULT_FOLD_LIMIT_MIB}; 0 folds nothing, -1 has no limit)",
+    )
     generate.add_argument("--quiet", action="store_true")
     _add_model_options(generate)
 

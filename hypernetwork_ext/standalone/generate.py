@@ -15,6 +15,7 @@ import torch
 from ..attach import Attachment, NetworkSpec
 from ..diffusers_pipeline import run_txt2img
 from ..errors import InvalidConfigError
+from ..memory import DEFAULT_FOLD_LIMIT
 from .samplers import using_sampler
 
 
@@ -29,6 +30,7 @@ class GenerationSettings:
     seed: int = 0
     batch_size: int = 1
     sampler: str = ""  # an A1111 name of hypernetwork_ext.standalone.samplers.SAMPLERS; empty: the model's own
+    fold_limit: int | None = DEFAULT_FOLD_LIMIT  # bytes of folded weights (None: no bound; see memory.py)
 
     def check(self) -> None:
         from .samplers import SAMPLERS
@@ -57,7 +59,7 @@ def generate(
     """Images (PIL) for one prompt; ``on_step(done, total)`` reports progress."""
     settings.check()
     pipe = source.pipe
-    attachment = Attachment(pipe.unet, networks, compute_dtype=compute_dtype).attach()
+    attachment = Attachment(pipe.unet, networks, compute_dtype=compute_dtype, fold_limit=settings.fold_limit).attach()
     runtime = attachment.runtime
     guided = settings.cfg_scale > 1.0
     rows = settings.batch_size

@@ -2,8 +2,11 @@
 
 ldm's own ``checkpoint()`` recomputes a block with only that block's parameters handed to
 autograd, so the hypernetwork's parameters, used inside the block through the to_k/to_v hooks,
-would silently get no gradient. Here each transformer block is wrapped with torch's non-reentrant
-checkpoint instead, which recomputes through saved-tensor hooks and reaches every parameter used.
+would silently get no gradient. Here each transformer block and each residual block of the UNet
+is wrapped with torch's non-reentrant checkpoint instead, which recomputes through saved-tensor
+hooks and reaches every parameter used. A wrapped block keeps only its inputs for the backward
+pass and recomputes the rest there: about one more forward pass of the blocks the gradient goes
+through, for most of their activation memory (measured in docs/speed.md#training).
 """
 
 from __future__ import annotations
@@ -15,16 +18,20 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attach import find_attention_sites
+from ..attach import find_attention_sites, unshared_contexts
 
-_BLOCK_CLASSES = ("BasicTransformerBlock",)
+# ldm, sgm, Forge and diffusers share the transformer block's name; the residual blocks are
+# ResBlock (ldm, sgm, Forge) and ResnetBlock2D (diffusers).
+_BLOCK_CLASSES = ("BasicTransformerBlock", "ResBlock", "ResnetBlock2D")
 
 
 def checkpoint_targets(root: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a UNet (ldm, sgm and diffusers share the class name), or the
-    attention modules themselves when a model has no such blocks."""
+    """The transformer and residual blocks of a UNet, and its attention modules themselves when it
+    has no transformer blocks."""
     blocks = [module for module in root.modules() if type(module).__name__ in _BLOCK_CLASSES]
-    return blocks or [site.module for site in find_attention_sites(root)]
+    if not any(type(module).__name__ == "BasicTransformerBlock" for module in blocks):
+        blocks += [site.module for site in find_attention_sites(root)]
+    return blocks
 
 
 @contextlib.contextmanager
@@ -48,9 +55,13 @@ def gradient_checkpointing(root: nn.Module, enabled: bool = True) -> Iterator[li
 
 
 def _checkpointed(forward):
+    def unshared(*args, **kwargs):
+        with unshared_contexts():  # the recomputation must save what the forward pass saved
+            return forward(*args, **kwargs)
+
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(unshared, *args, use_reentrant=False, **kwargs)
 
     return run

@@ -83,6 +83,9 @@ class TrainingConfig:
     training_enable_tensorboard: bool = False
     training_tensorboard_save_images: bool = False
     training_tensorboard_flush_every: int = 120
+    # Text encoder(s) and VAE off the compute device during steps (A1111's "Move VAE and CLIP to RAM
+    # when training if possible. Saves VRAM."): they visit it only to encode what is not cached yet.
+    unload_models_when_training: bool = False
     # --- beyond A1111 -------------------------------------------------------------------------
     optimizer: str = "AdamW"
     weight_decay: float = 0.01

@@ -333,7 +333,7 @@ def split_validation(count: int, fraction: float, seed: int) -> tuple[list[int],
 def build_dataset(
     found: Sequence[tuple[str, str, tuple[int, int]]],
     sizes: Sequence[tuple[int, int]],
-    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None],
     *,
     batch_size: int,
     latent_sampling_method: str,
@@ -345,10 +345,12 @@ def build_dataset(
     should_stop: Callable[[], bool] = lambda: False,
     on_skip: Callable[[str, str], None] | None = None,
     on_image: Callable[[], None] | None = None,
+    on_unusable: Callable[[str], None] = lambda path: None,
 ) -> Dataset:
     """Encode every image once (the VAE is not needed again), keeping what the sampling method needs.
     An image that opened but cannot be decoded (a truncated file) is skipped and reported to
-    ``on_skip(path, why)``; ``on_image()`` is called after each image (a progress bar)."""
+    ``on_skip(path, why)``; an image ``encode`` finds no usable latent for (None) is left out and
+    reported to ``on_unusable(path)``; ``on_image()`` is called after each image (a progress bar)."""
     entries: list[Entry] = []
     for index, ((path, words, _original), size) in enumerate(zip(found, sizes, strict=True)):
         if should_stop():
@@ -362,7 +364,13 @@ def build_dataset(
             if on_image is not None:
                 on_image()
             continue
-        mean, std = encode(pixels[None])
+        encoded = encode(pixels[None])
+        if encoded is None:
+            on_unusable(path)
+            if on_image is not None:
+                on_image()
+            continue
+        mean, std = encoded
         mean, std = mean[0].to(storage_device), std[0].to(storage_device)
         latent_size = (mean.shape[-1], mean.shape[-2])
         if latent_sampling_method == "deterministic":
@@ -376,7 +384,10 @@ def build_dataset(
         if on_image is not None:
             on_image()
     if not entries:
-        raise HypernetworkError(f"none of the {len(found)} images of the dataset could be read")
+        raise HypernetworkError(
+            f"none of the {len(found)} images of the dataset could be read or gives finite latents",
+            os.path.dirname(found[0][0]),
+        )
     train, validation = split_validation(len(entries), validation_split, seed)
     return Dataset(
         entries=entries,

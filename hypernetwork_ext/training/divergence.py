@@ -52,8 +52,18 @@ def _rms(tensors: list[torch.Tensor]) -> float:
     count = sum(t.numel() for t in tensors)
     if not count:
         return 0.0
-    squares = torch.stack([t.detach().float().pow(2).sum() for t in tensors]).sum()
-    return math.sqrt(float(squares) / count)  # one device sync for all of them
+    norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in tensors])
+    return math.sqrt(float(norms.square().sum()) / count)  # one device sync for all of them
+
+
+def _rms_distance(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> float:
+    """The root mean square of ``tensors - others``, one difference at a time (never a second
+    copy of all the weights)."""
+    count = sum(t.numel() for t in tensors)
+    if not count:
+        return 0.0
+    distances = torch.stack([torch.dist(t.detach().float(), o.float()) for t, o in zip(tensors, others, strict=True)])
+    return math.sqrt(float(distances.square().sum()) / count)
 
 
 class DivergenceGuard:
@@ -81,14 +91,21 @@ class DivergenceGuard:
                 )
 
     def keep(self, loss: float, step: int) -> None:
-        """The weights of ``step`` gave a normal loss: remember them before the optimizer moves them."""
+        """The weights of ``step`` gave a normal loss: remember them before the optimizer moves them
+        (copied into the same buffers at every step: no new memory after the first)."""
         self.losses.append(loss)
         with torch.no_grad():
-            self.snapshot = _Snapshot(
-                step,
-                [p.detach().clone() for p in self.parameters],
-                [s.clone() for s in self.ema.shadow] if self.ema is not None else None,
-            )
+            if self.snapshot is None:
+                self.snapshot = _Snapshot(
+                    step,
+                    [p.detach().clone() for p in self.parameters],
+                    [s.clone() for s in self.ema.shadow] if self.ema is not None else None,
+                )
+                return
+            self.snapshot.step = step
+            torch._foreach_copy_(self.snapshot.weights, [p.detach() for p in self.parameters])
+            if self.ema is not None and self.snapshot.ema is not None:
+                torch._foreach_copy_(self.snapshot.ema, list(self.ema.shadow))
 
     def check_update(self, step: int) -> None:
         """After the optimizer step of ``step``: the new weights must be finite and near the old ones."""
@@ -96,7 +113,7 @@ class DivergenceGuard:
         if not all_finite(self.parameters):
             self.diverged(f"the weights became non-finite at step {step + 1}", non_finite=True)
         size = max(_rms(before), WEIGHT_SIZE_FLOOR)
-        moved = _rms([p.detach() - b for p, b in zip(self.parameters, before, strict=True)])
+        moved = _rms_distance(self.parameters, before)
         if moved > UPDATE_FACTOR * size:
             self.diverged(
                 f"step {step + 1} moved the weights by {moved:.3g} (root mean square), over "
@@ -119,5 +136,8 @@ class DivergenceGuard:
 
 
 def all_finite(tensors) -> bool:
-    """One device sync for all of them, not one per tensor."""
-    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    """One device sync for all of them, not one per tensor. The largest magnitude of each tensor
+    is NaN or infinite exactly when one of its values is (and, unlike a sum of squares, it
+    cannot overflow), and it reads each tensor once without a mask of its size."""
+    tensors = [t.detach() for t in tensors]
+    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())

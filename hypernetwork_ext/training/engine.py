@@ -33,17 +33,20 @@ from ..network import Hypernetwork
 from . import data as data_mod
 from . import distributed, logs
 from .backends.base import (
+    ENCODER_KINDS,
     Conditioning,
     ModelGuard,
     PreviewRequest,
     TrainingBackend,
     cat_conditioning,
+    in_float32,
     text_part,
 )
 from .checkpointing import gradient_checkpointing
 from .config import PREVIEW_FIELDS, TrainingConfig
 from .divergence import Diverged, DivergenceGuard, all_finite
 from .optimizers import build_optimizer
+from .samples import EMPTY_PROMPT, NON_FINITE_CONDITIONING, NON_FINITE_LATENT, SampleReport, finite_rows
 from .schedules import RateShape, StepSchedule
 
 STOP_FINISHED = "finished"
@@ -70,6 +73,7 @@ class TrainingProgress:
     last_prompt: str = ""
     message: str = ""
     elapsed: float = 0.0
+    skipped_samples: int = 0  # so far: samples whose inputs were not finite
 
     @property
     def fraction(self) -> float:
@@ -112,6 +116,10 @@ class TrainingResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
     skipped_images: list[str] = field(default_factory=list)  # dataset files that could not be read
+    #: Samples left out because their latent or conditioning was not finite (image, caption, reason, count).
+    skipped_samples: list[dict] = field(default_factory=list)
+    #: Inputs (and losses) half precision made non-finite that float32 recomputed: {"latent": n, ...}.
+    recomputed_in_float32: dict[str, int] = field(default_factory=dict)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -180,33 +188,81 @@ class Ema:
 
 
 class ConditioningCache:
-    """Conditioning of captions already seen, kept on the model's device (fixed captions are
-    encoded once; the text encoder is never moved)."""
+    """Conditioning of captions already seen: fixed captions are encoded once, and the text encoder
+    is never moved for it. Kept in the host's memory when the model computes elsewhere (a row is a
+    few hundred KB: thousands of shuffled captions would take a GiB of a card) and moved per batch.
+    A caption whose conditioning is not finite, even recomputed in float32, is remembered as unusable."""
 
-    def __init__(self, backend: TrainingBackend, limit: int = _CONDITIONING_CACHE):
+    def __init__(self, backend: TrainingBackend, limit: int = _CONDITIONING_CACHE, report: SampleReport | None = None):
         self.backend = backend
         self.limit = limit
+        self.report = report or SampleReport()
+        self.storage = torch.device("cpu")
         self.items: OrderedDict = OrderedDict()
+        self.unusable: set[tuple[str, tuple[int, int]]] = set()
         # Per image size, outside the eviction order: one entry each, used on every dropped caption.
-        self.unconditionals: dict[tuple[int, int], Conditioning] = {}
+        self.unconditionals: dict[tuple[int, int], Conditioning | None] = {}
         self.auto_rates: dict[tuple[int, int], float] = {}
 
-    def get(self, texts: list[str | None], size: tuple[int, int]):
-        """Conditioning of ``texts``; None stands for the host's empty negative prompt."""
-        missing = [text for text in dict.fromkeys(texts) if text is not None and (text, size) not in self.items]
+    def usable(self, texts: list[str | None], size: tuple[int, int]) -> list[bool]:
+        """Whether the conditioning of each caption (None: the host's empty negative prompt) is
+        finite; the captions not seen yet are encoded now."""
+        missing = [
+            text
+            for text in dict.fromkeys(texts)
+            if text is not None and (text, size) not in self.items and (text, size) not in self.unusable
+        ]
         if missing:
-            encoded = self.backend.encode_text(missing, size)
-            for index, text in enumerate(missing):
-                self.items[(text, size)] = _row(encoded, index)
-            while len(self.items) > self.limit:
-                self.items.popitem(last=False)
-        return cat_conditioning(
-            [self.unconditional(size) if text is None else self.items[(text, size)] for text in texts]
-        )
+            self._encode(missing, size)
+        return [
+            self.unconditional(size) is not None if text is None else (text, size) not in self.unusable
+            for text in texts
+        ]
 
-    def unconditional(self, size: tuple[int, int]) -> Conditioning:
+    def get(self, texts: list[str | None], size: tuple[int, int]):
+        """Conditioning of usable ``texts``, on the model's device."""
+        self.usable(texts, size)
+        parts = [self.unconditional(size) if text is None else self.items[(text, size)] for text in texts]
+        return _to(cat_conditioning(parts), self.backend.device)
+
+    def _encode(self, texts: list[str], size: tuple[int, int]) -> None:
+        encoded = self.backend.encode_text(texts, size)
+        rows = finite_rows(encoded)
+        failed = [text for text, ok in zip(texts, rows, strict=True) if not ok]
+        if failed:
+            again = self._in_float32(lambda: self.backend.encode_text(failed, size), encoded, "caption", len(failed))
+        for index, text in enumerate(texts):
+            row = _row(encoded, index) if rows[index] else again.get(failed.index(text))
+            if row is None:
+                self.unusable.add((text, size))
+            else:
+                self.items[(text, size)] = _to(row, self.storage)
+        while len(self.items) > self.limit:
+            self.items.popitem(last=False)
+
+    def _in_float32(self, encode, like: Conditioning, what: str, count: int) -> dict[int, Conditioning]:
+        """The rows of ``encode()`` that are finite with the text encoder in float32, and still
+        finite in the precision the host gave (``like``'s): the UNet takes them in that."""
+        with in_float32(self.backend.encoder_modules("text"), self.backend.device.type) as converted:
+            if not converted:
+                return {}
+            encoded = _cast_like(encode(), like)
+        found = {}
+        for index, ok in enumerate(finite_rows(encoded)[:count]):
+            if ok:
+                found[index] = _row(encoded, index)
+                self.report.recompute(what)
+        return found
+
+    def unconditional(self, size: tuple[int, int]) -> Conditioning | None:
+        """The empty negative prompt's conditioning, or None when it is not finite."""
         if size not in self.unconditionals:
-            self.unconditionals[size] = self.backend.encode_unconditional(1, size)
+            cond = self.backend.encode_unconditional(1, size)
+            if not all(finite_rows(cond)):
+                cond = self._in_float32(
+                    lambda: self.backend.encode_unconditional(1, size), cond, "empty prompt", 1
+                ).get(0)
+            self.unconditionals[size] = cond
         return self.unconditionals[size]
 
     def dropout_rate(self, configured: float, size: tuple[int, int]) -> float:
@@ -216,7 +272,8 @@ class ConditioningCache:
         if configured != -1.0:
             return configured
         if size not in self.auto_rates:
-            zeros = not text_part(self.unconditional(size)).any()
+            unconditional = self.unconditional(size)
+            zeros = unconditional is not None and not text_part(unconditional).any()
             self.auto_rates[size] = _AUTO_CAPTION_DROPOUT if zeros else 0.0
         return self.auto_rates[size]
 
@@ -228,6 +285,18 @@ def _row(cond, index: int):
     if isinstance(cond, dict):
         return {key: value[index : index + 1] for key, value in cond.items()}
     return cond[index : index + 1]
+
+
+def _cast_like(cond, like):
+    if isinstance(cond, dict):
+        return {key: value.to(like[key].dtype) for key, value in cond.items()}
+    return cond.to(like.dtype)
+
+
+def _to(cond, device: torch.device):
+    if isinstance(cond, dict):
+        return {key: value.to(device, non_blocking=True) for key, value in cond.items()}
+    return cond.to(device, non_blocking=True)
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -258,6 +327,10 @@ class _Run:
         self.error: Exception | None = None  # a failure after some steps: reported, the steps kept
         self.skipped_images: list[str] = []  # dataset files that could not be read
         self.started = time.monotonic()
+        self.samples = SampleReport(self.callbacks.message)
+        # Batches passed over because none of their samples had finite inputs (part of the resume state).
+        self.batch_offset = 0
+        self.autocast_enabled = True
 
     # -- set-up -----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -328,7 +401,7 @@ class _Run:
                 bar.close()
         self.batches_per_epoch = self.dataset.batches_per_epoch
         self._epoch_cache: dict[int, list[list[int]]] = {}
-        self.conditioning = ConditioningCache(self.backend)
+        self.conditioning = ConditioningCache(self.backend, report=self.samples)
 
     def skip_image(self, path: str, why: str) -> None:
         """A file of the dataset that cannot be read: named, counted, and the run goes on (A1111
@@ -349,7 +422,7 @@ class _Run:
         return data_mod.build_dataset(
             found,
             sizes,
-            self.backend.encode_images,
+            self.finite_latents,
             batch_size=config.batch_size,
             latent_sampling_method=config.latent_sampling_method,
             use_weight=config.use_weight,
@@ -359,8 +432,38 @@ class _Run:
             storage_device=self.backend.device,
             should_stop=self.callbacks.stop_requested,
             on_skip=self.skip_image,
+            on_unusable=lambda path: self.samples.skip(path, None, NON_FINITE_LATENT),
             on_image=bar.update if bar is not None else None,
         )
+
+    def finite_latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The VAE's posterior of an image; recomputed with the VAE in float32 when half precision
+        made it non-finite; None when it is not finite either way."""
+        backend = self.backend
+        needs_std = self.config.latent_sampling_method != "deterministic"
+
+        def finite(encoded) -> bool:
+            return all(finite_rows(encoded[0])) and (not needs_std or all(finite_rows(encoded[1])))
+
+        encoded = backend.encode_images(pixels)
+        if finite(encoded):
+            return encoded
+        with in_float32(backend.encoder_modules("image"), backend.device.type) as converted:
+            encoded = backend.encode_images(pixels) if converted else None
+        if encoded is not None and finite(encoded):
+            self.samples.recompute("latent")
+            return encoded
+        return None
+
+    def start_unloading(self) -> None:
+        """``unload_models_when_training``: the text encoder(s) and VAE off the device from now on."""
+        if not self.config.unload_models_when_training:
+            return
+        backend = self.backend
+        if backend.start_unloading():
+            self.callbacks.message("The text encoder and VAE rest off the device during steps")
+        elif backend.unload_refusal:
+            self.callbacks.message(f"unload_models_when_training: {backend.unload_refusal}")
 
     def load_resume_state(self, optimizer) -> None:
         if self.sidecar is None:
@@ -377,6 +480,7 @@ class _Run:
             self.callbacks.message(f"cannot resume the optimizer state ({exc}); starting it afresh")
             return
         state = self.sidecar.extra.get("training_state") or {}
+        self.batch_offset = int(state.get("batch_offset") or 0)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
@@ -395,7 +499,7 @@ class _Run:
         return self._epoch_cache[epoch][position], epoch, position
 
     def autocast(self):
-        if self.autocast_dtype is None:
+        if self.autocast_dtype is None or not self.autocast_enabled:
             return contextlib.nullcontext()
         return torch.autocast(self.backend.device.type, dtype=self.autocast_dtype)
 
@@ -440,6 +544,51 @@ class _Run:
             per_sample = per_sample * (clipped / (snr + 1 if backend.prediction_type == "v_prediction" else snr))
         return per_sample.mean()
 
+    def draw(self, step: int, j: int) -> tuple[list[int], list[str], list[str | None]]:
+        """Micro-batch ``j`` of ``step``: its images, captions, and the captions trained on (None
+        where dropped), without the samples whose conditioning is not finite. A batch none of
+        whose samples is usable gives way to the next one."""
+        config = self.config
+        process = (distributed.rank(),) if distributed.world_size() > 1 else ()
+        for _attempt in range(2 * self.batches_per_epoch + 2):
+            offset = self.batch_offset
+            indices, self.epoch, self.epoch_step = self.batch_for(step * config.gradient_step + j + offset)
+            shifted = (offset,) if offset else ()  # the draws of a run that skipped nothing stay as they were
+            rng = random.Random(data_mod.derive_seed(self.seed, "captions", step, j, *process, *shifted))
+            texts = self.captions_for(indices, rng)
+            wanted = self.dropped(texts, indices, rng)
+            usable = self.conditioning.usable(wanted, self.dataset.entries[indices[0]].size)
+            for index, text, ok in zip(indices, wanted, usable, strict=True):
+                if not ok:
+                    caption = EMPTY_PROMPT if text is None else text
+                    self.samples.skip(self.dataset.entries[index].path, caption, NON_FINITE_CONDITIONING)
+            kept = [k for k, ok in enumerate(usable) if ok]
+            if kept:
+                return [indices[k] for k in kept], [texts[k] for k in kept], [wanted[k] for k in kept]
+            self.batch_offset += 1
+        raise HypernetworkError(
+            f"no usable sample: every caption drawn gives non-finite conditioning ({self.samples.summary()})"
+        )
+
+    def recompute_loss(self, indices, wanted, seed: int, step: int, value: float) -> tuple[torch.Tensor, float]:
+        """A non-finite loss on finite inputs: once more without autocast (the same noise and
+        timesteps) when half precision computed it from float32 weights; a run that is still not
+        finite has diverged."""
+        float32_weights = next(self.backend.unet.parameters()).dtype == torch.float32
+        if self.autocast_dtype is not None and float32_weights:
+            self.autocast_enabled = False
+            try:
+                torch.manual_seed(seed)
+                loss = self.loss_for(indices, wanted) / self.config.gradient_step
+            finally:
+                self.autocast_enabled = True
+            again = loss.item()
+            if math.isfinite(again):
+                self.samples.recompute("loss")
+                return loss, again
+        self.guard.diverged(f"the loss became {value} at step {step + 1}", non_finite=True)
+        raise AssertionError("unreachable")  # diverged() raises
+
     def learn_rate(self, step: int) -> float | None:
         rate = self.schedule.value_at(step)
         return None if rate is None else rate * self.shape.factor(step)
@@ -452,17 +601,16 @@ class _Run:
             if self.callbacks.stop_requested():
                 optimizer.zero_grad(set_to_none=True)
                 return None
-            indices, self.epoch, self.epoch_step = self.batch_for(step * config.gradient_step + j)
+            indices, texts, wanted = self.draw(step, j)
+            self.last_prompt, self.last_batch = texts[0], indices  # what a preview without txt2img settings shows
             process = (distributed.rank(),) if distributed.world_size() > 1 else ()
             with _fork_rng(self.backend.device):
-                torch.manual_seed(data_mod.derive_seed(self.seed, "step", step, j, *process))
-                rng = random.Random(data_mod.derive_seed(self.seed, "captions", step, j, *process))
-                texts = self.captions_for(indices, rng)
-                self.last_prompt, self.last_batch = texts[0], indices  # what a preview without txt2img settings shows
-                loss = self.loss_for(indices, self.dropped(texts, indices, rng)) / config.gradient_step
+                seed = data_mod.derive_seed(self.seed, "step", step, j, *process)
+                torch.manual_seed(seed)
+                loss = self.loss_for(indices, wanted) / config.gradient_step
                 value = loss.item()  # one device sync per micro-batch
                 if not math.isfinite(value):
-                    self.guard.diverged(f"the loss became {value} at step {step + 1}", non_finite=True)
+                    loss, value = self.recompute_loss(indices, wanted, seed, step, value)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += value
         distributed.average_gradients(self.parameters)
@@ -504,14 +652,18 @@ class _Run:
         for module, _mode in modes:
             module.training = False
         try:
-            total = 0.0
+            total, counted = 0.0, 0
             for position, index in enumerate(self.dataset.validation):
                 generator = torch.Generator(device=self.backend.device)
                 generator.manual_seed(data_mod.derive_seed(self.seed, "validation", position))
                 rng = random.Random(data_mod.derive_seed(self.seed, "validation-captions", position))
+                texts = self.captions_for([index], rng)
+                if not self.conditioning.usable(texts, self.dataset.entries[index].size)[0]:
+                    continue  # a caption with non-finite conditioning says nothing about the network
                 with _fork_rng(self.backend.device):
-                    total += float(self.loss_for([index], self.captions_for([index], rng), generator))
-            return total / len(self.dataset.validation)
+                    total += float(self.loss_for([index], texts, generator))
+                counted += 1
+            return total / counted if counted else None
         finally:
             for module, mode in modes:
                 module.training = mode
@@ -550,6 +702,7 @@ class _Run:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "ema": [s.detach().cpu() for s in self.ema.shadow] if self.ema is not None else None,
                 "weights": [p.detach().cpu() for p in self.parameters] if self.ema is not None else None,
+                "batch_offset": self.batch_offset,
             }
             write_optimizer_sidecar(path, self.config.optimizer, optimizer.state_dict(), {"training_state": state})
         return path
@@ -576,7 +729,11 @@ class _Run:
         self.network.eval()
         self.network.set_multiplier(1.0)
         try:
-            with _fork_rng(self.backend.device), self.ema.swapped() if self.ema else contextlib.nullcontext():
+            with (
+                _fork_rng(self.backend.device),
+                self.ema.swapped() if self.ema else contextlib.nullcontext(),
+                self.backend.encoders_on_device(*ENCODER_KINDS),
+            ):
                 image = generator(request)
         finally:
             for pair in self.network.layers.values():
@@ -719,6 +876,7 @@ def _execute_in_session(run: _Run) -> TrainingResult:
     try:
         with guard.session():
             run.build_dataset()
+            run.start_unloading()
             if config.save_training_settings_to_txt and run.log_dir:
                 run.settings_path = logs.write_settings(run.log_dir, run.settings())
             run.alphas = backend.alphas_cumprod()
@@ -827,6 +985,7 @@ def _loop(run: _Run, optimizer, step: int, end: int, progress_bar) -> tuple[str,
                     last_preview=last_preview,
                     last_prompt=run.last_prompt,
                     elapsed=time.monotonic() - run.started,
+                    skipped_samples=run.samples.skipped_count,
                 )
             )
     return STOP_FINISHED, f"Training finished at step {step}", step
@@ -844,6 +1003,8 @@ def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
     else:
         message = f"{message}. No step was completed, so nothing was saved"
     message += run.skipped_note()  # said again at the end: the warnings scrolled away, a tab shows only this
+    if run.samples.summary():
+        message = f"{message}. {run.samples.summary()}"
     run.callbacks.message(message)
     result = TrainingResult(
         network=network,
@@ -862,6 +1023,8 @@ def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
         losses=run.losses,
         validation_losses=run.validation_losses,
         skipped_images=run.skipped_images,
+        skipped_samples=run.samples.as_dicts(),
+        recomputed_in_float32=dict(run.samples.recomputed),
     )
     error = run.error
     if error is not None:

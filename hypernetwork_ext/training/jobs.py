@@ -221,6 +221,9 @@ class JobStatus:
     previews: list[str] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
     message: str = ""
+    skipped_count: int = 0  # samples left out so far: their latent or conditioning was not finite
+    skipped_samples: list[dict] = field(default_factory=list)  # when it ended: image, caption, reason, count
+    recomputed_in_float32: dict[str, int] = field(default_factory=dict)
     result_path: str | None = None
     error: str | None = None
     started: float = field(default_factory=time.time)
@@ -328,6 +331,7 @@ class TrainingJobs:
                 job.last_copy = progress.last_copy
             if progress.loss is not None:
                 job.losses.append((progress.step, progress.loss))
+            job.skipped_count = progress.skipped_samples
             if host.on_progress:
                 host.on_progress(progress)
 
@@ -368,6 +372,8 @@ class TrainingJobs:
             result = self.services.run_exclusive(work, job)
             job.result_path = result.path
             job.step = result.step
+            job.skipped_samples, job.recomputed_in_float32 = result.skipped_samples, result.recomputed_in_float32
+            job.skipped_count = sum(item["count"] for item in result.skipped_samples)
             job.message = result.message
             job.state = {"finished": "finished", "already trained": "failed", "interrupted": "interrupted"}.get(
                 result.stopped, result.stopped

@@ -24,6 +24,7 @@ class Setting:
     kind: str  # checkbox, slider, number, textbox, radio, dropdown
     args: dict = field(default_factory=dict)
     info: str = ""
+    a1111_only: bool = False  # about A1111's own hypernetwork code, which Forge and reForge lack
 
 
 SETTINGS = (
@@ -57,7 +58,18 @@ SETTINGS = (
         "Precision of the hypernetwork layers",
         "dropdown",
         {"choices": list(DTYPES)},
-        "Automatic keeps the networks' own float32 (as A1111), under the host's autocast",
+        "Automatic computes as A1111's own hypernetworks: their float32 layers under the host's autocast "
+        "(FP8 weights, GPUs), rounding where A1111 rounds; a dtype here keeps every fast path instead",
+    ),
+    Setting(
+        "hypernetwork_fold_limit_mib",
+        256,
+        "Memory for folded weights (MiB)",
+        "number",
+        {"precision": 0, "minimum": -1},
+        "affine networks are folded into the UNet's self-attention weights and kept on its device between "
+        "generations (SD1.5: about 47 MiB, SDXL: 391 MiB in fp16); past the limit layers compute unfolded: "
+        "the same image, a little slower; 0 never folds, -1 has no limit",
     ),
     Setting(
         "hypernetwork_unknown_name",
@@ -89,6 +101,15 @@ SETTINGS = (
         "textbox",
         {"lines": 4},
         "one per line, NAME: v1, v2, ... (16 values for SD1/SD2, 11 for SDXL); use in a tag as bw=NAME",
+    ),
+    Setting(
+        "hypernetwork_builtin_handler",
+        False,
+        "Let A1111's own code handle <hypernet:...> tags (for comparisons)",
+        "checkbox",
+        info="A1111's built-in hypernetworks, as without this extension: its .pt files in --hypernetwork-dir, "
+        "name and multiplier only; for A/B comparisons and benchmarks/host_generation.py",
+        a1111_only=True,
     ),
 )
 DEFAULTS = {setting.key: setting.default for setting in SETTINGS}

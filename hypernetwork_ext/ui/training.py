@@ -127,7 +127,7 @@ def _train_components(d: TrainingConfig = _DEFAULTS) -> list[tuple[str, gr.compo
             add("preview_seed", gr.Number(label="Seed", value=d.preview_seed, precision=0))
             add("preview_width", gr.Number(label="Width", value=d.preview_width, precision=0))
             add("preview_height", gr.Number(label="Height", value=d.preview_height, precision=0))
-    with gr.Accordion("Beyond A1111: optimizer, schedule, loss, precision", open=False):
+    with gr.Accordion("Beyond A1111: optimizer, schedule, loss, memory", open=False):
         with gr.Row():
             add("optimizer", gr.Dropdown(label="Optimizer", choices=list(OPTIMIZERS), value=d.optimizer))
             add("weight_decay", gr.Number(label="Weight decay", value=d.weight_decay))
@@ -149,10 +149,18 @@ def _train_components(d: TrainingConfig = _DEFAULTS) -> list[tuple[str, gr.compo
         with gr.Row():
             add("validation_split", gr.Number(label="Held-out validation fraction", value=d.validation_split))
             add("validation_every", gr.Number(label="Validation every N steps", value=d.validation_every, precision=0))
-            add("gradient_checkpointing", gr.Checkbox(label="Gradient checkpointing", value=d.gradient_checkpointing))
+        with gr.Row():  # memory: what fits SD1.5 at 512 px in 6 GB (docs/training.md#memory)
+            add(
+                "gradient_checkpointing",
+                gr.Checkbox(label="Gradient checkpointing (less memory, slower steps)", value=d.gradient_checkpointing),
+            )
             add(
                 "mixed_precision",
                 gr.Dropdown(label="Mixed precision", choices=list(MIXED_PRECISION), value=d.mixed_precision),
+            )
+            add(
+                "unload_models_when_training",
+                gr.Checkbox(label="Text encoder and VAE off the GPU during steps", value=d.unload_models_when_training),
             )
         with gr.Row():
             add("seed", gr.Number(label="Seed (-1 = random)", value=d.seed, precision=0))
@@ -345,6 +353,8 @@ class TrainingTab:
             parts.append(f"<br>Validation loss: {job.validation_loss:.7f}")
         if job.last_prompt:
             parts.append(f"<br>Last prompt: {html.escape(job.last_prompt)}")
+        if job.skipped_count:
+            parts.append(f"<br>Samples skipped (not finite, see the message): {job.skipped_count}")
         if job.message:
             parts.append(f"<br>{html.escape(job.message)}")
         parts.append("</div>")
@@ -447,7 +457,12 @@ def _build_train(tab: TrainingTab, host: HostHooks) -> None:
     with gr.Row():
         network = gr.Dropdown(label="Hypernetwork", choices=tab.network_names(), elem_id="hnx_train_network")
         refresh = gr.Button("Refresh lists", elem_id="hnx_train_refresh")
-        template = gr.Dropdown(label="Prompt template", choices=tab.template_names(), value=_DEFAULTS.template_filename)
+        template = gr.Dropdown(
+            label="Prompt template",
+            choices=tab.template_names(),
+            value=_DEFAULTS.template_filename,
+            elem_id="hnx_train_template",
+        )
     with gr.Row():
         preset = gr.Dropdown(label="Preset", choices=tab.preset_names(), allow_custom_value=True)
         load = gr.Button("Load preset")

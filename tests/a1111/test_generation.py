@@ -63,7 +63,7 @@ def test_registration_in_before_ui(host):
     assert len(pages) == 1 and isinstance(pages[0], webui.HypernetworksPage)
     assert [a.label for a in host.xyz.axis_options].count("[Hypernet] Strength") == 1
     keys = [k for k in host.shared.opts.data_labels if k.startswith("hypernetwork_")]
-    assert len(keys) == 10 and all(  # nine of generation, one of training
+    assert len(keys) == 12 and all(  # eleven of generation (the fold limit, the builtin handler), one of training
         host.shared.opts.data_labels[k].section == ("hypernetworks", "Hypernetworks") for k in keys
     )
     assert any(type(s).__name__ == "HypernetworkScript" for s in host.script_instances)

@@ -48,24 +48,48 @@ def test_unknown_names_are_refused(bench):
 
 
 def test_host_benchmark_separates_per_generation_from_per_step_cost(monkeypatch, capsys):
-    """Against a loopback stand-in whose requests 'take' 1 s + 0.1 s per step, plus 0.5 s once and
-    0.02 s per step with a tag: the script's table finds those figures back."""
+    """Against a stand-in of the server whose requests 'take' 1 s + 0.1 s per step, plus 0.5 s once
+    and 0.02 s per step with a tag handled by the extension, 0.2 s once and 0.05 s per step with A1111's
+    own code (the setting, switched through the options route): the table finds those figures back,
+    and the setting is off again at the end."""
     spec = importlib.util.spec_from_file_location("bench_host", SCRIPT.with_name("host_generation.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    setting = {module.BUILTIN_SETTING: False}
+    switches = []
+
+    def fake_call(url, path, payload=None, timeout=0):
+        assert path == "/sdapi/v1/options"
+        if payload is not None:
+            setting.update(payload)
+            switches.append(payload[module.BUILTIN_SETTING])
+        return dict(setting)
 
     def fake_txt2img(url, prompt, steps, size, seed):
-        tagged = "<hypernet:" in prompt
-        return 1.0 + 0.1 * steps + (0.5 + 0.02 * steps if tagged else 0.0)
+        if "<hypernet:" not in prompt:
+            return 1.0 + 0.1 * steps
+        if setting[module.BUILTIN_SETTING]:
+            return 1.0 + 0.1 * steps + 0.2 + 0.05 * steps
+        return 1.0 + 0.1 * steps + 0.5 + 0.02 * steps
 
+    monkeypatch.setattr(module, "call", fake_call)
     monkeypatch.setattr(module, "txt2img", fake_txt2img)
     monkeypatch.setattr(sys, "argv", ["host_generation.py", "--url", "http://x", "--tag", "<hypernet:n:1>",
-                                      "--builtin-url", "http://y", "--rounds", "2"])  # fmt: skip
+                                      "--builtin", "--rounds", "3", "--low", "2", "--high", "6"])  # fmt: skip
     module.main()
     table = capsys.readouterr().out
-    assert "| none | 1.00 | 0.100 | +0.00 s | +0.0% |" in table
-    assert "| ours | 1.50 | 0.120 | +0.50 s | +20.0% |" in table
-    assert "ours/builtin, extra time per step: 1.00" in table
+    assert "| none | 1.00 [1.00, 1.00] | 0.100 [0.100, 0.100] | 1.60 [1.60, 1.60] | |" in table
+    assert (
+        "| ours | 1.50 [1.50, 1.50] | 0.120 [0.120, 0.120] | 2.22 [2.22, 2.22] | +0.50 [+0.50, +0.50] | +20.0% [+20.0%, +20.0%] |"
+        in table
+    )
+    assert (
+        "| builtin | 1.20 [1.20, 1.20] | 0.150 [0.150, 0.150] | 2.10 [2.10, 2.10] | +0.20 [+0.20, +0.20] | +50.0% [+50.0%, +50.0%] |"
+        in table
+    )
+    assert "ours +0.62 s, A1111's own code +0.50 s" in table
+    assert "load average during the rounds" in table
+    assert switches[-1] is False and setting[module.BUILTIN_SETTING] is False
 
 
 def test_the_prompt_scan_benchmark_runs_and_both_ways_find_the_same_tags(capsys):
@@ -74,3 +98,39 @@ def test_the_prompt_scan_benchmark_runs_and_both_ways_find_the_same_tags(capsys)
     spec.loader.exec_module(module)
     rows = module.main(["--sizes", "300,3000"])  # raises when the scanner and the expression disagree
     assert len(rows) == 2 * len(module.KINDS) and "ratio" in capsys.readouterr().out
+
+
+def test_the_training_benchmark_measures_every_variant(capsys):
+    """benchmarks/training.py on the tiny ldm model, in this process: every variant trains, with
+    finite losses, and gets a speed and a peak memory (the table's numbers; not their sizes)."""
+    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT.with_name("training.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    threads = torch.get_num_threads()
+    variants = ["a1111", "ours", "checkpointing", "bf16-autocast", "bf16-weights", "no-cache"]
+    try:
+        spec.loader.exec_module(module)
+        arguments = ["--rows", "tiny-64-b2", "--variants", ",".join(variants), "--rounds", "1", "--steps", "1"]
+        rows = module.main([*arguments, "--in-process", "--threads", "1", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+        del sys.modules[spec.name]
+    assert [row["variant"] for row in rows] == variants
+    for row in rows:
+        assert row["losses_finite"] and row["steps_per_second"] > 0, row
+        assert 0 < row["model_gib"] <= row["peak_gib"], row
+    assert rows[0]["speed_ratio"] == 1.0 and rows[0]["peak_ratio"] == 1.0
+    printed = capsys.readouterr().out
+    assert "| tiny (script check) 64x64, batch 2 | A1111 1.10.1 step |" in printed
+
+
+def test_the_training_benchmark_refuses_unknown_rows():
+    spec = importlib.util.spec_from_file_location("bench_training_names", SCRIPT.with_name("training.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        with pytest.raises(SystemExit, match="sd99"):
+            module.main(["--rows", "sd99"])
+    finally:
+        del sys.modules[spec.name]

@@ -140,8 +140,13 @@ def test_the_rate_is_checked(value, valid):
 class CountingBackend:
     """Encodes each caption as its length, the empty negative as zeros; counts the calls."""
 
+    device = torch.device("cpu")
+
     def __init__(self):
         self.unconditional_calls = 0
+
+    def encoder_modules(self, kind):
+        return []
 
     def encode_text(self, texts, size):
         return torch.tensor([[[float(len(text) + 1)]] for text in texts])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -63,6 +64,33 @@ def test_generate_records_the_size_it_rendered_when_none_was_given(tmp_path, cap
     image = Image.open(out)
     assert image.size == (64, 64)
     assert "Size: 64x64," in image.info["parameters"]
+
+
+def test_generate_fold_limit_changes_memory_not_the_image(tmp_path, monkeypatch):
+    from hypernetwork_ext.standalone import generate as generation
+
+    limits = []
+
+    class Recorded(generation.Attachment):
+        def remove(self):
+            limits.append((self.fold_limit, self.memory().kinds()["folds"]))
+            super().remove()
+
+    monkeypatch.setattr(generation, "Attachment", Recorded)
+    folder = tmp_path / "hypernetworks"
+    hx.save(visible(hx.create(TINY_WIDTHS, activation="linear", seed=3, name="flat"), 3), folder / "flat.pt")
+    small = ["--hypernetwork-dir", str(folder), "--steps", "2", "--width", "64", "--height", "64", "--quiet"]
+    images = {}
+    for limit in ("-1", "0"):
+        out = tmp_path / f"limit{limit}.png"
+        assert (
+            main(["generate", "a red circle <hypernet:flat:0.8>", *small, "--fold-limit", limit, "-o", str(out)]) == 0
+        )
+        images[limit] = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(images["-1"] - images["0"]).max() <= 1  # the unfolded path: the same to float rounding
+    assert limits[0][0] is None and limits[0][1] > 0 and limits[1] == (0, 0)
+    main(["generate", "a red circle <hypernet:flat:0.8>", *small, "-o", str(tmp_path / "default.png")])
+    assert limits[2][0] == 256 << 20 == hx.memory.DEFAULT_FOLD_LIMIT
 
 
 def test_generate_reports_bad_tags_and_still_writes(library, tmp_path, capsys):

@@ -289,3 +289,20 @@ def test_help_has_examples(capsys):
         main(["merge", "--help"])
     assert exited.value.code == 0
     assert "--add-difference" in capsys.readouterr().out
+
+
+def test_inspect_shows_what_generating_keeps_on_the_gpu(tmp_path, capsys):
+    """Worked out for the family's full-size layout (SD1 here), split as A1111 and Forge keep it."""
+    affine = hx.save(hx.create([768, 320, 640, 1280], (1, 0.5, 1), "linear", name="flat"), tmp_path / "flat.pt")
+    code, out = run_cli("inspect", affine, capsys=capsys)
+    assert code == 0 and "GPU memory while in use on SD1 (float16 UNet)" in out.out
+    assert "47.3 MiB of folded weights per set of multipliers (at most 2, limited to 256.0 MiB by default)" in out.out
+    code, out = run_cli("inspect", "--json", affine, capsys=capsys)
+    memory = json.loads(out.out)[0]["device_memory"]
+    assert memory["a1111"]["folds"] == 49_611_520 and memory["forge"]["folds"] == 0
+    assert memory["fold_limit_bytes"] == 256 << 20 and memory["family"] == "SD1"
+
+
+def test_inspect_without_a_family_says_so(files, capsys):
+    code, out = run_cli("inspect", files["a"], capsys=capsys)
+    assert code == 0 and "GPU memory while in use: unknown" in out.out

@@ -1,10 +1,15 @@
 """The real-host suite's own safeguards, which run before any host does (tests/hosts needs one)."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 
-from tests.hosts.real_host import EXTENSION_FOLDER, HostConfig, install_extension, other_copies
+from hypernetwork_ext.training.jobs import JobStatus
+from tests.hosts.jobs import JobEnded, Progress, ended, from_status, from_tab, from_tab_text, reached, wait_for
+from tests.hosts.real_host import EXTENSION_FOLDER, HostConfig, flat_image_reason, install_extension, other_copies
+from tests.hosts.training_data import choose_captions
 
 
 def a1111_folder(tmp_path, *extensions, disabled=()):
@@ -125,3 +130,174 @@ def test_sdnexts_rich_tracebacks_through_the_extension_are_found():
     (found,) = extension_tracebacks(SDNEXT_PRELOAD_ERROR + SDNEXT_OTHER_ERROR)
     assert "sd-webui-hypernetworks/preload.py:20 in preload" in found and "models_path" in found
     assert extension_tracebacks(SDNEXT_OTHER_ERROR) == []
+
+
+# -- waiting for training jobs: a job that ends otherwise fails the wait at once ------------------------
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def reader(states):
+    """Readings of a job, one per poll: (state, step) pairs, the last one repeated."""
+    readings = iter(states)
+    last = []
+
+    def read():
+        item = next(readings, None)
+        if item is not None:
+            last[:] = [Progress(item[0], item[1], 20, item[2] if len(item) > 2 else "")]
+        return last[0] if last else None
+
+    return read
+
+
+def test_a_job_that_ends_otherwise_fails_the_wait_at_once_with_its_state_and_message():
+    """Issue 21: the Train-tab test waited an hour for "finished step 20" after the run had stopped on
+    NaN at step 3."""
+    clock = FakeClock()
+    read = reader([("running", 1), ("running", 2), ("non-finite", 3, "the loss is NaN at step 3")])
+    with pytest.raises(JobEnded, match=r"finished step 20.*ended non-finite at step 3: the loss is NaN at step 3"):
+        wait_for(read, ended("finished", 20), "finished step 20", timeout=3600, poll=1, clock=clock, sleep=clock.sleep)
+    assert clock.now == 2  # three readings, no more
+
+
+@pytest.mark.parametrize(
+    ("until", "states", "message"),
+    [
+        (ended("finished", 20), [("running", 5), ("finished", 12)], "ended finished at step 12"),
+        (reached(2), [("queued", 0), ("failed", 0, "no images in the folder")], "ended failed at step 0"),
+        (ended("interrupted"), [("running", 4), ("diverged", 4)], "ended diverged at step 4"),
+    ],
+)
+def test_every_other_end_fails_the_wait(until, states, message):
+    clock = FakeClock()
+    with pytest.raises(JobEnded, match=message):
+        wait_for(reader(states), until, "it", poll=1, clock=clock, sleep=clock.sleep)
+
+
+def test_the_wait_returns_the_reading_it_waited_for():
+    clock = FakeClock()
+    got = wait_for(
+        reader([("queued", 0), ("running", 1), ("running", 3)]), reached(2), "step 2", clock=clock, sleep=clock.sleep
+    )
+    assert (got.state, got.step) == ("running", 3)
+    done = wait_for(
+        reader([("running", 19), ("finished", 20)]), ended("finished", 20), "end", clock=clock, sleep=clock.sleep
+    )
+    assert done.state == "finished"
+
+
+def test_a_wait_that_times_out_says_where_the_job_stood():
+    clock = FakeClock()
+    with pytest.raises(AssertionError, match=r"after 10 s; the job is running at step 4"):
+        wait_for(
+            reader([("running", 4)]),
+            ended("finished", 20),
+            "the end",
+            timeout=10,
+            poll=1,
+            clock=clock,
+            sleep=clock.sleep,
+        )
+
+
+def test_readings_of_an_earlier_job_are_ignored():
+    """The Train tab still shows the previous run (ended) until its next poll shows the new one."""
+    clock = FakeClock()
+    readings = iter(
+        [Progress("interrupted", 7, 1000, "old"), Progress("running", 1, 20, ""), Progress("running", 2, 20, "")]
+    )
+    got = wait_for(
+        lambda: next(readings), reached(2), "step 2", ignore=lambda p: p.max_steps != 20, clock=clock, sleep=clock.sleep
+    )
+    assert got.step == 2
+
+
+def tab_text(job: JobStatus) -> str:
+    """What the browser shows of the Train tab's progress column (its innerText), from the tab's own HTML."""
+    from hypernetwork_ext.ui.training import TrainingTab
+
+    class Latest:
+        def latest(self):
+            return job
+
+    markup = TrainingTab(jobs=Latest()).refresh()[0]
+    return re.sub(r"<[^>]+>", "", markup.replace("<br>", "\n"))
+
+
+@pytest.mark.parametrize("state", ["running", "finished", "non-finite", "interrupted", "failed"])
+def test_the_train_tabs_own_progress_text_is_read_back(state):
+    job = JobStatus(id="x", state=state, step=3, max_steps=20, message="the loss is NaN at step 3", last_loss=0.5)
+    progress = from_tab_text(tab_text(job))
+    assert (progress.state, progress.step, progress.max_steps) == (state, 3, 20)
+    assert "the loss is NaN at step 3" in progress.text
+    assert from_tab_text("No training yet.") is None
+
+
+def test_a_start_the_tab_refused_ends_the_wait_at_once():
+    clock = FakeClock()
+    refused = from_tab("No training yet.", "Not started:\n  learn_rate: not a number", 20)
+    with pytest.raises(JobEnded, match=r"ended not started at step 0: Not started: learn_rate: not a number"):
+        wait_for(lambda: refused, reached(1), "running step 1", clock=clock, sleep=clock.sleep)
+    assert clock.now == 0
+    assert from_tab("running step 3/20 (15.0%)", "Training started (job 1).", 20).state == "running"
+
+
+def test_a_route_status_is_read_with_its_error():
+    status = JobStatus(id="x", state="failed", step=0, max_steps=20, message="m", error="no images").to_dict(
+        history=False
+    )
+    assert from_status(status) == Progress("failed", 0, 20, "no images")
+
+
+# -- training captions the host renders finitely ---------------------------------------------------------
+def test_captions_the_host_renders_non_finitely_are_dropped_and_named():
+    asked = []
+
+    def reason_for(caption):
+        asked.append(caption)
+        return "flat" if "triangle" in caption else None
+
+    captions = ["a red circle", "a red triangle", "a red triangle", "a red square", "a red diamond", "a red dot"]
+    kept, dropped = choose_captions(captions, reason_for, 3)
+    assert kept == [0, 3, 4]
+    assert [(d.caption, d.reason) for d in dropped] == [("a red triangle", "flat")]
+    assert asked == ["a red circle", "a red triangle", "a red square", "a red diamond"]  # once each, no more
+
+
+def test_too_few_finite_captions_stop_with_what_was_dropped():
+    with pytest.raises(RuntimeError, match=r"only 1 of 2 .*'a red triangle': flat"):
+        choose_captions(["a red circle", "a red triangle"], lambda c: "flat" if "triangle" in c else None, 2)
+
+
+def test_a_flat_image_is_what_a_nan_image_decodes_to():
+    flat = np.zeros((8, 8, 3), dtype=np.int16)
+    assert "every pixel (0, 0, 0)" in flat_image_reason(flat)
+    varied = flat.copy()
+    varied[3, 4, 1] = 1
+    assert flat_image_reason(varied) is None
+
+
+# -- the shared references folder ------------------------------------------------------------------------
+def test_two_runs_sharing_a_references_folder_keep_each_others_images(tmp_path):
+    from PIL import Image
+
+    from tests.hosts.conftest import ReferenceStore
+    from tests.hosts.real_host import Rendered
+
+    def rendered(value):
+        return Rendered(Image.new("RGB", (4, 4), (value, 0, 0)), "", 0.0, {})
+
+    first, second = ReferenceStore(tmp_path, {"n": "h"}), ReferenceStore(tmp_path, {"n": "h"})
+    first.put("a", "p", {}, rendered(10))
+    second.put("b", "q", {}, rendered(20))
+    again = ReferenceStore(tmp_path, {"n": "h"})
+    assert again.get("a", "p", {})[0, 0, 0] == 10 and again.get("b", "q", {})[0, 0, 0] == 20
+    assert again.get("a", "p", {"other": 1}) is None and not list(tmp_path.glob("*.partial"))

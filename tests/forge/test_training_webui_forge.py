@@ -430,3 +430,56 @@ def test_the_trainers_fixes_hold_on_forge(tmp_path, data):
     assert stopped.stopped == "non-finite" and stopped.step == 1
     at_one = weights(hx.load(next(c for c in whole.copies if c.endswith("style-1.pt"))))
     assert all(torch.equal(v, weights(hx.load(stopped.path))[k]) for k, v in at_one.items())
+
+
+def test_unloading_leaves_the_text_encoder_and_vae_to_forges_memory_manager(tmp_path, data):
+    """With a GPU the run asks the memory manager to unload everything but the UNet once the dataset
+    is encoded and after every host call (captions not seen before, previews): the manager loads the
+    text encoder and VAE for the host's own calls."""
+
+    class Recording(Memory):
+        unloads = 0
+
+        def unload_others(self, patcher):
+            assert patcher is backend.patcher
+            self.unloads += 1
+
+    class OnAGpu(ForgeBackend):
+        computes_off_host = True  # the stand-in computes on the CPU
+
+    engine = forge_engine.build(0)
+    memory = Recording(engine.memory)
+    backend = OnAGpu(engine, memory, model_family="sd1")
+    hx.save(hx.create(WIDTHS, (1, 2, 1), "relu", seed=1, name="style"), tmp_path / "style.pt")
+    settings = TrainingConfig(
+        hypernetwork_name="style",
+        data_root=str(data),
+        log_directory=str(tmp_path / "logs"),
+        template_filename="filewords.txt",
+        steps=2,
+        create_image_every=0,
+        save_hypernetwork_every=0,
+        unload_models_when_training=True,
+        **SMALL_RUN,
+    )
+    result = train(hx.load(tmp_path / "style.pt"), backend, settings, output_dir=str(tmp_path), progress_bar=False)
+    assert result.stopped == "finished" and backend.unloading
+    assert memory.unloads >= 2  # when unloading starts, and after the captions' encoding
+
+
+def test_the_hosts_memory_manager_is_asked_to_keep_only_the_unet():
+    from types import SimpleNamespace
+
+    from hypernetwork_ext.hosts.forge_training import HostMemory
+
+    calls = []
+    unet, vae = SimpleNamespace(load_device="cuda:0"), SimpleNamespace(load_device="cuda:0")
+    loaded = [SimpleNamespace(model=vae), SimpleNamespace(model=unet)]
+    module = SimpleNamespace(
+        current_loaded_models=loaded,
+        free_memory=lambda required, device, keep_loaded=(): calls.append((required, device, keep_loaded)),
+    )
+    HostMemory(module).unload_others(unet)
+    assert calls == [(1e30, torch.device("cuda:0"), [loaded[1]])]
+    HostMemory(module).unload_others(SimpleNamespace(load_device="cpu"))  # nothing to unload on a CPU
+    assert len(calls) == 1

@@ -12,7 +12,9 @@ Without them every test here is skipped, saying what to set. With them the sessi
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.hosts import sdnext_host
+from tests.hosts import host_modes, sdnext_host
 from tests.hosts import suite_files as files
 from tests.hosts.real_host import (
     USAGE,
@@ -30,6 +32,7 @@ from tests.hosts.real_host import (
     HttpError,
     Rendered,
     Server,
+    flat_image_reason,
     install_extension,
     install_reference_extension,
     remove_extension,
@@ -58,6 +61,14 @@ class Suite:
     def kind(self) -> str:
         return self.config.kind
 
+    def record(self, check: str, case: str, figures) -> None:
+        """Keep a check's figures in ``figures.json`` with the artifacts, per checkpoint (for the notes
+        that report a run)."""
+        path = self.config.artifacts / "figures.json"
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+        recorded.setdefault(self.checkpoint.path.name, {}).setdefault(check, {})[case] = figures
+        path.write_text(json.dumps(recorded, indent=1))
+
     def save(self, name: str, rendered: Rendered) -> Path:
         path = self.config.artifacts / "images" / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,19 +95,29 @@ class ReferenceStore:
         return np.asarray(Image.open(self.folder / f"{case}.png").convert("RGB"), dtype=np.int16)
 
     def put(self, case: str, prompt: str, settings: dict, rendered: Rendered) -> None:
-        rendered.image.save(self.folder / f"{case}.png")
-        self.index[case] = self._record(prompt, settings)
-        self.index_file.write_text(json.dumps(self.index, indent=1))
+        """Stored atomically, the index merged with what other runs wrote meanwhile: several checkouts
+        may share one references folder (a symlink), so each A1111 run renders only what none has."""
+        with open(self.folder / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            partial = self.folder / f".{case}.png.partial"
+            rendered.image.save(partial, format="PNG")
+            os.replace(partial, self.folder / f"{case}.png")
+            self.index = json.loads(self.index_file.read_text()) if self.index_file.exists() else {}
+            self.index[case] = self._record(prompt, settings)
+            partial = self.index_file.with_suffix(".partial")
+            partial.write_text(json.dumps(self.index, indent=1))
+            os.replace(partial, self.index_file)
 
 
 ALL_CASES = (("no-tag", files.NO_TAG), *files.RENDER_CASES, *files.LORA_CASES)
 
 
-def render_builtin_references(config: HostConfig, references: ReferenceStore) -> None:
-    """A1111 without the extension: its own ``<hypernet:...>`` handling renders the references. Its
-    safe unpickler refuses .pt files written by current torch, so this run lifts it."""
+def render_builtin_references(config: HostConfig, references: ReferenceStore, checkpoint: files.Checkpoint) -> None:
+    """A1111 without the extension: its own ``<hypernet:...>`` handling renders the references (the
+    host modes' too). Its safe unpickler refuses .pt files written by current torch, so this run lifts it."""
     missing = [(case, prompt) for case, prompt in ALL_CASES if references.get(case, prompt, _settings()) is None]
-    if not missing:
+    missing_modes = host_modes.missing_references(references, config.kind)
+    if not missing and not missing_modes:
         return
     remove_extension(config)
     extra = "" if "--disable-safe-unpickle" in config.launch else "--disable-safe-unpickle"
@@ -104,6 +125,7 @@ def render_builtin_references(config: HostConfig, references: ReferenceStore) ->
     try:
         for case, prompt in missing:
             references.put(case, prompt, _settings(), server.txt2img(prompt))
+        host_modes.render_references(server, references, missing_modes, checkpoint)
     finally:
         server.stop()
 
@@ -163,6 +185,10 @@ def start_with_extension(config: HostConfig) -> tuple[Server, list[RouteCall], R
     if "error" in first:
         server.stop()
         raise first["error"]
+    flat = flat_image_reason(first["rendered"].pixels)
+    if flat:
+        server.stop()
+        raise RuntimeError(f"the host renders the suite's plain prompt {files.NO_TAG!r} non-finitely: {flat}")
     return server, calls, first["rendered"], loaded_at["t"] - started
 
 
@@ -183,7 +209,7 @@ def suite(config: HostConfig):
     folder = config.artifacts.parent / "references" / checkpoint.sha256[:12]
     references = ReferenceStore(folder / "sdnext" if config.kind == "sdnext" else folder, hashes)
     if config.kind == "a1111":
-        render_builtin_references(config, references)
+        render_builtin_references(config, references, checkpoint)
     elif config.kind == "sdnext":
         render_formula_references(config, references)
     commit = install_extension(config)

@@ -339,6 +339,14 @@ def mean_difference(a: Rendered, b: Rendered) -> float:
     return float(np.abs(a.pixels - b.pixels).mean())
 
 
+def flat_image_reason(pixels: np.ndarray) -> str | None:
+    """An image whose every pixel is the same colour is what a non-finite result decodes to."""
+    first = pixels.reshape(-1, pixels.shape[-1])[0]
+    if (pixels == first).all():
+        return f"the host drew every pixel {tuple(int(v) for v in first)} (what a NaN image decodes to)"
+    return None
+
+
 # -- the server log ----------------------------------------------------------------------------------------
 TRACEBACK = re.compile(r"Traceback \(most recent call last\):\n(?:[ \t].*\n|\n)*?\S.*", re.M)
 # SD.Next prints its tracebacks with rich: no "Traceback" header, a frame is "/path/file.py:20 in preload"

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 import hypernetwork_ext as hx
-from hypernetwork_ext.standalone.tiny import procedural_images
 from tests.hosts import suite_files as files
 from tests.hosts.browser import open_page, screenshot, screenshot_on_failure
+from tests.hosts.jobs import Progress, ended, from_status, from_tab, reached, wait_for
 from tests.hosts.real_host import WITHOUT_TRAIN_TAB, HttpError, max_difference
+from tests.hosts.training_data import finite_training_set
 
 PREFIX = "hnx-train-"
 ROUTES_NAME, TAB_NAME = f"{PREFIX}routes", f"{PREFIX}tab"
@@ -36,7 +37,7 @@ PREVIEW = {
     "preview_width": 64,
     "preview_height": 64,
 }
-JOB_TIMEOUT = 3600.0
+TRAINING_IMAGES = 4
 
 
 def cleanup(folder: Path) -> None:
@@ -46,9 +47,9 @@ def cleanup(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def dataset(suite) -> Path:
+    """Captioned pictures whose captions this host renders finitely with this checkpoint."""
     folder = suite.config.artifacts / "training-data"
-    if not folder.is_dir():
-        procedural_images(folder, 4, seed=0, colour="red", size=64)
+    finite_training_set(suite.server, folder, TRAINING_IMAGES)
     cleanup(suite.config.hypernetwork_dir)
     yield folder
     cleanup(suite.config.hypernetwork_dir)
@@ -73,18 +74,19 @@ def payload(suite, dataset: Path, name: str, **changes) -> dict:
     return values
 
 
-def follow(server, job_id: str, *, until=None, timeout: float = JOB_TIMEOUT) -> tuple[dict, list[tuple[float, int]]]:
-    """Poll a job until it ends (or ``until(status)``); returns its status and (time, step) seen."""
+def follow(server, job_id: str, until, what: str) -> tuple[dict, list[tuple[float, int]]]:
+    """Poll a job until ``until(progress)``; fails at once if it ends otherwise (see ``jobs.wait_for``).
+    Returns its full status and the (time, step) seen."""
     trace: list[tuple[float, int]] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        status = server.get(f"/hypernetworks/v1/jobs/{job_id}?history=false", timeout=120)
-        if not trace or trace[-1][1] != status["step"]:
-            trace.append((time.monotonic(), status["step"]))
-        if status["state"] not in ("queued", "running") or (until and until(status)):
-            return server.get(f"/hypernetworks/v1/jobs/{job_id}", timeout=120), trace
-        assert time.monotonic() < deadline, f"job {job_id} still {status['state']} at step {status['step']}"
-        time.sleep(0.25)
+
+    def read() -> Progress:
+        progress = from_status(server.get(f"/hypernetworks/v1/jobs/{job_id}?history=false", timeout=120))
+        if not trace or trace[-1][1] != progress.step:
+            trace.append((time.monotonic(), progress.step))
+        return progress
+
+    wait_for(read, until, f"{what} (job {job_id})")
+    return server.get(f"/hypernetworks/v1/jobs/{job_id}", timeout=120), trace
 
 
 def seconds_per_step(trace: list[tuple[float, int]], first: int = 1, last: int = PREVIEW_EVERY - 1) -> float:
@@ -114,7 +116,7 @@ def loss_fell(losses: list) -> bool:
 def routes_run(suite, dataset):
     created = suite.server.post("/hypernetworks/v1/create", {"name": ROUTES_NAME, "overwrite_old": True})
     job_id = suite.server.post("/hypernetworks/v1/train", payload(suite, dataset, ROUTES_NAME))["job_id"]
-    status, trace = follow(suite.server, job_id)
+    status, trace = follow(suite.server, job_id, ended("finished", STEPS), f"finished step {STEPS}")
     return created, job_id, status, trace
 
 
@@ -151,10 +153,10 @@ def test_the_result_renders_by_its_tag_at_once_and_no_tag_is_unchanged(suite, ro
 def test_an_interrupted_run_saves_the_step_it_reached(suite, dataset, routes_run):
     body = payload(suite, dataset, ROUTES_NAME, steps=1000, create_image_every=0, save_hypernetwork_every=0)
     job_id = suite.server.post("/hypernetworks/v1/train", body)["job_id"]
-    follow(suite.server, job_id, until=lambda status: status["step"] >= 2)
+    follow(suite.server, job_id, reached(2), "running step 2")
     assert suite.server.post(f"/hypernetworks/v1/jobs/{job_id}/interrupt")["interrupted"] is True
-    status, _trace = follow(suite.server, job_id)
-    assert status["state"] == "interrupted" and 2 <= status["step"] < 1000, status["message"]
+    status, _trace = follow(suite.server, job_id, ended("interrupted"), "interrupted")
+    assert 2 <= status["step"] < 1000, status["message"]
     assert hx.load(status["result_path"]).step == status["step"]
     assert suite.server.txt2img(files.NO_TAG).pixels.tolist() == suite.before_tags.pixels.tolist()
 
@@ -168,7 +170,7 @@ def test_a_second_job_while_one_runs_is_refused(suite, dataset, routes_run):
         assert refused.value.status == 409
     finally:
         suite.server.post(f"/hypernetworks/v1/jobs/{job_id}/interrupt")
-        follow(suite.server, job_id)
+        follow(suite.server, job_id, lambda progress: not progress.active, "the end of the refused run's twin")
 
 
 # --- through the Train tab -------------------------------------------------------------------------
@@ -207,17 +209,43 @@ def progress_text(page) -> str:
     return page.locator("#hnx_train_progress").first.inner_text()  # gradio 3.41 gives the id to two elements
 
 
+def start_in_tab(page, steps: int, until, what: str) -> Progress:
+    """Click Start and follow the run the tab shows until ``until``; fails at once if the run ends
+    otherwise. What the tab showed before the click, or a run of another length, is an earlier job."""
+    before = progress_text(page)
+    page.locator("#hnx_train_start").click()
+    return follow_tab(page, steps, until, what, before)
+
+
+def follow_tab(page, steps: int, until, what: str, before: str = "") -> Progress:
+    def earlier_job(progress: Progress) -> bool:
+        return progress.max_steps != steps or progress.text == " ".join(before.split())
+
+    def read() -> Progress | None:
+        return from_tab(progress_text(page), page.locator("#hnx_train_message").first.inner_text(), steps)
+
+    return wait_for(read, until, what, ignore=earlier_job, poll=0.5)
+
+
 def fill_training_form(page, suite, dataset: Path, steps: int) -> None:
     values = payload(suite, dataset, TAB_NAME, steps=steps)
     choose(page, "hnx_train_network", TAB_NAME)
+    # The routes run's template and seed: the tab trains exactly what the routes trained (with the tab's
+    # defaults, style_filewords.txt and a random seed, A1111's first step was NaN on a random checkpoint
+    # where the routes run finished).
+    choose(page, "hnx_train_template", values["template_filename"])
     for name in ("learn_rate", "data_root", "log_directory", "training_width", "training_height", "steps"):
         fill(page, f"hnx_train_{name}", values[name])
     for name in ("create_image_every", "save_hypernetwork_every"):
         fill(page, f"hnx_train_{name}", values[name])
+    page.locator("#hnx_train_tab").get_by_text("Beyond A1111", exact=False).first.click()
+    fill(page, "hnx_train_seed", values["seed"])
     page.locator("#hnx_train_tab").get_by_text("Preview", exact=True).first.click()
     page.locator("#hnx_train_preview_from_txt2img input[type=checkbox]").check()
     for name in ("prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height"):
         fill(page, f"hnx_train_preview_{name}", values[f"preview_{name}"])
+    page.locator("#hnx_train_tab").get_by_text("Beyond A1111", exact=False).first.click()
+    fill(page, "hnx_train_seed", values["seed"])
 
 
 @pytest.mark.skipif(os.environ.get("HNX_HOST_TRAIN_BROWSER") == "0", reason="HNX_HOST_TRAIN_BROWSER=0")
@@ -236,16 +264,10 @@ def test_the_train_tab_creates_trains_shows_progress_and_interrupts(suite, datas
         tab.locator(".tab-nav button", has_text="Train hypernetwork").first.click()
         fill_training_form(page, suite, dataset, STEPS)
         screenshot(artifacts, page, "train-tab-form")
-        page.locator("#hnx_train_start").click()
-        page.wait_for_function(
-            "() => /running step [1-9]/.test(document.querySelector('#hnx_train_progress').innerText)"
-        )
+        start_in_tab(page, STEPS, reached(1), "running step 1")
         page.wait_for_selector("#hnx_train_loss_chart svg polyline")
         screenshot(artifacts, page, "train-tab-running")
-        page.wait_for_function(
-            "() => /finished step 20/.test(document.querySelector('#hnx_train_progress').innerText)",
-            timeout=int(JOB_TIMEOUT * 1000),
-        )
+        follow_tab(page, STEPS, ended("finished", STEPS), f"finished step {STEPS}")
         page.wait_for_selector("#hnx_train_gallery img")
         time.sleep(2)  # the next poll draws the final chart and gallery
         screenshot(artifacts, page, "train-tab-finished")
@@ -257,15 +279,9 @@ def test_the_train_tab_creates_trains_shows_progress_and_interrupts(suite, datas
         assert page.locator("#hnx_train_gallery img").count() >= STEPS // PREVIEW_EVERY
 
         fill(page, "hnx_train_steps", 1000)
-        page.locator("#hnx_train_start").click()
-        page.wait_for_function(
-            "() => /running step ([2-9]|\\d\\d+)\\//.test(document.querySelector('#hnx_train_progress').innerText)"
-        )
+        start_in_tab(page, 1000, reached(2), "running step 2")
         page.locator("#hnx_train_interrupt").click()
-        page.wait_for_function(
-            "() => /interrupted step/.test(document.querySelector('#hnx_train_progress').innerText)",
-            timeout=int(JOB_TIMEOUT * 1000),
-        )
+        follow_tab(page, 1000, ended("interrupted"), "interrupted")
         time.sleep(2)
         screenshot(artifacts, page, "train-tab-interrupted")
         interrupted = progress_text(page)

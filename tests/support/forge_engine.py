@@ -55,12 +55,15 @@ class LoadedModel:
         self.model_accelerated = manager.partial
 
     def model_load(self) -> None:
+        self.model.model_patches_to(self.model.load_device)
+        self.model.model_patches_to(self.model.model_dtype())
         self.manager.move_on(self.model.model)
         self.model.refresh_loras()
 
     def model_unload(self, avoid_model_moving: bool = False) -> None:
         if not avoid_model_moving:
             self.manager.move_off(self.model.model)
+            self.model.model_patches_to(self.model.offload_device)
 
 
 class MemoryManager:
@@ -165,7 +168,7 @@ class ModelPatcher(forge_standin.ModelPatcher):
         self.lora_loader.refresh(self.lora_patches)
 
 
-class UnetPatcher(ModelPatcher):
+class UnetPatcher(ModelPatcher, forge_standin.UnetPatcher):
     pass
 
 

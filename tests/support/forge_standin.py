@@ -54,9 +54,39 @@ class ModelPatcher:
     def set_model_attn2_patch(self, patch):
         self.set_model_patch(patch, "attn2_patch")
 
+    def model_patches_to(self, device):
+        """What the memory manager calls on loading (the load device, then the model's dtype) and
+        on unloading the model (its offload device): every patch that has ``to`` is replaced by
+        what ``to`` returns (``patches`` and ``patches_replace``; the wrapper function too)."""
+        to = self.model_options["transformer_options"]
+        for patch_list in to.get("patches", {}).values():
+            for i in range(len(patch_list)):
+                if hasattr(patch_list[i], "to"):
+                    patch_list[i] = patch_list[i].to(device)
+        for patch_dict in to.get("patches_replace", {}).values():
+            for key in patch_dict:
+                if hasattr(patch_dict[key], "to"):
+                    patch_dict[key] = patch_dict[key].to(device)
+
+    def model_dtype(self):
+        return next(self.model.parameters()).dtype
+
 
 class UnetPatcher(ModelPatcher):
-    pass
+    """``add_extra_preserved_memory_during_sampling``: memory the manager keeps free while sampling
+    (``sampling_prepare`` passes it to ``load_models_gpu`` as ``hard_memory_preservation``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_preserved_memory_during_sampling = 0
+
+    def clone(self):
+        n = super().clone()
+        n.extra_preserved_memory_during_sampling = self.extra_preserved_memory_during_sampling
+        return n
+
+    def add_extra_preserved_memory_during_sampling(self, memory_in_bytes: int):
+        self.extra_preserved_memory_during_sampling += memory_in_bytes
 
 
 class KModel(nn.Module):

@@ -51,8 +51,14 @@ FUNCTIONS = {
 }
 
 
-def reference_mlp(state: dict, layer_structure, activation, layer_norm, dropout_structure, activate_output):
-    """A callable computing the MLP of one module from its state dict; checks the key indices."""
+def reference_mlp(
+    state: dict, layer_structure, activation, layer_norm, dropout_structure, activate_output, *, modules=False
+):
+    """A callable computing the MLP of one module from its state dict; checks the key indices.
+
+    ``modules`` computes the Linear and LayerNorm layers as ``torch.nn`` modules rather than
+    functions, so that a host replacing those classes' ``forward`` (A1111's ``manual_cast``) acts on
+    them as it acts on its own networks' layers."""
     consumed: set[str] = set()
     steps = []
     index = 0
@@ -74,16 +80,21 @@ def reference_mlp(state: dict, layer_structure, activation, layer_norm, dropout_
         if layer_norm:
             ln_w, ln_b = state[f"linear.{index}.weight"], state[f"linear.{index}.bias"]
             consumed |= {f"linear.{index}.weight", f"linear.{index}.bias"}
-            steps.append(("fn", lambda x, w=ln_w, b=ln_b: F.layer_norm(x, (w.shape[0],), w, b)))
+            steps.append(("layer_norm", ln_w, ln_b))
             index += 1
         if dropout_structure[i + 1] > 0:
             index += 1  # a Dropout takes an index; identity at inference
     assert consumed == set(state), f"state keys {sorted(state)} != expected {sorted(consumed)}"
 
+    if modules:
+        steps = [("fn", _module_of(step)) if step[0] != "fn" else step for step in steps]
+
     def run(x):
         for step in steps:
             if step[0] == "linear":
                 x = F.linear(x, step[1].float(), step[2].float())
+            elif step[0] == "layer_norm":
+                x = F.layer_norm(x, (step[1].shape[0],), step[1], step[2])
             else:
                 x = step[1](x)
         return x
@@ -91,7 +102,19 @@ def reference_mlp(state: dict, layer_structure, activation, layer_norm, dropout_
     return run
 
 
-def reference_module(state, arch: dict, multiplier: float):
+def _module_of(step) -> torch.nn.Module:
+    kind, weight, bias = step
+    layer = (
+        torch.nn.Linear(weight.shape[1], weight.shape[0]) if kind == "linear" else torch.nn.LayerNorm(weight.shape[0])
+    )
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return layer.eval()
+
+
+def reference_module(state, arch: dict, multiplier: float, *, modules: bool = False):
+    """``x + mlp(x) * m``: in lower precision the product is rounded before the sum, as in A1111."""
     mlp = reference_mlp(
         state,
         arch["layer_structure"],
@@ -99,8 +122,9 @@ def reference_module(state, arch: dict, multiplier: float):
         arch["is_layer_norm"],
         arch["dropout_structure"],
         arch["activate_output"],
+        modules=modules,
     )
-    return lambda x: x + multiplier * mlp(x)
+    return lambda x: x + mlp(x) * multiplier
 
 
 def arch_of(network) -> dict:
@@ -130,11 +154,11 @@ class RefProjection(torch.nn.Module):
         return self.projection(x)
 
 
-def reference_model(model, entries, *, key_factor=None):
+def reference_model(model, entries, *, key_factor=None, modules=False):
     """A deep copy of ``model`` whose to_k/to_v inputs go through the reference formula.
 
     ``entries`` is a list of (network, multiplier); ``key_factor(site_name, path)`` may scale the
-    multiplier per attention module and path.
+    multiplier per attention module and path; ``modules``: see ``reference_mlp``.
     """
     import copy
 
@@ -153,6 +177,7 @@ def reference_model(model, entries, *, key_factor=None):
                             {k: v.detach().clone() for k, v in pair[index].state_dict().items()},
                             arch,
                             multiplier * factor,
+                            modules=modules,
                         )
                         for width, pair in network.layers.items()
                     }

@@ -67,7 +67,8 @@ class TinyTextEncoder(nn.Module):
     """A cond-stage model with the interface LatentDiffusion expects (``encode(texts)``): a real
     transformers CLIP text model, built small from a config with the embedded tokenizer."""
 
-    def __init__(self, width: int = LDM_CONTEXT, seed: int = 7):
+    def __init__(self, width: int = LDM_CONTEXT, seed: int = 7, *, layers: int = 1, heads: int = 4, tokens: int = 16):
+        """``layers=12, heads=12, tokens=77`` at width 768 is CLIP ViT-L/14's text model (SD1.5's)."""
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -80,16 +81,16 @@ class TinyTextEncoder(nn.Module):
                 CLIPTextConfig(
                     vocab_size=len(self.tokenizer),
                     hidden_size=width,
-                    intermediate_size=width * 2,
-                    num_hidden_layers=1,
-                    num_attention_heads=4,
+                    intermediate_size=width * (4 if layers > 1 else 2),
+                    num_hidden_layers=layers,
+                    num_attention_heads=heads,
                     max_position_embeddings=77,
                     bos_token_id=self.tokenizer.bos_token_id,
                     eos_token_id=self.tokenizer.eos_token_id,
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
             )
-        self.max_length = 16
+        self.max_length = tokens
         self.eval().requires_grad_(False)
 
     def forward(self, texts):
@@ -210,9 +211,10 @@ class OpenAIWrapper(nn.Module):
 class TextEmbedder(nn.Module):
     """Cross-attention context plus a pooled vector, like SDXL's second text embedder."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, *, pooled: bool = True, **encoder):
         super().__init__()
-        self.encoder = TinyTextEncoder(width)
+        self.encoder = TinyTextEncoder(width, **encoder)
+        self.pooled = pooled  # SDXL's first embedder (CLIP ViT-L) gives only the context
         self.input_key = "txt"
         self.ucg_rate = 0.0
         self.legacy_ucg_val = None
@@ -220,7 +222,7 @@ class TextEmbedder(nn.Module):
 
     def forward(self, texts):
         hidden = self.encoder(texts)
-        return hidden, hidden[:, -1]
+        return (hidden, hidden[:, -1]) if self.pooled else hidden
 
 
 class SizeEmbedder(nn.Module):

@@ -2,8 +2,10 @@
 
 Follows ``processing.process_images_inner`` and ``StableDiffusionProcessingTxt2Img.sample_hr_pass``
 (A1111 1.10.1): per batch the prompts are parsed, extra networks activated, Forge's
-``process_before_every_sampling`` called, then sampling; the hires pass parses its own prompts and
-activates again; scripts' ``postprocess`` runs at the end. Sampling is ``CFGDenoiser.forward``'s
+``process_before_every_sampling`` called, then sampling (activation and sampling under
+``devices.autocast()``, the host's precision); the hires pass parses its own prompts, activates
+again and calls scripts' ``before_hr``; ``post_sample`` follows all sampling, before the decode;
+scripts' ``postprocess`` runs at the end. Sampling is ``CFGDenoiser.forward``'s
 batch layout: rows ``[cond..., uncond...]``, the cfg_denoiser callback, then one UNet call on all
 rows or one per chunk (``batch_cond_uncond`` off), and ``step`` counted per call.
 """
@@ -77,6 +79,7 @@ def sample(host, p, inputs: SamplingInputs, steps: int, run_unet, *, batch_cond_
 
 def generate(host, p, inputs: SamplingInputs, run_unet, *, hires_inputs: SamplingInputs | None = None, **kwargs):
     """One generation as the host runs it; returns the latents of the first pass (and hires pass).
+    ``decode(p)``, when given, runs where the host decodes the latents (after ``post_sample``).
 
     Forge and reForge run all of it, from activating extra networks to the last step, inside
     ``torch.inference_mode()`` (``processing.process_images_inner``); A1111 under ``no_grad``.
@@ -87,7 +90,7 @@ def generate(host, p, inputs: SamplingInputs, run_unet, *, hires_inputs: Samplin
     return [result.clone() for result in results]  # usable outside, as the host's decoded images are
 
 
-def _generate(host, p, inputs, run_unet, hires_inputs, **kwargs):
+def _generate(host, p, inputs, run_unet, hires_inputs, decode=None, **kwargs):
     e = host.extra_networks
     p.scripts = host
     p.all_prompts = [p.prompt] * p.batch_size
@@ -98,17 +101,27 @@ def _generate(host, p, inputs, run_unet, hires_inputs, **kwargs):
     if p.enable_hr:
         p.hr_prompts, p.hr_extra_network_data = e.parse_prompts(p.all_hr_prompts[: p.batch_size])
     if not p.disable_extra_networks:
-        e.activate(p, p.extra_network_data)
+        with host.devices.autocast():
+            e.activate(p, p.extra_network_data)
     host.before_sampling(p, reset=True)
-    results.append(sample(host, p, inputs, p.steps, run_unet(p), **kwargs))
+    with host.devices.autocast():
+        results.append(sample(host, p, inputs, p.steps, run_unet(p), **kwargs))
     if p.enable_hr:
         p.is_hr_pass = True
         if not p.disable_extra_networks:
-            e.activate(p, p.hr_extra_network_data)
+            with host.devices.autocast():
+                e.activate(p, p.hr_extra_network_data)
+        for script in host.script_instances:
+            script.before_hr(p)
         host.before_sampling(p, reset=False)  # Forge calls it twice for the hires pass, resetting in between
         host.before_sampling(p, reset=True)
-        results.append(sample(host, p, hires_inputs or inputs, p.steps, run_unet(p), **kwargs))
+        with host.devices.autocast():
+            results.append(sample(host, p, hires_inputs or inputs, p.steps, run_unet(p), **kwargs))
         p.is_hr_pass = False
+    for script in host.script_instances:
+        script.post_sample(p, None)  # after all sampling, before the VAE decodes
+    if decode is not None:
+        decode(p)
     if not p.disable_extra_networks and p.extra_network_data:
         e.deactivate(p, p.extra_network_data)
     for script in host.script_instances:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -242,9 +243,96 @@ def make_call_queue(shared, progress):
 
 
 def make_devices():
+    """``modules.devices``: where the host computes, and ``autocast()``, the precision it samples in.
+
+    ``autocast()`` follows the host's rules: nothing with ``force_fp16``; torch's CPU autocast in
+    bfloat16 for FP8 weights on the CPU; its own ``manual_cast`` for FP8 weights with a float32
+    inference dtype and on devices without autocast (``has_mps``/``has_xpu``/``cuda_no_autocast``);
+    nothing when it computes in float32; torch's CUDA autocast otherwise. The defaults are A1111's
+    on a CPU with ``--no-half --precision full``: float32, no autocast.
+    """
     from tests.support.webui_standin import module
 
-    return module("modules.devices", device=torch.device("cpu"), cpu=torch.device("cpu"), torch_gc=lambda: None)
+    cpu = torch.device("cpu")
+    devices = module(
+        "modules.devices",
+        device=cpu,
+        cpu=cpu,
+        torch_gc=lambda: None,
+        fp8=False,
+        force_fp16=False,
+        dtype=torch.float32,
+        dtype_inference=torch.float32,
+        has_mps=lambda: False,
+        has_xpu=lambda: False,
+        cuda_no_autocast=lambda device_id=None: False,
+        manual_cast=manual_cast,
+    )
+
+    def autocast(disable=False):
+        if disable or devices.force_fp16:
+            return contextlib.nullcontext()
+        if devices.fp8 and devices.device == devices.cpu:
+            return torch.autocast("cpu", dtype=torch.bfloat16, enabled=True)
+        if devices.fp8 and devices.dtype_inference == torch.float32:
+            return manual_cast(devices.dtype, devices.dtype_inference)
+        if torch.float32 in (devices.dtype, devices.dtype_inference):
+            return contextlib.nullcontext()
+        if devices.has_xpu() or devices.has_mps() or devices.cuda_no_autocast():
+            return manual_cast(devices.dtype, devices.dtype_inference)
+        return torch.autocast("cuda")
+
+    devices.autocast = autocast
+    return devices
+
+
+MANUAL_CAST_CLASSES = (
+    torch.nn.Linear,
+    torch.nn.Conv2d,
+    torch.nn.MultiheadAttention,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+)
+
+
+@contextlib.contextmanager
+def manual_cast(target: torch.dtype, inference: torch.dtype):
+    """``devices.manual_cast``: while active, every layer of these classes (the host's, and any
+    extension's) computes in ``target``: its tensor arguments are cast to it when one differs, the
+    layer itself is cast to it for the call and back after, and the result is cast to the inference
+    dtype. The original forward is kept as ``org_forward`` on the class (MultiheadAttention computes
+    in float32)."""
+
+    def casting(dtype, original):
+        def forward(self, *args, **kwargs):
+            if any(isinstance(a, torch.Tensor) and a.dtype != dtype for a in args):
+                args = [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args]
+                kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            own = next((q.dtype for q in self.parameters() if q.dtype != dtype), dtype)
+            if own != dtype:
+                self.to(dtype)
+            result = original(self, *args, **kwargs)
+            if own != dtype:
+                self.to(own)
+            if dtype != inference:
+                if isinstance(result, tuple):
+                    result = tuple(r.to(inference) if isinstance(r, torch.Tensor) else r for r in result)
+                elif isinstance(result, torch.Tensor):
+                    result = result.to(inference)
+            return result
+
+        return forward
+
+    patched = [cls for cls in MANUAL_CAST_CLASSES if not hasattr(cls, "org_forward")]
+    for cls in patched:
+        cls.org_forward = cls.forward
+        cls.forward = casting(torch.float32 if cls is torch.nn.MultiheadAttention else target, cls.forward)
+    try:
+        yield None
+    finally:
+        for cls in patched:
+            cls.forward = cls.org_forward
+            del cls.org_forward
 
 
 def make_lowvram(shared):
@@ -301,7 +389,7 @@ class FakeInitialModel:
     cond_stage_model = None
 
 
-def make_sd_models(shared, *, forge: bool = False):
+def make_sd_models(shared, *, forge: bool = False, reforge: bool = False):
     """``modules.sd_models``; with ``forge``, Forge's lazy loading: the checkpoint chosen
     (``forge_pending``) is loaded by ``forge_model_reload``, which generations call first."""
     from tests.support.webui_standin import module
@@ -340,9 +428,50 @@ def make_sd_models(shared, *, forge: bool = False):
         sd_models.on_forge_load(pending)
         return pending, True
 
+    def send_model_to_cpu(m):
+        """A1111 1.10.1: the unload button and route, checkpoint switches and the checkpoint cache."""
+        if m is not None:
+            if getattr(m, "lowvram", False):
+                sd_models.lowvram.send_everything_to_cpu()
+            else:
+                m.to(torch.device("cpu"))
+        sd_models.moves.append(("cpu", m))
+
+    def send_model_to_trash(m):
+        m.to(device="meta")
+        sd_models.moves.append(("meta", m))
+
+    def unload_model_weights(sd_model=None, info=None):
+        sd_models.send_model_to_cpu(sd_model or shared.sd_model)  # looked up in the module, as in A1111
+        return sd_model
+
+    sd_models.moves = []
     sd_models.register = register
     sd_models.select_checkpoint = select_checkpoint
     sd_models.reload_model_weights = reload_model_weights
+
+    def forge_unload_model_weights(sd_model=None, info=None):
+        """Forge: ``memory_management.unload_all_models()``."""
+        sd_models.moves.append(("unload_all_models", sd_model))
+        manager = sys.modules.get("backend.memory_management")
+        if manager is not None:
+            manager.unload_all_models()
+
+    def reforge_unload_model_weights(model=None):
+        """reForge: the model itself moved to the CPU (its memory manager is not involved)."""
+        model = model or sd_models.model_data.sd_model
+        sd_models.moves.append(("cpu", model))
+        if isinstance(model, torch.nn.Module):
+            model.to("cpu")
+
+    if forge:  # send_model_to_* are empty stubs on Forge; its memory manager moves models
+        sd_models.unload_model_weights = forge_unload_model_weights
+    elif reforge:
+        sd_models.unload_model_weights = reforge_unload_model_weights
+    else:
+        sd_models.send_model_to_cpu = send_model_to_cpu
+        sd_models.send_model_to_trash = send_model_to_trash
+        sd_models.unload_model_weights = unload_model_weights
     if forge:
         sd_models.model_data.sd_model = FakeInitialModel()
         sd_models.forge_pending = None
@@ -486,14 +615,20 @@ def make_processing(host, base_class):
             p.seeds = p.all_seeds[n * p.batch_size : (n + 1) * p.batch_size]
             p.prompts, p.extra_network_data = e.parse_prompts(p.prompts)
             if not p.disable_extra_networks:
-                e.activate(p, p.extra_network_data)
+                with host.devices.autocast():
+                    e.activate(p, p.extra_network_data)
             if host.forge:
                 p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
             if p.scripts is not None:
                 for script in p.scripts.script_instances:
                     script.process_before_every_sampling(p, x=None, noise=None, c=None, uc=None)
             with torch.no_grad():
-                decoded = p.sd_model.decode_first_stage(sample(host, p))
+                with host.devices.autocast():
+                    samples = sample(host, p)
+                if p.scripts is not None:
+                    for script in p.scripts.script_instances:
+                        script.post_sample(p, None)
+                decoded = p.sd_model.decode_first_stage(samples.float())
             for i, x in enumerate(torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)):
                 array = (255.0 * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)
                 images.append(Image.fromarray(array))

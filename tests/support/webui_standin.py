@@ -744,6 +744,12 @@ class Script:
     def process_before_every_sampling(self, p, *args, **kwargs):
         pass
 
+    def post_sample(self, p, ps, *args):
+        pass
+
+    def before_hr(self, p, *args):
+        pass
+
     def postprocess(self, p, processed, *args):
         pass
 
@@ -888,12 +894,14 @@ class Host:
             basedir=lambda: ROOT,
         )
         self.scripts.scripts_data.append(ScriptClassData(xyz_script, "scripts/xyz_grid.py", ROOT, self.xyz))
-        self.sd_models = wp.make_sd_models(self.shared, forge=forge and not reforge)
+        self.sd_models = wp.make_sd_models(self.shared, forge=forge and not reforge, reforge=reforge)
         self.sd_samplers = wp.make_sd_samplers()
         self.progress = wp.make_progress(self.shared)
         self.call_queue = wp.make_call_queue(self.shared, self.progress)
         self.lowvram = wp.make_lowvram(self.shared)
+        self.sd_models.lowvram = self.lowvram
         self.processing = wp.make_processing(self, StableDiffusionProcessing)
+        self.devices = wp.make_devices()
         if classic:
             self._remove_hypernetwork_names()
         errors_module = module("modules.errors", report=self.errors.report, display=self.errors.display)
@@ -916,7 +924,7 @@ class Host:
             "progress": self.progress,
             "call_queue": self.call_queue,
             "lowvram": self.lowvram,
-            "devices": wp.make_devices(),
+            "devices": self.devices,
             # A1111's own hypernetwork code, which every host but Forge Classic keeps
             "hypernetworks": module("modules.hypernetworks", __path__=[]),
         }

@@ -34,6 +34,8 @@ class PreviewRequest:
 
 
 PreviewGenerator = Callable[[PreviewRequest], object]  # returns a PIL image or None
+ENCODER_KINDS = ("text", "image")
+OFFLOAD_DEVICE = torch.device("cpu")
 
 
 class TrainingBackend:
@@ -50,6 +52,11 @@ class TrainingBackend:
     #: The host's memory manager decides where the weights live (Forge, reForge): the engine then
     #: leaves devices and dtypes to it instead of putting them back as it found them.
     host_places_weights: bool = False
+    #: Set by the engine when the text encoder(s) and VAE rest off the device between their uses
+    #: (``unload_models_when_training``); see :meth:`start_unloading`.
+    unloading: bool = False
+    #: Why the text encoder and VAE cannot be unloaded here (the host already does it), or None.
+    unload_refusal: str | None = None
 
     def session(self) -> contextlib.AbstractContextManager:
         """Around the whole run, before the host's model state is recorded (default: nothing)."""
@@ -81,6 +88,66 @@ class TrainingBackend:
     def host_modules(self) -> list[nn.Module]:
         """Every module of the host's model whose state the session must leave as it found it."""
         raise NotImplementedError
+
+    @property
+    def computes_off_host(self) -> bool:
+        """Whether the model computes on a device of its own (a GPU): moving modules off it saves
+        that device's memory; on a CPU there is nowhere else to put them."""
+        return self.device.type != OFFLOAD_DEVICE.type
+
+    def encoder_modules(self, kind: str) -> list[nn.Module]:
+        """The modules that turn captions (``"text"``) or images (``"image"``) into the UNet's
+        inputs: what unloading moves, and what a float32 recomputation converts (default: none)."""
+        return []
+
+    def start_unloading(self) -> bool:
+        """Move the text encoder(s) and VAE off the compute device for the rest of the run; they
+        come back for each call that needs them (:meth:`encoders_on_device`). False when nothing
+        moves: a CPU, nothing to move, or a host that places them itself."""
+        modules = [module for kind in ENCODER_KINDS for module in self.encoder_modules(kind)]
+        if not self.computes_off_host or not modules or self.unload_refusal:
+            return False
+        for module in modules:
+            module.to(OFFLOAD_DEVICE)
+        self.unloading = True
+        return True
+
+    @contextlib.contextmanager
+    def encoders_on_device(self, *kinds: str) -> Iterator[None]:
+        """While unloading: these encoders on the compute device for the call, off it afterwards."""
+        modules = [module for kind in kinds for module in self.encoder_modules(kind)] if self.unloading else []
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to(OFFLOAD_DEVICE)
+
+
+@contextlib.contextmanager
+def in_float32(modules: Sequence[nn.Module], device_type: str) -> Iterator[bool]:
+    """These modules' half-precision weights in float32, autocast off, for one recomputation
+    (A1111 re-runs its VAE in float32 when half precision gave NaN); yields False, changing
+    nothing, when they already compute in float32 (a recomputation could not help)."""
+    tensors = []
+    seen: set[int] = set()
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if id(tensor) not in seen and tensor.is_floating_point() and tensor.dtype != torch.float32:
+                seen.add(id(tensor))
+                tensors.append((tensor, tensor.dtype))
+    if not tensors:
+        yield False
+        return
+    for tensor, _dtype in tensors:
+        tensor.data = tensor.data.float()
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield True
+    finally:
+        for tensor, dtype in tensors:
+            tensor.data = tensor.data.to(dtype)
 
 
 def cat_conditioning(parts: Sequence[Conditioning]) -> Conditioning:

@@ -77,8 +77,17 @@ class DiffusersBackend(TrainingBackend):
     def alphas_cumprod(self) -> torch.Tensor:
         return torch.as_tensor(self.noise_scheduler.alphas_cumprod).to(self.device, torch.float32)
 
+    def encoder_modules(self, kind: str) -> list[nn.Module]:
+        if kind == "image":
+            return [self.vae]
+        return [module for module in (self.text_encoder, self.text_encoder_2) if module is not None]
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.encoders_on_device("image"):
+            return self._encode_images(pixels)
+
+    def _encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         reference = first_parameter(self.vae)
         pixels = pixels.to(self.device, reference.dtype if reference is not None else torch.float32)
         distribution = self.vae.encode(pixels).latent_dist
@@ -97,6 +106,10 @@ class DiffusersBackend(TrainingBackend):
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
+        with self.encoders_on_device("text"):
+            return self._encode_text(texts, size)
+
+    def _encode_text(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
         if not self.is_sdxl:
             return self.text_encoder(self._tokens(self.tokenizer, texts))[0]
         first = self.text_encoder(self._tokens(self.tokenizer, texts), output_hidden_states=True)

@@ -57,6 +57,9 @@ class ForgeMemory(Protocol):
     def fully_loaded(self, patcher) -> bool:
         """Whether all of this patcher's weights sit on its device (no CPU swap, no low-VRAM split)."""
 
+    def unload_others(self, patcher) -> None:
+        """Unload every model but this patcher from its device (``free_memory`` keeping it)."""
+
 
 def normal_view(tensor: torch.Tensor) -> torch.Tensor:
     """A normal tensor over the memory of ``tensor`` (an inference tensor too): autograd may keep
@@ -213,7 +216,25 @@ class ForgeBackend(TrainingBackend):
         self.memory.load([self.patcher])
         if not self.memory.fully_loaded(self.patcher):
             raise HypernetworkError(PARTIAL_LOAD_REFUSAL.format(device=self.device))
+        if self.unloading:
+            self.memory.unload_others(self.patcher)
         self._view.install()
+
+    # -- unloading the text encoders and VAE: through the host's memory manager --------------------
+    # No encoder_modules: the host picks its VAE's and text encoders' precision and casts weights
+    # itself (a sample they make non-finite is skipped, not recomputed).
+    def start_unloading(self) -> bool:
+        """The memory manager loads the text encoders and VAE for each host call; after each, and
+        now, it is told to unload everything but the UNet."""
+        if not self.computes_off_host:
+            return False
+        self.unloading = True
+        self.memory.unload_others(self.patcher)
+        return True
+
+    @contextlib.contextmanager
+    def encoders_on_device(self, *kinds: str) -> Iterator[None]:
+        yield  # the host's memory manager loads them for its own calls
 
     @contextlib.contextmanager
     def _host_call(self) -> Iterator[None]:

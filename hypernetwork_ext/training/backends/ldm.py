@@ -62,8 +62,18 @@ class LdmBackend(TrainingBackend):
         reference = first_parameter(self.sd_model.first_stage_model)
         return reference.dtype if reference is not None else torch.float32
 
+    def encoder_modules(self, kind: str) -> list[nn.Module]:
+        if kind == "image":
+            return [self.sd_model.first_stage_model]
+        text = getattr(self.sd_model, "cond_stage_model", None) or getattr(self.sd_model, "conditioner", None)
+        return [text] if text is not None else []
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.encoders_on_device("image"):
+            return self._encode_images(pixels)
+
+    def _encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = pixels.to(self.device, self._first_stage_dtype())
         encoded = self.sd_model.encode_first_stage(pixels)
         scale = float(self.sd_model.scale_factor)
@@ -74,11 +84,13 @@ class LdmBackend(TrainingBackend):
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
-        return self.sd_model.get_learned_conditioning(SizedPrompts(texts, *size))
+        with self.encoders_on_device("text"):
+            return self.sd_model.get_learned_conditioning(SizedPrompts(texts, *size))
 
     @torch.no_grad()
     def encode_unconditional(self, count: int, size: tuple[int, int]) -> Conditioning:
-        return self.sd_model.get_learned_conditioning(SizedPrompts([""] * count, *size, negative=True))
+        with self.encoders_on_device("text"):
+            return self.sd_model.get_learned_conditioning(SizedPrompts([""] * count, *size, negative=True))
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.sd_model.apply_model(noisy, timesteps, cond)
@@ -113,8 +125,7 @@ class SgmBackend(LdmBackend):
             declared = legacy_ddpm_alphas_cumprod()
         return torch.as_tensor(declared).to(self.device, torch.float32)
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         first_stage = self.sd_model.first_stage_model
         pixels = pixels.to(self.device, self._first_stage_dtype())
         scale = float(self.sd_model.scale_factor)
@@ -136,6 +147,10 @@ class SgmBackend(LdmBackend):
         return self._encode([""] * count, size, negative=True)
 
     def _encode(self, texts: Sequence[str], size: tuple[int, int], *, negative: bool) -> Conditioning:
+        with self.encoders_on_device("text"):
+            return self._encode_here(texts, size, negative=negative)
+
+    def _encode_here(self, texts: Sequence[str], size: tuple[int, int], *, negative: bool) -> Conditioning:
         prompts = SizedPrompts(texts, *size, negative=negative)
         if hasattr(self.sd_model, "get_learned_conditioning"):
             return self.sd_model.get_learned_conditioning(prompts)
