@@ -290,3 +290,16 @@ def test_listing_networks_and_the_training_state_load_no_model(host):
 
     assert sdnext_training.loaded_model() is None
     assert data.load_requests == 0
+
+
+def test_unloading_the_model_releases_what_the_networks_hold(host):
+    """The real SD.Next kept what the networks held for the UNet (217 MiB there) after its unload."""
+    write_network(host, "ink")
+    host.generate(host.processing("a red circle <hypernet:ink:0.8>"))
+    from hypernetwork_ext.hosts.extension import EXTENSION
+
+    held = EXTENSION.memory.as_dict()["total_bytes"]
+    host.modules["modules.sd_models"].unload_model_weights(op="model")
+    after = EXTENSION.memory.as_dict()
+    assert held > 0 and after["total_bytes"] == 0
+    assert [r["bytes"] for r in after["releases"] if r["reason"] == "the checkpoint was unloaded"] == [held]

@@ -55,6 +55,16 @@ class ModelData:
         self.load_requests = 0
 
 
+def unload_model_weights(modeldata):
+    """``sd_models.unload_model_weights``: the unload button and ``/sdapi/v1/unload-checkpoint``."""
+
+    def unload(op="model"):
+        if op == "model":
+            modeldata.model_data.sd_model = None
+
+    return unload
+
+
 class Shared(types.ModuleType):
     """SD.Next's ``modules.shared`` class (``modules.modeldata.Shared``): reading ``sd_model`` while none
     is loaded loads the configured checkpoint (counted here), and warns "Model locked" while one loads."""
@@ -423,6 +433,7 @@ def install(monkeypatch, tmp_path, pipeline) -> Host:
         "modules.processing": processing,
         "modules.sd_samplers": sd_samplers,
         "modules.processing_diffusers": module("modules.processing_diffusers"),
+        "modules.sd_models": module("modules.sd_models", unload_model_weights=unload_model_weights(modeldata)),
     }
     for name, value in modules.items():
         monkeypatch.setitem(sys.modules, name, value)
