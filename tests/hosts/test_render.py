@@ -194,10 +194,28 @@ def test_the_hosts_lora_on_the_same_layers_together_with_a_hypernetwork(suite, c
     suite.save(case, rendered)
     figures = {"max_from_builtin": max_difference(rendered, expected)}
     if case == "lora-with-hypernetwork":
-        lora_alone = suite.server.txt2img(dict(files.LORA_CASES)["lora-alone"])
-        figures["mean_network_effect"] = round(mean_difference(rendered, lora_alone), 3)
-        figures["mean_lora_effect"] = round(mean_difference(lora_alone, suite.before_tags), 3)
+        figures.update(lora_and_network_effects(suite, rendered))
     suite.record("the host's Lora", case, figures)
     assert figures["max_from_builtin"] <= TOLERANCE
     if case == "lora-with-hypernetwork":
-        assert figures["mean_network_effect"] > VISIBLE and figures["mean_lora_effect"] > VISIBLE
+        assert figures["mean_network_effect"] > VISIBLE, f"the network has no visible effect on the Lora: {figures}"
+        # The Lora must move the tagged image further than the match above forgives, or the match would
+        # pass with the Lora dropped. Its mean effect is the checkpoint's and the host's, not the
+        # extension's: 2.1/255 in A1111 but 0.94/255 (8/255 at most) in Forge Classic on sd15-seed0,
+        # whose text encoding differs, so a fixed mean margin fails where the Lora plainly acts.
+        assert figures["max_lora_effect_on_tag"] > TOLERANCE, (
+            f"the Lora changed the tagged image by too little: {figures}"
+        )
+        assert figures["max_lora_effect"] > TOLERANCE, f"the Lora alone changed the image by too little: {figures}"
+
+
+def lora_and_network_effects(suite, both: Rendered) -> dict:
+    """How far the network moves the Lora's image, and the Lora the network's and the plain one (1/255)."""
+    lora_alone = suite.server.txt2img(dict(files.LORA_CASES)["lora-alone"])
+    network_alone = suite.server.txt2img(dict(files.RENDER_CASES)["relu-ln"])
+    return {
+        "mean_network_effect": round(mean_difference(both, lora_alone), 3),
+        "mean_lora_effect": round(mean_difference(lora_alone, suite.before_tags), 3),
+        "max_lora_effect": max_difference(lora_alone, suite.before_tags),
+        "max_lora_effect_on_tag": max_difference(both, network_alone),
+    }
