@@ -2,7 +2,9 @@
 
 Installs only the dependencies of ``pyproject.toml`` that the host's Python lacks, through the
 host's ``launch.run_pip`` (which honours ``--skip-install`` and the host's index settings). Imports
-nothing of the extension or of the host's ``modules``.
+nothing of the extension or of the host's ``modules``. ComfyUI-Manager runs it too after cloning a
+node pack: outside a WebUI there is nothing to install (ComfyUI's environment has torch and
+safetensors, all the nodes need), and it says so and succeeds.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ def main() -> int:
     try:
         import launch
     except ImportError:
-        print("[Hypernetworks] install.py runs inside the WebUI (it needs its launch module)", file=sys.stderr)
-        return 1
+        print("[Hypernetworks] install.py: not in a WebUI; nothing to install (ComfyUI has what the nodes need)")
+        return 0
     if getattr(getattr(launch, "args", None), "skip_install", False):
         return 0
     needed = missing(read_dependencies(), launch.is_installed)

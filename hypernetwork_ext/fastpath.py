@@ -8,8 +8,8 @@ Every function here gives the same result as the plain per-module computation
 - an affine network (no activation, no layer norm) is one matrix ``A`` and one vector ``a``:
   :meth:`Engine.affine` composes its Linears once, which is cheaper to apply than the layers;
 - the key and value modules of one network receive the same input, so their first Linears run as
-  one batched GEMM (:class:`_PairPlan`), and the host's second call (``to_v`` after ``to_k``)
-  takes the result computed with the first;
+  one batched GEMM (:class:`_PairPlan`) where it gives the bits of two separate ones, and the
+  host's second call (``to_v`` after ``to_k``) takes the result computed with the first;
 - the text context does not change during sampling: :class:`ContextCache` keeps the rewritten
   context per (path, stages, multipliers) and recognises the context by value, because samplers
   rebuild the conditioning batch with ``torch.cat`` every step;
@@ -76,11 +76,14 @@ class Mult:
 
 
 def combine(x: torch.Tensor, g: torch.Tensor, mult: Mult) -> torch.Tensor:
-    """``x + m * g`` in one kernel."""
+    """``x + g * m`` rounded as A1111's ``x + linear(x) * m`` rounds it: the product first, then
+    the sum. A fused ``torch.add(x, g, alpha=m)`` rounds once; its 1e-6 differences grew to 6/255
+    over four sampling steps in the real SD.Next (``<hypernet:...:-0.7>``), for an extra pass over
+    ``g`` that costs well under 1% of a step (docs/speed.md)."""
     value = mult.value_for(x)
-    if isinstance(value, float):
-        return torch.add(x, g, alpha=value)
-    return torch.addcmul(x, g, value)
+    if isinstance(value, float) and value == 1.0:
+        return x + g
+    return x + g * value
 
 
 # -- what a module is made of ---------------------------------------------------------------------
@@ -302,7 +305,12 @@ class Engine:
         if not self.can_pair(info_a, info_b):
             return None
         plan = self.pair_plan(info_a, info_b, x.device, x.dtype)
-        return plan if self._batches_first_layers(x, plan) else None
+        if not self._batches_first_layers(x, plan):
+            return None
+        if not plan.matches_apart(x):
+            self.stats["pairs_unlike_apart"] += 1
+            return None
+        return plan
 
     def _batches_first_layers(self, x: torch.Tensor, plan: _PairPlan) -> bool:
         """One batched GEMM saves a launch on a GPU. On CPU, where the GEMMs are compute bound, it
@@ -397,16 +405,18 @@ class _PairPlan:
     following layer read strided halves or copy them (measured slower on CPU at 2048x320).
     """
 
-    def __init__(self, weights: torch.Tensor, biases: torch.Tensor, rests: tuple):
+    def __init__(self, weights: torch.Tensor, biases: torch.Tensor, rests: tuple, firsts: tuple):
         self.weights = weights  # [2, in, hidden]: transposed first-layer weights, one per path
         self.biases = biases  # [2, 1, hidden]
         self.rests = rests  # per path: the layers after the first Linear
+        self.firsts = firsts  # per path: (weight, bias) as the unpaired path applies them (no copies)
+        self._matches: dict[tuple, bool] = {}
 
     @classmethod
     def for_affine(cls, first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]):
         weights = torch.stack([first[0].t(), second[0].t()]).contiguous()
         biases = torch.stack([first[1], second[1]]).unsqueeze(1)
-        return cls(weights, biases, ((), ()))
+        return cls(weights, biases, ((), ()), (first, second))
 
     @classmethod
     def for_layers(cls, first: HypernetworkModule, second: HypernetworkModule):
@@ -414,13 +424,35 @@ class _PairPlan:
         weights = torch.stack([layers[0][0].weight.detach().t(), layers[1][0].weight.detach().t()]).contiguous()
         biases = torch.stack([layers[0][0].bias.detach(), layers[1][0].bias.detach()]).unsqueeze(1)
         rests = tuple(tuple(layer.forward for layer in path_layers[1:]) for path_layers in layers)
-        return cls(weights, biases, rests)
+        firsts = tuple((path_layers[0].weight.detach(), path_layers[0].bias.detach()) for path_layers in layers)
+        return cls(weights, biases, rests, firsts)
 
-    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def matches_apart(self, x: torch.Tensor) -> bool:
+        """Whether the batched GEMM gives, on inputs shaped like ``x``, the bits of the two separate
+        ones: the fast paths round as A1111's formula does. A library may take another kernel for
+        a batched GEMM (cuBLAS chooses per shape) whose sums round in another order; on CPU (torch
+        2.13) it gave the same bits for every SD1.5 shape measured. Checked once per input shape."""
+        key = (tuple(x.shape), x.device, x.dtype, autocast_state(x.device))
+        found = self._matches.get(key)
+        if found is None:
+            paired = self._first_layers(x)
+            found = all(
+                torch.equal(output, F.linear(x, weight, bias))
+                for output, (weight, bias) in zip(paired, self.firsts, strict=True)
+            )
+            if len(self._matches) >= 16:
+                self._matches.clear()
+            self._matches[key] = found
+        return found
+
+    def _first_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.reshape(-1, x.shape[-1])
         joint = torch.baddbmm(self.biases, rows.expand(2, -1, -1), self.weights)
         shape = (*x.shape[:-1], joint.shape[-1])  # the input's dimensions: softmax's legacy dim
-        first, second = joint[0].view(shape), joint[1].view(shape)
+        return joint[0].view(shape), joint[1].view(shape)
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first, second = self._first_layers(x)
         for forward in self.rests[0]:
             first = forward(first)
         for forward in self.rests[1]:

@@ -1,10 +1,13 @@
 """Attention patches in the convention of the UNet patchers of Forge and reForge (ComfyUI's).
 
-Both hosts call ``attn1_patch``/``attn2_patch`` functions as ``patch(n, context, value, extra_options)``
-with the inputs of to_k (``context``) and to_v (``value``) and expect them back, rewritten; exactly
-where A1111 applies hypernetworks. ``extra_options`` says which UNet block runs (``block``) and
-which batch chunks are the negative prompt (``cond_or_uncond``). Generation (``hosts/forge.py``)
-and training (``training/backends/forge.py``) use the same patches.
+Both hosts, and ComfyUI whose patcher theirs descend from, call ``attn1_patch``/``attn2_patch``
+functions as ``patch(n, context, value, extra_options)`` with the inputs of to_k (``context``) and
+to_v (``value``) and expect them back, rewritten; exactly where A1111 applies hypernetworks.
+``extra_options`` says which UNet block runs (``block``) and which batch chunks are the negative
+prompt (``cond_or_uncond``); ComfyUI's also carries the sigma of the call (``sigmas``) and the
+sampling's schedule (``sample_sigmas``), from which :class:`SamplingProgress` tells the step.
+Generation (``hosts/forge.py``, ``hosts/comfyui.py``) and training (``training/backends/forge.py``)
+use the same patches.
 """
 
 from __future__ import annotations
@@ -49,6 +52,41 @@ def _row_flags(flags: tuple[bool, ...], per_chunk: int) -> torch.Tensor:
         return torch.tensor(flags).repeat_interleave(per_chunk)
 
 
+class SamplingProgress:
+    """How far sampling is (0 = first step), from the sigma of this call and the sampling's schedule
+    (ComfyUI's ``sigmas`` and ``sample_sigmas``): A1111's ``step / steps`` for the step whose sigma
+    this is; a sigma between two of the schedule (DPM2's midpoints) counts as the step it falls in.
+    None when the options do not say.
+
+    Reading a sigma waits for the device, so each is read once per tensor object: the host passes
+    the same tensor to every attention call of one model call."""
+
+    def __init__(self) -> None:
+        self._schedule: tuple = (None, [])
+        self._last: tuple = (None, None)
+
+    def __call__(self, extra_options: dict) -> float | None:
+        schedule, sigma = extra_options.get("sample_sigmas"), extra_options.get("sigmas")
+        if not isinstance(schedule, torch.Tensor) or not isinstance(sigma, torch.Tensor):
+            return None
+        if self._last[0] is sigma and self._schedule[0] is schedule:
+            return self._last[1]
+        if self._schedule[0] is not schedule:
+            self._schedule = (schedule, [float(v) for v in schedule.detach().reshape(-1).float().cpu()])
+        values = self._schedule[1]
+        steps = len(values) - 1
+        if steps < 1 or sigma.numel() == 0:
+            return None
+        current = float(sigma.detach().reshape(-1)[0])
+        tolerance = abs(current) * 1e-5 + 1e-12
+        above = sum(1 for value in values[:steps] if value > current + tolerance)
+        on_schedule = any(abs(value - current) <= tolerance for value in values[:steps])
+        step = above if on_schedule else above - 1
+        progress = min(max(step, 0), steps - 1) / steps
+        self._last = (sigma, progress)
+        return progress
+
+
 class AttentionPatch:
     """An attn1 (``kind`` self) or attn2 (cross) patch that rewrites through ``rewriter``.
 
@@ -57,17 +95,31 @@ class AttentionPatch:
     on every patch that has one when they load the UNet onto its device or unload it
     (``model_patches_to``); the rewriter then lets go of what it keeps on other devices, so it
     follows the UNet, and ``on_move(device, released_bytes)`` is told.
+
+    ``progress`` reads the sampling step from ``extra_options`` (ComfyUI, :class:`SamplingProgress`);
+    without it the host sets ``rewriter.runtime.progress`` itself (Forge, reForge: from their step
+    callback).
     """
 
     hnx_patch = True
 
-    def __init__(self, rewriter: KVRewriter, kind: str, on_move: Callable[[torch.device, int], None] | None = None):
+    def __init__(
+        self,
+        rewriter: KVRewriter,
+        kind: str,
+        on_move: Callable[[torch.device, int], None] | None = None,
+        *,
+        progress: Callable[[dict], float | None] | None = None,
+    ):
         self.rewriter = rewriter
         self.kind = kind
         self.on_move = on_move
+        self.progress = progress
 
     def __call__(self, n, context, value, extra_options):
         rewriter = self.rewriter
+        if self.progress is not None:
+            rewriter.runtime.progress = self.progress(extra_options)
         rewriter.runtime.uncond_rows = uncond_rows(extra_options, n.shape[0]) if n is not None else None
         block = block_id(extra_options.get("block"))
         context, value = rewriter.rewrite_pair(context, value, kind=self.kind, block=block)
@@ -98,6 +150,8 @@ def _same_devices(device: torch.device) -> tuple[torch.device, ...]:
     return ()
 
 
-def attention_patch(rewriter: KVRewriter, kind: str) -> AttentionPatch:
+def attention_patch(
+    rewriter: KVRewriter, kind: str, *, progress: Callable[[dict], float | None] | None = None
+) -> AttentionPatch:
     """An attn1 (``kind`` self) or attn2 (cross) patch (see :class:`AttentionPatch`)."""
-    return AttentionPatch(rewriter, kind)
+    return AttentionPatch(rewriter, kind, progress=progress)

@@ -30,7 +30,7 @@ DEFAULT_TORCH = "torch==2.13.0"
 NO_DEPS = ["stable-diffusion-sdkit==2.1.5"]
 
 PROFILES = {
-    "core": ["tests/core", "tests/hosts"],
+    "core": ["tests/core", "tests/hosts", "tests/comfyui"],
     "a1111": ["tests/a1111", "tests/forgeclassic"],  # Forge Classic pins A1111's gradio, fastapi, httpx, pydantic
     "forge": ["tests/forge"],
 }

@@ -52,8 +52,7 @@ FUSED_REFUSAL = "The loaded UNet uses fused QKV projections; turn the fusing opt
 
 
 def loaded_model():
-    """The pipeline loaded now, without loading one."""
-    return getattr(getattr(shared, "model_data", None), "sd_model", None) or shared.sd_model
+    return sdnext_webui.loaded_pipeline()
 
 
 def model_family(pipeline) -> str | None:

@@ -22,10 +22,31 @@ from ..syntax import TAG_TYPE, format_number
 from ..ui.settings import SECTION, SETTINGS, component_class
 from . import api
 from .extension import EXTENSION, api_credentials, option
+from .held_memory import ModelMoveWatch
 
 PAGE_TITLE = "Hypernetwork"  # the title SD.Next's networks panel lists among its default pages
 SCRIPT_TITLE = "Hypernetworks"
 FAMILY_LABELS = {"sd1": "SD 1.5", "sd2": "SD 2", "sdxl": "SDXL"}  # SD.Next's version labels on cards
+
+
+def loaded_pipeline():
+    """The pipeline SD.Next has loaded, or None. Not ``shared.sd_model`` alone: reading it while no model
+    is loaded makes SD.Next load the configured one (and warn "Model locked" while one loads), so
+    listing the networks would load a model."""
+    try:
+        from modules.modeldata import model_data
+    except ImportError:  # an SD.Next from before modules.modeldata (2024)
+        return shared.sd_model
+    return model_data.sd_model
+
+
+def report_error(exc: Exception, task: str) -> None:
+    try:
+        from modules.errors import display
+    except ImportError:
+        print(f"[Hypernetworks] {task}: {exc!r}")
+        return
+    display(exc, task)
 
 
 class HypernetExtraNetwork(extra_networks.ExtraNetwork):
@@ -67,7 +88,7 @@ class HypernetworkPage(ui_extra_networks.ExtraNetworksPage):
     def create_item(self, prompt_name: str, entry: NetworkEntry) -> dict | None:
         library = EXTENSION.library
         info = library.info(entry)
-        if not option("hypernetwork_show_all") and not EXTENSION.fits_loaded_model(info, shared.sd_model):
+        if not option("hypernetwork_show_all") and not EXTENSION.fits_loaded_model(info, loaded_pipeline()):
             return None
         user = library.user_metadata(entry)
         sha = library.cached_sha256(entry)
@@ -123,8 +144,10 @@ class SdnextPatch:
         self.replaced_handler = None
         self.page: HypernetworkPage | None = None
         self.removed_pages: list = []
+        self.model_moves = ModelMoveWatch()
 
     def apply(self) -> None:
+        self._watch_model_moves()
         registry = extra_networks.extra_network_registry
         if self.handler is None or registry.get(TAG_TYPE) is not self.handler:
             self.replaced_handler = registry.get(TAG_TYPE)
@@ -138,8 +161,19 @@ class SdnextPatch:
             self.page = HypernetworkPage()
             ui_extra_networks.register_page(self.page)
 
+    def _watch_model_moves(self) -> None:
+        """SD.Next's unload (button, ``/sdapi/v1/unload-checkpoint``) goes through
+        ``sd_models.unload_model_weights``: what the networks hold for that UNet goes first (the real
+        SD.Next kept 217 MiB, and the unloaded UNet's old weights, after an unload)."""
+        try:
+            from modules import sd_models
+        except ImportError:
+            return
+        self.model_moves.apply(sd_models, EXTENSION.memory, a1111=False, on_error=report_error)
+
     def undo(self) -> None:
         EXTENSION.finish()
+        self.model_moves.undo()
         registry = extra_networks.extra_network_registry
         if self.handler is not None and registry.get(TAG_TYPE) is self.handler:
             if self.replaced_handler is not None:

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUNNABLE = {
     "needs-webui": "talks to a running WebUI or runs inside one",
+    "needs-comfyui": "needs a ComfyUI folder to install into or to start (tests/comfyui runs one)",
     "needs-checkpoint": "needs a real Stable Diffusion checkpoint, its networks and data",
     "needs-gpus": "needs CUDA GPUs",
     "long-running": "serves until interrupted (tests/core/test_app.py drives the app in Chromium)",

@@ -189,6 +189,60 @@ def test_three_stacked_nonlinear_networks(ldm, ldm_inputs):
     assert_all_close(outputs, plain)
 
 
+def _deep_and_stacked():
+    return {
+        "deep-negative": [
+            (visible(hx.create(WIDTHS, (1, 1.5, 1.5, 1), "elu", "XavierNormal", seed=4, layer_norm=True), 4), -0.7)
+        ],
+        "stacked": [(make(activation="relu", layer_norm=True, seed=1), 0.8), (make(activation="elu", seed=2), -0.5)],
+    }
+
+
+@pytest.mark.parametrize("case", ["deep-negative", "stacked"])
+@pytest.mark.parametrize("unet", ["ldm", "diffusers"])
+def test_nonlinear_networks_round_as_a1111s_formula(unet, case):
+    """Bit for bit what A1111's ``x + linear(x) * m`` gives: the real SD.Next rendered a
+    ``<hypernet:...:-0.7>`` image 6/255 away from the formula when the sum was fused (one rounding)."""
+    if unet == "ldm":
+        model, inputs, run, context = M.ldm_unet(0), M.ldm_inputs(1), M.run_ldm, "context"
+    else:
+        model, inputs, run, context = (
+            M.diffusers_sd1_unet(0),
+            M.diffusers_inputs(1),
+            M.run_diffusers,
+            "encoder_hidden_states",
+        )
+    entries = _deep_and_stacked()[case]
+    expected = run(reference_model(model, entries), inputs)
+    with hx.apply(model, entries, fast=False):
+        assert torch.equal(run(model, inputs), expected)
+    with hx.apply(model, entries) as handle:
+        outputs = [run(model, {**inputs, context: inputs[context].clone()}) for _ in range(3)]
+        stats = dict(handle.stats)
+    assert all(torch.equal(output, expected) for output in outputs)
+    assert stats["context_hits"] > 0 and stats["paired_calls"] > 0  # the fast paths served it
+    assert stats["paired_first_layers"] > 0  # on CPU the batched GEMM gives the same bits
+
+
+def test_a_batched_gemm_that_rounds_otherwise_is_not_used(ldm, ldm_inputs, monkeypatch):
+    """Where a batched first-layer GEMM gives other bits than two separate ones (a kernel chosen per
+    shape), the two paths keep their own GEMMs."""
+    original = fastpath._PairPlan._first_layers
+
+    def other_rounding(self, x):
+        return tuple(torch.nextafter(out, torch.full_like(out, float("inf"))) for out in original(self, x))
+
+    monkeypatch.setattr(fastpath._PairPlan, "_first_layers", other_rounding)
+    entries = _deep_and_stacked()["stacked"]
+    expected = M.run_ldm(reference_model(ldm, entries), ldm_inputs)
+    with hx.apply(ldm, entries) as handle:
+        outputs = steps(ldm, ldm_inputs)
+        stats = dict(handle.stats)
+    assert all(torch.equal(output, expected) for output in outputs)
+    assert stats["pairs_unlike_apart"] > 0 and stats.get("paired_first_layers", 0) == 0
+    assert stats["paired_calls"] > 0  # to_v still takes what the to_k call computed
+
+
 def test_context_cache_follows_context_values(ldm, ldm_inputs):
     net = make(activation="relu", layer_norm=True)
     other_inputs = {**ldm_inputs, "context": torch.randn_like(ldm_inputs["context"])}

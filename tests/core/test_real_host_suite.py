@@ -94,6 +94,44 @@ def test_the_in_host_reference_script_applies_a1111s_formula(tmp_path, monkeypat
     assert not torch.allclose(got, plain) and torch.equal(M.run_ldm(unet, inputs), plain)  # hooks removed
 
 
+SDNEXT_PRELOAD_ERROR = """\
+12:17:04-847385 ERROR    Extension preload:
+                         extensions/sd-webui-hypernetworks/preload.py:
+                         ImportError
+/work/hosts/sdnext/modules/script_loading.py:51 in preload_extensions
+
+  50             if hasattr(module, 'preload'):
+❱ 51                 module.preload(parser)
+  52         except Exception as e:
+
+/work/hosts/sdnext/extensions/sd-webui-hypernetworks/preload.py:20 in preload
+
+  19         return  # the host's own option
+❱ 20     from modules.paths_internal import models_path, normalized_filepath
+  21
+ImportError: cannot import name 'models_path' from 'modules.paths_internal'
+12:17:04-926052 DEBUG    Extension preload: {'extensions-builtin': 0.0,
+"""
+SDNEXT_OTHER_ERROR = """\
+12:17:42-334064 ERROR    Module load:
+/work/hosts/sdnext/modules/script_loading.py:27 in load_module
+
+❱ 27                     module_spec.loader.exec_module(module)
+/work/hosts/sdnext/extensions/other-extension/scripts/other.py:25 in <module>
+AttributeError: module 'modules.paths_internal' has no attribute 'models_path'
+"""
+
+
+def test_sdnexts_rich_tracebacks_through_the_extension_are_found():
+    """SD.Next logs tracebacks with rich (frames as ``file.py:20 in preload``, no "Traceback" line):
+    the suite's no-traceback check passed over the extension's preload error in the real SD.Next."""
+    from tests.hosts.real_host import extension_tracebacks
+
+    (found,) = extension_tracebacks(SDNEXT_PRELOAD_ERROR + SDNEXT_OTHER_ERROR)
+    assert "sd-webui-hypernetworks/preload.py:20 in preload" in found and "models_path" in found
+    assert extension_tracebacks(SDNEXT_OTHER_ERROR) == []
+
+
 # -- waiting for training jobs: a job that ends otherwise fails the wait at once ------------------------
 class FakeClock:
     def __init__(self):

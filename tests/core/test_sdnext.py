@@ -256,3 +256,50 @@ def _wait(client, job_id: str) -> dict:
             return status
         time.sleep(0.1)
     raise AssertionError("the job did not end")
+
+
+def test_preload_leaves_sdnexts_hidden_option_alone(monkeypatch):
+    """SD.Next keeps ``--hypernetwork-dir`` hidden and without a default (``SD_HYPERNETWORKDIR`` or None),
+    and its ``paths_internal`` has no ``models_path``: the extension's preload.py failed with an
+    ImportError at every start of the real SD.Next until it asked for the option, not its default."""
+    import argparse
+    from pathlib import Path
+
+    from tests.support.scripts import script_module
+
+    monkeypatch.setitem(sys.modules, "modules", type(sys)("modules"))
+    monkeypatch.setitem(sys.modules, "modules.paths_internal", type(sys)("modules.paths_internal"))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hypernetwork-dir", type=str, default=None, help=argparse.SUPPRESS)
+    with script_module(Path(sdnext_standin.ROOT) / "preload.py", "preload.py") as module:
+        module.preload(parser)
+    assert parser.parse_args([]).hypernetwork_dir is None
+    assert len([a for a in parser._actions if "--hypernetwork-dir" in a.option_strings]) == 1
+
+
+def test_listing_networks_and_the_training_state_load_no_model(host):
+    """SD.Next's ``shared.sd_model`` loads the configured checkpoint when none is loaded (and logs
+    "Model locked" while one loads: the real SD.Next logged it for each card while its model loaded)."""
+    write_network(host, "ink")
+    data = host.modules["modules.modeldata"].model_data
+    data.sd_model = None
+    page = host.shared.extra_networks[0]
+    page.create_items("txt2img")
+    assert [item["name"] for item in page.items] == ["ink"]
+    from hypernetwork_ext.hosts import sdnext_training
+
+    assert sdnext_training.loaded_model() is None
+    assert data.load_requests == 0
+
+
+def test_unloading_the_model_releases_what_the_networks_hold(host):
+    """The real SD.Next kept what the networks held for the UNet (217 MiB there) after its unload."""
+    write_network(host, "ink")
+    host.generate(host.processing("a red circle <hypernet:ink:0.8>"))
+    from hypernetwork_ext.hosts.extension import EXTENSION
+
+    held = EXTENSION.memory.as_dict()["total_bytes"]
+    host.modules["modules.sd_models"].unload_model_weights(op="model")
+    after = EXTENSION.memory.as_dict()
+    assert held > 0 and after["total_bytes"] == 0
+    assert [r["bytes"] for r in after["releases"] if r["reason"] == "the checkpoint was unloaded"] == [held]

@@ -213,7 +213,7 @@ def suite(config: HostConfig):
     elif config.kind == "sdnext":
         render_formula_references(config, references)
     commit = install_extension(config)
-    if config.kind != "a1111":  # A1111 is the reference itself
+    if config.kind not in ("a1111", "sdnext"):  # A1111 is the reference itself; SD.Next has its own
         install_reference_extension(config)
     server, calls, before, loaded_in = start_with_extension(config)
     try:

@@ -148,6 +148,13 @@ def install_reference_extension(config: HostConfig) -> None:
 
 
 # -- the server -------------------------------------------------------------------------------------------
+SETTINGS_FILES = ("config.json", "secrets.json")  # what SD.Next writes when an option is set
+
+
+def _modified(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
 class HttpError(RuntimeError):
     def __init__(self, method: str, path: str, status: int, body: str):
         super().__init__(f"{method} {path}: HTTP {status}: {body[:2000]}")
@@ -163,6 +170,7 @@ class Server:
         self.log_path = config.artifacts / f"{name}.log"
         self.process: subprocess.Popen | None = None
         self.started_in: float | None = None
+        self.restore_options: dict = {}
 
     # -- lifecycle
     def start(self, extra_args: str = "") -> Server:
@@ -190,11 +198,42 @@ class Server:
                 raise RuntimeError(f"the host was not ready within {START_TIMEOUT:.0f} s; see {self.log_path}")
             time.sleep(1)
         self.started_in = time.monotonic() - started
+        self._answer_lossless_images()
         return self
+
+    def _answer_lossless_images(self) -> None:
+        """The API answers in the host's own image format, JPEG by default in SD.Next (quality 90): the
+        suite compares pixels, so the host answers PNG while it runs and gets its format back at the end."""
+        before = self.get("/sdapi/v1/options").get("samples_format")
+        if before == "png":
+            return
+        if before is None:  # SD.Next lists only the options set; its defaults are in /options-info
+            before = self._option_default("samples_format")
+        self.post("/sdapi/v1/options", {"samples_format": "png"})
+        if before is not None:
+            self.restore_options["samples_format"] = before
+
+    def _set_options_and_wait_saved(self, options: dict) -> None:
+        """SD.Next writes its settings files in a thread after it answers: stopping it at once cut its
+        secrets.json short once (an error at its next start)."""
+        files = [self.config.folder / name for name in SETTINGS_FILES]
+        before = [_modified(path) for path in files]
+        self.post("/sdapi/v1/options", options)
+        deadline = time.monotonic() + 30
+        while any(_modified(p) == b for p, b in zip(files, before, strict=True)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _option_default(self, key: str):
+        try:
+            return self.get("/sdapi/v1/options-info")["options"][key]["default"]
+        except (HttpError, KeyError, TypeError):
+            return None
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        if self.restore_options and self._answers():
+            self._set_options_and_wait_saved(self.restore_options)
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(60)
@@ -241,6 +280,8 @@ class Server:
         seconds = time.monotonic() - started
         info = json.loads(result.get("info") or "{}")
         images = [decode_image(image) for image in result["images"]]
+        if images[0].format != "PNG":  # a lossy image would hide or invent the differences measured
+            raise RuntimeError(f"the host answered a {images[0].format} image; the suite compares PNG pixels")
         return Rendered(images[0], info.get("infotexts", [""])[0], seconds, payload)
 
     def checkpoint(self) -> str:
@@ -308,9 +349,16 @@ def flat_image_reason(pixels: np.ndarray) -> str | None:
 
 # -- the server log ----------------------------------------------------------------------------------------
 TRACEBACK = re.compile(r"Traceback \(most recent call last\):\n(?:[ \t].*\n|\n)*?\S.*", re.M)
+# SD.Next prints its tracebacks with rich: no "Traceback" header, a frame is "/path/file.py:20 in preload"
+RICH_FRAME = re.compile(r"^\S+\.py:\d+ in \S+[ \t]*$", re.M)
 OURS = ("hypernetwork_ext", EXTENSION_FOLDER)
 
 
 def extension_tracebacks(log: str) -> list[str]:
-    """Tracebacks in the host's log that pass through this extension's code."""
-    return [match for match in TRACEBACK.findall(log) if any(name in match for name in OURS)]
+    """Tracebacks in the host's log that pass through this extension's code (Python's own format, or
+    the frames of SD.Next's rich tracebacks, each with the lines that follow it)."""
+    found = [match for match in TRACEBACK.findall(log) if any(name in match for name in OURS)]
+    for frame in RICH_FRAME.finditer(log):
+        if any(name in frame.group() for name in OURS):
+            found.append("\n".join(log[frame.start() :].splitlines()[:8]))
+    return found

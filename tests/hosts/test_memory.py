@@ -46,11 +46,12 @@ def checkpoint_layout(path: Path) -> tuple[ModelFamily, int]:
     """The checkpoint's attention layout as a family, and the elements of one set of folds."""
     from safetensors import safe_open
 
+    file, prefix = files.unet_file(path)  # a single file, or a diffusers folder (SD.Next)
     counts: collections.Counter[int] = collections.Counter()
     context, elements = None, 0
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(file), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118
-            if not key.startswith("model.diffusion_model.") or not key.endswith(("to_k.weight", "to_v.weight")):
+            if not key.startswith(prefix) or not key.endswith(("to_k.weight", "to_v.weight")):
                 continue
             out_features, in_features = handle.get_slice(key).get_shape()
             if ".attn2." in key:
@@ -116,14 +117,14 @@ def test_a_checkpoint_switch_lets_it_go(suite):
     link = files.second_name_for(suite.checkpoint)
     suite.server.post("/sdapi/v1/refresh-checkpoints")
     original = files.loaded_title(suite.server, suite.checkpoint)
-    other = next(m["title"] for m in suite.server.checkpoints() if m["model_name"] == link.stem)
+    other = files.title_for(suite.server, link)
     try:
         suite.server.switch_checkpoint(other)
         suite.server.txt2img(files.NO_TAG)  # Forge loads the checkpoint it was switched to here
         report = memory(suite)
     finally:
         suite.server.switch_checkpoint(original)
-        link.unlink(missing_ok=True)
+        files.remove_checkpoint(link)
         suite.server.post("/sdapi/v1/refresh-checkpoints")
     record(suite, "checkpoint switch", {"held": held, "after": report})
     assert held > 0 and report["total_bytes"] == 0

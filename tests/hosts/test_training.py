@@ -244,8 +244,6 @@ def fill_training_form(page, suite, dataset: Path, steps: int) -> None:
     page.locator("#hnx_train_preview_from_txt2img input[type=checkbox]").check()
     for name in ("prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height"):
         fill(page, f"hnx_train_preview_{name}", values[f"preview_{name}"])
-    page.locator("#hnx_train_tab").get_by_text("Beyond A1111", exact=False).first.click()
-    fill(page, "hnx_train_seed", values["seed"])
 
 
 @pytest.mark.skipif(os.environ.get("HNX_HOST_TRAIN_BROWSER") == "0", reason="HNX_HOST_TRAIN_BROWSER=0")

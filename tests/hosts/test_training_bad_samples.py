@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from hypernetwork_ext.standalone.tiny import procedural_images
+from tests.hosts.jobs import ended
 from tests.hosts.real_host import HttpError
 from tests.hosts.test_training import PREFIX, follow, payload
 
@@ -65,7 +66,8 @@ def run(suite, images):
         create_image_every=0,
         save_hypernetwork_every=0,
     )
-    status, _trace = follow(suite.server, suite.server.post("/hypernetworks/v1/train", body)["job_id"])
+    job_id = suite.server.post("/hypernetworks/v1/train", body)["job_id"]
+    status, _trace = follow(suite.server, job_id, ended("finished", STEPS), f"finished step {STEPS}")
     (suite.config.artifacts / "training-bad-samples.json").write_text(json.dumps(status, indent=1))
     yield status
     for path in suite.config.hypernetwork_dir.glob(f"{NAME}*"):

@@ -73,7 +73,7 @@ def reference_mlp(
             if activation == "prelu":
                 slope = state[f"linear.{index}.weight"]
                 consumed.add(f"linear.{index}.weight")
-                steps.append(("fn", lambda x, s=slope: F.prelu(x, s)))
+                steps.append(("fn", lambda x, s=slope: F.prelu(x, s.to(x.dtype))))
             else:
                 steps.append(("fn", FUNCTIONS[activation]))
             index += 1
@@ -92,9 +92,9 @@ def reference_mlp(
     def run(x):
         for step in steps:
             if step[0] == "linear":
-                x = F.linear(x, step[1].float(), step[2].float())
+                x = F.linear(x, step[1].to(x.dtype), step[2].to(x.dtype))  # float32 here, float64 for an exact check
             elif step[0] == "layer_norm":
-                x = F.layer_norm(x, (step[1].shape[0],), step[1], step[2])
+                x = F.layer_norm(x, (step[1].shape[0],), step[1].to(x.dtype), step[2].to(x.dtype))
             else:
                 x = step[1](x)
         return x

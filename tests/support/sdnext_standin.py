@@ -47,6 +47,40 @@ def module(name: str, **attributes) -> types.ModuleType:
 # --- shared, options, state ---------------------------------------------------------------------
 
 
+class ModelData:
+    """``modules.modeldata.model_data``: the loaded pipeline, and here how often a load was asked for."""
+
+    def __init__(self):
+        self.sd_model = None
+        self.load_requests = 0
+
+
+def unload_model_weights(modeldata):
+    """``sd_models.unload_model_weights``: the unload button and ``/sdapi/v1/unload-checkpoint``."""
+
+    def unload(op="model"):
+        if op == "model":
+            modeldata.model_data.sd_model = None
+
+    return unload
+
+
+class Shared(types.ModuleType):
+    """SD.Next's ``modules.shared`` class (``modules.modeldata.Shared``): reading ``sd_model`` while none
+    is loaded loads the configured checkpoint (counted here), and warns "Model locked" while one loads."""
+
+    @property
+    def sd_model(self):
+        data = self.model_data_module.model_data
+        if data.sd_model is None:
+            data.load_requests += 1
+        return data.sd_model
+
+    @sd_model.setter
+    def sd_model(self, value):
+        self.model_data_module.model_data.sd_model = value
+
+
 class OptionInfo:
     def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
                  refresh=None, folder=False, submit=None, comment_before="", comment_after="", category_id=None,
@@ -356,17 +390,18 @@ class Host:
 def install(monkeypatch, tmp_path, pipeline) -> Host:
     """Put SD.Next's modules into ``sys.modules`` for this test and return the :class:`Host`."""
     errors: list[str] = []
+    modeldata = module("modules.modeldata", model_data=ModelData())
     shared = module(
         "modules.shared",
         opts=Options(),
         cmd_opts=argparse.Namespace(hypernetwork_dir=None, api_auth=None),
         models_path=str(tmp_path / "models"),
-        sd_model=None,
         state=State(),
         extra_networks=[],
         OptionInfo=OptionInfo,
     )
-    shared.model_data = types.SimpleNamespace(sd_model=None)
+    shared.__class__ = Shared  # as SD.Next does: ``sys.modules[__name__].__class__ = Shared``
+    shared.model_data_module = modeldata
     extra_networks = make_extra_networks(errors)
     callbacks = make_script_callbacks()
     scripts = module("modules.scripts", Script=Script, AlwaysVisible=AlwaysVisible)
@@ -387,6 +422,7 @@ def install(monkeypatch, tmp_path, pipeline) -> Host:
     modules = {
         "modules": package,
         "modules.shared": shared,
+        "modules.modeldata": modeldata,
         "modules.extra_networks": extra_networks,
         "modules.script_callbacks": callbacks,
         "modules.scripts": scripts,
@@ -397,6 +433,7 @@ def install(monkeypatch, tmp_path, pipeline) -> Host:
         "modules.processing": processing,
         "modules.sd_samplers": sd_samplers,
         "modules.processing_diffusers": module("modules.processing_diffusers"),
+        "modules.sd_models": module("modules.sd_models", unload_model_weights=unload_model_weights(modeldata)),
     }
     for name, value in modules.items():
         monkeypatch.setitem(sys.modules, name, value)

@@ -151,23 +151,24 @@ def computation_dtype(model) -> torch.dtype:
     return reference.dtype if reference is not None else torch.float32
 
 
-class ForgeBackend(TrainingBackend):
-    name = "forge"
+class PatcherBackend(TrainingBackend):
+    """What Forge, reForge and ComfyUI share: a UNet behind a model patcher whose memory manager owns
+    the devices, latents from the host's VAE, the attention patch points. Subclasses give the
+    conditioning, the VAE and the session."""
+
     host_places_weights = True
 
     def __init__(
         self,
-        sd_model,
+        patcher,
         memory: ForgeMemory,
         *,
-        render_preview: PreviewGenerator | None = None,
         model_family: str | None = None,
         checkpoint_name: str | None = None,
         checkpoint_hash: str | None = None,
     ):
-        self.sd_model = sd_model
         self.memory = memory
-        self.patcher = sd_model.forge_objects_original.unet  # the checkpoint's UNet, without LoRA
+        self.patcher = patcher
         model = self.patcher.model
         self.unet = model.diffusion_model
         self.device = torch.device(self.patcher.load_device)
@@ -177,9 +178,8 @@ class ForgeBackend(TrainingBackend):
         if storage not in FLOAT_DTYPES:
             raise HypernetworkError(
                 f"the UNet's weights are stored as {storage}; training needs float32, float16 or bfloat16 weights "
-                "(choose Automatic or a float type for 'Diffusion in Low Bits')"
+                "(Forge: Automatic or a float type for 'Diffusion in Low Bits'; ComfyUI: weight_dtype default)"
             )
-        self.render_preview = render_preview
         self.model_family = model_family
         self.checkpoint_name = checkpoint_name
         self.checkpoint_hash = checkpoint_hash
@@ -187,19 +187,18 @@ class ForgeBackend(TrainingBackend):
         self._network: nn.Module | None = None
         self._patches: tuple | None = None
 
-    # -- the run --------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def session(self) -> Iterator[None]:
-        model = self.sd_model
-        saved = (model.forge_objects, model.forge_objects_after_applying_lora)
-        model.forge_objects = model.forge_objects_original.shallow_copy()
-        model.forge_objects_after_applying_lora = model.forge_objects_original.shallow_copy()
-        try:
-            self.memory.load([self.patcher])  # puts back the weights a LoRA had changed
-            yield
-        finally:
-            model.forge_objects, model.forge_objects_after_applying_lora = saved
+    def vae(self):
+        """The host's VAE object (``first_stage_model``, ``patcher``, ``device``, ``vae_dtype``)."""
+        raise NotImplementedError
 
+    def latent_owners(self) -> tuple:
+        """Objects that may scale latents with ``process_in``, the first that has one wins."""
+        return (
+            getattr(self.patcher.model, "latent_format", None),
+            getattr(getattr(self.patcher.model, "model_config", None), "latent_format", None),
+        )
+
+    # -- the run --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def attach(self, network: nn.Module) -> Iterator[None]:
         rewriter = KVRewriter([(network, Strength())])
@@ -254,7 +253,7 @@ class ForgeBackend(TrainingBackend):
 
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's posterior (mean and deviation), scaled as the host scales latents."""
-        vae = self.sd_model.forge_objects.vae
+        vae = self.vae()
         with self._host_call(), torch.no_grad():
             self.memory.load([vae.patcher])
             autoencoder = vae.first_stage_model
@@ -267,29 +266,13 @@ class ForgeBackend(TrainingBackend):
         return ((mean - shift) * scale).to(self.device), (std * scale).to(self.device)
 
     def _latent_scaling(self) -> tuple[float, float]:
-        """Forge scales latents in its autoencoder (``process_in``), reForge in the model's latent format."""
-        candidates = (
-            getattr(self.sd_model.forge_objects.vae, "first_stage_model", None),
-            getattr(getattr(self.patcher.model, "model_config", None), "latent_format", None),
-            getattr(self.patcher.model, "latent_format", None),
-        )
-        for owner in candidates:
+        """The affine map ``process_in`` applies to latents, as (scale, shift)."""
+        for owner in self.latent_owners():
             process_in = getattr(owner, "process_in", None)
             if callable(process_in):
                 zero, one = (float(process_in(torch.tensor(value))) for value in (0.0, 1.0))
                 return one - zero, -zero / (one - zero)
         raise HypernetworkError("cannot tell how the loaded model scales latents (no process_in)")
-
-    def encode_text(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
-        return self._learned_conditioning(SizedPrompts(texts, *size))
-
-    def encode_unconditional(self, count: int, size: tuple[int, int]) -> Conditioning:
-        return self._learned_conditioning(SizedPrompts([""] * count, *size, negative=True))
-
-    def _learned_conditioning(self, prompts: SizedPrompts) -> Conditioning:
-        with self._host_call(), torch.no_grad():
-            cond = self.sd_model.get_learned_conditioning(prompts)
-        return _normal(cond)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         context, vector = (cond["crossattn"], cond.get("vector")) if isinstance(cond, dict) else (cond, None)
@@ -305,6 +288,65 @@ class ForgeBackend(TrainingBackend):
             transformer_options=options,
             **extra,
         )
+
+    def host_modules(self) -> list[nn.Module]:
+        return [self.unet]
+
+
+class ForgeBackend(PatcherBackend):
+    """Forge's or reForge's loaded model (``sd_model.forge_objects``)."""
+
+    name = "forge"
+
+    def __init__(
+        self,
+        sd_model,
+        memory: ForgeMemory,
+        *,
+        render_preview: PreviewGenerator | None = None,
+        model_family: str | None = None,
+        checkpoint_name: str | None = None,
+        checkpoint_hash: str | None = None,
+    ):
+        self.sd_model = sd_model
+        self.render_preview = render_preview
+        super().__init__(
+            sd_model.forge_objects_original.unet,  # the checkpoint's UNet, without LoRA
+            memory,
+            model_family=model_family,
+            checkpoint_name=checkpoint_name,
+            checkpoint_hash=checkpoint_hash,
+        )
+
+    def vae(self):
+        return self.sd_model.forge_objects.vae
+
+    def latent_owners(self) -> tuple:
+        """Forge scales latents in its autoencoder, reForge in the model's latent format."""
+        return (getattr(self.vae(), "first_stage_model", None), *super().latent_owners())
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        model = self.sd_model
+        saved = (model.forge_objects, model.forge_objects_after_applying_lora)
+        model.forge_objects = model.forge_objects_original.shallow_copy()
+        model.forge_objects_after_applying_lora = model.forge_objects_original.shallow_copy()
+        try:
+            self.memory.load([self.patcher])  # puts back the weights a LoRA had changed
+            yield
+        finally:
+            model.forge_objects, model.forge_objects_after_applying_lora = saved
+
+    def encode_text(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
+        return self._learned_conditioning(SizedPrompts(texts, *size))
+
+    def encode_unconditional(self, count: int, size: tuple[int, int]) -> Conditioning:
+        return self._learned_conditioning(SizedPrompts([""] * count, *size, negative=True))
+
+    def _learned_conditioning(self, prompts: SizedPrompts) -> Conditioning:
+        with self._host_call(), torch.no_grad():
+            cond = self.sd_model.get_learned_conditioning(prompts)
+        return _normal(cond)
 
     @property
     def preview_generator(self):
@@ -328,6 +370,3 @@ class ForgeBackend(TrainingBackend):
                 return self.render_preview(request)
         finally:
             objects.unet = unpatched
-
-    def host_modules(self) -> list[nn.Module]:
-        return [self.unet]

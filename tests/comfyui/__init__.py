@@ -1,0 +1,1 @@
+"""The real-ComfyUI suite (see conftest.py)."""
