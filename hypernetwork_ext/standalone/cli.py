@@ -667,7 +667,7 @@ def _train(args) -> int:
         with stop_on_first_interrupt(enabled=distributed.world_size() == 1) as stop:
             callbacks = TrainingCallbacks(
                 on_message=(lambda text: print(text, file=sys.stderr)) if main_process else None,
-                should_stop=stop.is_set,
+                should_stop=stop.should_stop,
             )
             result = train(
                 network,

@@ -19,17 +19,34 @@ _NETWORK_OPTIONS = {
 _NETWORK_SWITCHES = {"--layer-norm", "--activate-output"}
 
 
+class Interrupted(threading.Event):
+    """Set by the first Ctrl-C; ``quit`` by the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quit = False
+
+    def should_stop(self) -> bool:
+        """The engine's stop check. The second Ctrl-C raises KeyboardInterrupt in its handler, but one
+        that lands while Python runs a finalizer is printed and ignored there; raising it again here,
+        before the step ends and the run saves, keeps "quit at once, without saving" true."""
+        if self.quit:
+            raise KeyboardInterrupt
+        return self.is_set()
+
+
 @contextlib.contextmanager
-def stop_on_first_interrupt(enabled: bool = True) -> Iterator[threading.Event]:
+def stop_on_first_interrupt(enabled: bool = True) -> Iterator[Interrupted]:
     """An event set by the first Ctrl-C (the run stops after its step and saves); the second raises
     KeyboardInterrupt as usual. Only in the main thread (where signals arrive) and when ``enabled``."""
-    stop = threading.Event()
+    stop = Interrupted()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def on_interrupt(signum, frame) -> None:
         if stop.is_set():
+            stop.quit = True
             raise KeyboardInterrupt
         stop.set()
         print(
@@ -39,11 +56,18 @@ def stop_on_first_interrupt(enabled: bool = True) -> Iterator[threading.Event]:
             flush=True,
         )
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    def on_unraisable(unraisable) -> None:
+        # the second Ctrl-C, swallowed by a finalizer: should_stop() raises it again, so no traceback
+        if not (stop.quit and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            previous_hook(unraisable)
+
+    previous, previous_hook = signal.signal(signal.SIGINT, on_interrupt), sys.unraisablehook
+    sys.unraisablehook = on_unraisable
     try:
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
 
 
 def resume_command(program: str, argv: Sequence[str], saved: str) -> str:

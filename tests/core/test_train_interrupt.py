@@ -105,3 +105,23 @@ def test_a_second_ctrl_c_still_ends_the_command_at_once(tmp_path):
 )
 def test_the_resume_command_keeps_the_options_and_replaces_the_network(argv, expected):
     assert resume_command("./hypernetwork", argv, "nets/a 5.pt") == expected
+
+
+def test_a_second_ctrl_c_swallowed_by_a_finalizer_is_raised_again_before_the_run_saves(capsys):
+    """Python prints and ignores a KeyboardInterrupt raised while a finalizer runs (seen on a loaded
+    machine: the step went on and the run saved); the engine's next stop check raises it again."""
+    import types
+
+    from hypernetwork_ext.standalone.interrupts import stop_on_first_interrupt
+
+    hook = sys.unraisablehook
+    with stop_on_first_interrupt() as stop:
+        assert stop.should_stop() is False
+        stop.set()
+        assert stop.should_stop() is True
+        stop.quit = True
+        swallowed = types.SimpleNamespace(exc_value=KeyboardInterrupt(), exc_type=KeyboardInterrupt)
+        sys.unraisablehook(swallowed)  # what Python calls with the swallowed exception: silent now
+        with pytest.raises(KeyboardInterrupt):
+            stop.should_stop()
+    assert sys.unraisablehook is hook and capsys.readouterr().err == ""
