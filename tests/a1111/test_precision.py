@@ -99,13 +99,24 @@ def test_fp8_weights_on_the_cpu_compute_as_a1111_bit_for_bit(host, inputs, case)
     assert counted["folds"] == counted["paired_first_layers"] == 0
 
 
-def test_the_fast_arithmetic_under_fp8_would_differ_from_a1111(host, inputs):
-    """What the test above guards against: the fast paths' arithmetic (a chosen compute dtype keeps
-    them) rounds otherwise than A1111, and sampling shows it."""
+def test_the_same_arithmetic_rounded_otherwise_would_differ_from_a1111(host, inputs, monkeypatch):
+    """What the test above guards against: the fast paths (a chosen compute dtype keeps them) with
+    ``x + m * g`` fused into one rounding, as they once computed it, differ from A1111 under FP8,
+    and sampling shows it; rounded as A1111 rounds it (the product, then the sum) they do not."""
+    from hypernetwork_ext import attach, fastpath
+
     fp8_weights(host)
     prompt = CASES["relu-ln"]
     want = builtin(host, inputs, prompt)
     host.shared.opts.data["hypernetwork_compute_dtype"] = "float32"
+    assert torch.equal(render(host, inputs, prompt), want) and stats(host)["host_arithmetic_calls"] == 0
+
+    def fused(x, g, mult):
+        value = mult.value_for(x)
+        return torch.add(x, g, alpha=value) if isinstance(value, float) else torch.addcmul(x, g, value)
+
+    monkeypatch.setattr(attach, "combine", fused)
+    monkeypatch.setattr(fastpath, "combine", fused)
     got = render(host, inputs, prompt)
     assert stats(host)["host_arithmetic_calls"] == 0
     assert (got.float() - want.float()).abs().max() > 0

@@ -73,7 +73,7 @@ def reference_mlp(
             if activation == "prelu":
                 slope = state[f"linear.{index}.weight"]
                 consumed.add(f"linear.{index}.weight")
-                steps.append(("fn", lambda x, s=slope: F.prelu(x, s.to(x.dtype))))
+                steps.append(("fn", lambda x, s=slope: F.prelu(x, s.to(_weight_dtype(x)))))
             else:
                 steps.append(("fn", FUNCTIONS[activation]))
             index += 1
@@ -92,14 +92,27 @@ def reference_mlp(
     def run(x):
         for step in steps:
             if step[0] == "linear":
-                x = F.linear(x, step[1].to(x.dtype), step[2].to(x.dtype))  # float32 here, float64 for an exact check
+                dtype = _weight_dtype(x)
+                x = F.linear(x, step[1].to(dtype), step[2].to(dtype))
             elif step[0] == "layer_norm":
-                x = F.layer_norm(x, (step[1].shape[0],), step[1].to(x.dtype), step[2].to(x.dtype))
+                dtype = _weight_dtype(x)
+                x = F.layer_norm(x, (step[1].shape[0],), step[1].to(dtype), step[2].to(dtype))
             else:
                 x = step[1](x)
         return x
 
     return run
+
+
+def _weight_dtype(x: torch.Tensor) -> torch.dtype:
+    """Under autocast the layers' weights stay float32, as A1111's float32 modules are (its layer
+    norm then computes in float32 with float32 weights); otherwise the input's dtype (float64 for a
+    check against the exact formula, a host's bfloat16 where it computes in bfloat16)."""
+    try:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch before 2.4: one function per device
+        autocast = torch.is_autocast_cpu_enabled() if x.device.type == "cpu" else torch.is_autocast_enabled()
+    return torch.float32 if autocast else x.dtype
 
 
 def _module_of(step) -> torch.nn.Module:
