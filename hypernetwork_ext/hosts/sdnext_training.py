@@ -29,12 +29,12 @@ from ..families import infer_family
 from ..shape import ModelShape
 from ..training import DiffusersBackend, PreviewRequest, TrainingBackend, TrainingConfig
 from ..training.api import build_training_router
-from ..training.config import FieldProblems
-from ..training.jobs import JobStatus, TrainingJobs, TrainingServices
+from ..training.jobs import JobStatus, TrainingServices
 from ..ui.training import HostHooks, build_training_tab
 from . import api, sdnext_webui
 from .extension import EXTENSION, api_credentials, data_path, primary_folder
 from .forge_training import Txt2imgSources
+from .queued_jobs import QueuedTrainingJobs
 from .sdnext import pipeline_unet
 from .state_report import StateReport
 
@@ -150,32 +150,12 @@ def run_exclusive(work: Callable[[], Any], job: JobStatus) -> Any:
             state.end(state_id)
 
 
-class SdnextTrainingJobs(TrainingJobs):
-    """Jobs that refuse what SD.Next cannot do, queue their task for the progress bar, and stop
-    a preview in progress when interrupted."""
+class SdnextTrainingJobs(QueuedTrainingJobs):
+    def refusal(self) -> str | None:
+        return refusal(loaded_model())
 
-    def start(self, config: TrainingConfig | dict, *, task_id: str | None = None) -> str:
-        if task_id:
-            progress.add_task_to_queue(task_id)
-        try:
-            problem = refusal(loaded_model())
-            if problem:
-                raise HypernetworkError(problem)
-            if isinstance(config, dict):
-                config = TrainingConfig.from_dict(config)
-            problem = preview_sampler_problem(config)
-            if problem:
-                raise FieldProblems({"preview_sampler_name": problem})
-            return super().start(config, task_id=task_id)
-        except Exception:
-            if task_id:
-                progress.finish_task(task_id)
-            raise
-
-    def interrupt(self, job_id: str) -> bool:
-        if self.status(job_id).state == "running":  # it holds the queue: the flag also cuts a preview short
-            shared.state.interrupt()
-        return super().interrupt(job_id)
+    def preview_sampler_problem(self, config: TrainingConfig) -> str | None:
+        return preview_sampler_problem(config)
 
 
 def preview_sampler_problem(config: TrainingConfig) -> str | None:

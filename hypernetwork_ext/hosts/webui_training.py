@@ -52,12 +52,12 @@ from ..training import (
     TrainingConfig,
 )
 from ..training.api import build_training_router
-from ..training.config import FieldProblems
-from ..training.jobs import JobStatus, TrainingJobs, TrainingServices
+from ..training.jobs import JobStatus, TrainingServices
 from ..ui import compat
 from ..ui.training import HostHooks, build_training_tab
 from . import api, forge_training, webui
 from .forge import detect_patcher_host
+from .queued_jobs import QueuedTrainingJobs
 from .state_report import StateReport
 
 TAB_TITLE = "Hypernetworks"
@@ -262,34 +262,12 @@ def run_exclusive(work: Callable[[], Any], job: JobStatus) -> Any:
 # --- jobs and services ---------------------------------------------------------------------------------
 
 
-class WebuiTrainingJobs(TrainingJobs):
-    """Jobs that refuse what the host cannot do, queue their task for the progress bar, and stop
-    a preview in progress when interrupted."""
+class WebuiTrainingJobs(QueuedTrainingJobs):
+    def refusal(self) -> str | None:
+        return early_refusal()
 
-    def start(self, config: TrainingConfig | dict, *, task_id: str | None = None) -> str:
-        if task_id:
-            progress.add_task_to_queue(task_id)
-        try:
-            problem = early_refusal()
-            if problem:
-                raise HypernetworkError(problem)
-            if isinstance(config, dict):
-                config = TrainingConfig.from_dict(config)
-            problem = preview_sampler_problem(config)
-            if problem:
-                raise FieldProblems({"preview_sampler_name": problem})
-            return super().start(config, task_id=task_id)
-        except Exception:
-            if task_id:  # the progress bar ends at once instead of waiting for a task that never comes
-                progress.pending_tasks.pop(task_id, None)
-                progress.finish_task(task_id)
-            raise
-
-    def interrupt(self, job_id: str) -> bool:
-        running = self.status(job_id).state == "running"
-        if running:  # it holds the queue: the host's flag also cuts a preview's sampling short
-            shared.state.interrupt()
-        return super().interrupt(job_id)
+    def preview_sampler_problem(self, config: TrainingConfig) -> str | None:
+        return preview_sampler_problem(config)
 
 
 def network_path(name: str) -> str:
