@@ -5,6 +5,8 @@ second and peak memory, with the memory options beside them.
     python benchmarks/training.py --quick               # SD1.5 at 256 px, batch 1, A1111 and ours (~6 min, 2 cores)
     python benchmarks/training.py --rows sd15-512-b1 --variants a1111,ours,checkpointing --rounds 3
     python benchmarks/training.py --device cuda         # on a GPU: float16 weights as A1111 loads them
+    python benchmarks/training.py --rows sd15-256-b2 --models M --record r.jsonl   # one row at a time, kept
+    python benchmarks/training.py --table r.jsonl      # the table of every kept measurement, with when and how
 
 Models: real ldm code with random weights (zero-initialised layers re-randomised, so every block
 acts), built once per run and loaded by every measurement:
@@ -27,9 +29,12 @@ captioned images at the row's size, latents encoded once, "once" sampling), runs
 every variant once, in an order that rotates from round to round. The table gives medians over
 rounds and the spread (lowest-highest).
 
-Memory, per measurement: *model* is what the process holds once the model is loaded; *peak* the
-most it held during the timed steps; *training* = peak - model: activations, gradients, optimizer
-state, caches. CPU: resident memory (``VmRSS``/``VmHWM`` of /proc, the peak reset through
+Memory, per measurement: *model* is what the process holds once the model is loaded: the weights,
+read once into its own memory as a host holds a loaded checkpoint (3.8 GiB for SD1.5 in float32),
+and torch's and ldm's code and buffers (about 0.4 GiB); *peak* the most it held during the timed
+steps, the model included; *training* = peak - model: activations, gradients (A1111's step keeps the
+UNet's), optimizer state, caches, the dataset's latents. Both sides load the model the same way. CPU:
+resident memory (``VmRSS``/``VmHWM`` of /proc, the peak reset through
 ``/proc/self/clear_refs`` after the warm-up), with glibc's malloc told to hand every block of 64 KiB
 or more back to the system when freed (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the
 figure as they leave the device on a GPU. CUDA: ``torch.cuda.memory_allocated`` and
@@ -343,9 +348,8 @@ def load_model(
     family: str, path: Path, device: torch.device, dtype: torch.dtype, unet_dtype: torch.dtype | None = None
 ) -> torch.nn.Module:
     """The saved model: built with torch's weight initialisers switched off, then given the saved
-    tensors; in ``dtype`` (half precision as A1111's ``model.half()``), its UNet in ``unet_dtype``."""
-    from safetensors.torch import load_file
-
+    tensors (read into the process's own memory, once: what a host holds once it has loaded a
+    checkpoint); in ``dtype`` (half precision as A1111's ``model.half()``), its UNet in ``unet_dtype``."""
     from tests.support.training_models import import_ldm, tiny_latent_diffusion
 
     import_ldm()
@@ -355,10 +359,8 @@ def load_model(
         model = builders[family]() if family in builders else None
     if model is None:
         model = tiny_latent_diffusion(0)
-    model.load_state_dict(load_file(str(path)), strict=True, assign=True)
-    with torch.no_grad():  # the loaded tensors map the file: copies in the process's own memory, counted in RSS
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
+    model.load_state_dict(read_weights(path), strict=True, assign=True)
+    release_freed_memory()  # what building the model touched and loading replaced
     model = model.eval().to(device)
     text = model.cond_stage_model if hasattr(model, "cond_stage_model") else model.conditioner
     if dtype != torch.float32:  # A1111's model.half(): UNet, VAE (unless --no-half-vae) and text encoder
@@ -369,6 +371,53 @@ def load_model(
     if hasattr(model, "logvar"):  # a plain attribute LatentDiffusion.forward indexes with the device's timesteps
         model.logvar = model.logvar.to(device)
     return model
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file read tensor by tensor into memory of the process's own, the file never
+    mapped. safetensors' ``load_file`` maps the file, and (0.8) the mapping outlives the tensors
+    copied out of it: its pages stayed in the resident memory beside the copies, and the loaded
+    model counted twice (8.0 GiB for SD1.5's 3.8 GiB of weights)."""
+    state = {}
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            handle.seek(8 + header_size + begin)
+            if end - begin != data.nbytes or handle.readinto(memoryview(data)) != data.nbytes:
+                raise ValueError(f"{path}: {name}'s data is not the {data.nbytes} bytes its header promises")
+            state[name] = tensor
+    return state
+
+
+def release_freed_memory() -> None:
+    """glibc's ``malloc_trim``: freed blocks go back to the system (and out of the resident figure),
+    as the CUDA caching allocator's are out of ``memory_allocated``; nothing elsewhere."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _to_half_but_norms(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -797,8 +846,7 @@ def run(args) -> list[dict]:
         for key, variants in plan.items():
             row = ROWS[key]
             if row.family not in models:
-                with _threads(args.threads):
-                    models[row.family] = save_model(row.family, folder)
+                models[row.family] = _model_file(args, row.family, folder)
             for round_index in range(args.rounds):
                 shift = round_index % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
@@ -811,6 +859,9 @@ def run(args) -> list[dict]:
                     else:
                         result = run_worker(args, row, variant, models[row.family], folder)
                     results.append(result)
+                    if args.record:
+                        with open(args.record, "a") as handle:
+                            handle.write(json.dumps(record_of(args, result, round_index)) + "\n")
                     print(
                         f"  {row.key} round {round_index + 1} {variant}: {result.steps_per_second:.4f} steps/s, "
                         f"peak {result.peak_bytes / 2**30:.2f} GiB (training {result.training_bytes / 2**30:.2f} GiB)",
@@ -823,6 +874,85 @@ def run(args) -> list[dict]:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": table, "measurements": [r.__dict__ for r in results]}, indent=1))
     return table
+
+
+def _model_file(args, family: str, folder: Path) -> Path:
+    """The family's saved model: built into ``--models`` once and reused by later runs, else into
+    this run's temporary folder."""
+    if args.models:
+        path = Path(args.models) / f"{family}.safetensors"
+        if path.is_file():
+            return path
+        folder = Path(args.models)
+        folder.mkdir(parents=True, exist_ok=True)
+    with _threads(args.threads):
+        return save_model(family, folder)
+
+
+# -- measurements kept, and the table from them -------------------------------------------------------
+CONDITIONS = ("device", "clock", "threads", "steps", "dtype", "torch")
+
+
+def record_of(args, result: Measurement, round_index: int) -> dict:
+    """One measurement with when and under what it ran: a line of ``--record``'s file."""
+    device = torch.device(args.device)
+    return {
+        **result.__dict__,
+        "round": round_index + 1,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "load1": round(os.getloadavg()[0], 2),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "clock": args.clock,
+        "threads": args.threads,
+        "steps": args.steps,
+        "dtype": str(_dtype(args)),
+        "torch": torch.__version__,
+    }
+
+
+def read_records(paths: list[str]) -> list[dict]:
+    records = []
+    for path in paths:
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                Measurement(**{name: record[name] for name in Measurement.__dataclass_fields__})
+            except (ValueError, KeyError, TypeError) as error:
+                raise SystemExit(f"{path}:{number}: not a measurement of this benchmark ({error})") from None
+            if record["row"] not in ROWS or record["variant"] not in VARIANTS:
+                raise SystemExit(f"{path}:{number}: unknown row or variant {record['row']} {record['variant']}")
+            records.append(record)
+    return records
+
+
+def table_from_records(paths: list[str]) -> tuple[str, list[dict]]:
+    """The table of the measurements saved by earlier runs (``--record``), each row with when its
+    measurements ran, the load then and their conditions: rows run at different times compare
+    within themselves (each has its own A1111 baseline), not with each other's seconds."""
+    records = read_records(paths)
+    if not records:
+        raise SystemExit(f"no measurements in {', '.join(paths)}")
+    plan = {
+        key: tuple(v for v in VARIANTS if any(r["row"] == key and r["variant"] == v for r in records))
+        for key in ROWS
+        if any(r["row"] == key for r in records)
+    }
+    results = [Measurement(**{name: r[name] for name in Measurement.__dataclass_fields__}) for r in records]
+    lines = []
+    for key in plan:
+        mine = [r for r in records if r["row"] == key]
+        times = sorted(r["time"] for r in mine)
+        loads = [r["load1"] for r in mine]
+        conditions = "; ".join(f"{name} {' / '.join(sorted({str(r[name]) for r in mine}))}" for name in CONDITIONS)
+        rounds = max(r["round"] for r in mine)
+        lines.append(
+            f"{ROWS[key].label}: {len(mine)} measurements in {rounds} rounds, {times[0]} to {times[-1]}, "
+            f"load average (1 min) {min(loads):.1f}-{max(loads):.1f}; {conditions}"
+        )
+    table = summarise(plan, results)
+    return "\n".join(lines) + "\n\n" + format_table(table), table
 
 
 @contextlib.contextmanager
@@ -917,6 +1047,11 @@ def parse(argv=None):
     )
     parser.add_argument("--json", default="", help="also write the table and every measurement here")
     parser.add_argument("--in-process", action="store_true", help="no subprocess per measurement (memory then mixes)")
+    parser.add_argument("--models", default="", help="keep the built models in this folder and reuse them")
+    parser.add_argument("--record", default="", help="append every measurement to this file (JSON lines) as it ends")
+    parser.add_argument(
+        "--table", default="", help="measure nothing: print the table of these --record files (comma-separated)"
+    )
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--row", default="", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="", help=argparse.SUPPRESS)
@@ -928,6 +1063,10 @@ def main(argv=None):
     args = parse(argv)
     if args.worker:
         return worker(args)
+    if args.table:
+        printed, table = table_from_records(args.table.split(","))
+        print(printed)
+        return table
     return run(args)
 
 

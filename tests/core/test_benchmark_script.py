@@ -134,3 +134,67 @@ def test_the_training_benchmark_refuses_unknown_rows():
             module.main(["--rows", "sd99"])
     finally:
         del sys.modules[spec.name]
+
+
+def _training_module(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name("training.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_training_benchmark_reads_weights_into_its_own_memory(tmp_path):
+    """Every dtype and shape back bit for bit, and the file not mapped afterwards (safetensors'
+    load_file keeps its mapping, which made the loaded model count twice in resident memory);
+    a file shorter than its header says is refused, naming the file and the tensor."""
+    from safetensors.torch import save_file
+
+    module = _training_module("bench_training_weights")
+    try:
+        state = {
+            "f32": torch.randn(3, 5),
+            "bf16": torch.randn(4, 2).to(torch.bfloat16),
+            "f16": torch.randn(7).to(torch.float16),
+            "scalar": torch.tensor(2.5),
+            "empty": torch.zeros(0, 3),
+            "flags": torch.tensor([True, False, True]),
+            "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        }
+        path = tmp_path / "weights.safetensors"
+        save_file(state, str(path))
+        loaded = module.read_weights(path)
+        assert loaded.keys() == state.keys()
+        for name, tensor in state.items():
+            assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+            assert torch.equal(loaded[name], tensor), name
+        assert str(path) not in Path("/proc/self/maps").read_text()
+        path.write_bytes(path.read_bytes()[:-8])
+        with pytest.raises(ValueError, match=r"data is not the \d+ bytes its header promises"):
+            module.read_weights(path)
+    finally:
+        del sys.modules["bench_training_weights"]
+
+
+def test_the_training_benchmark_prints_its_table_again_from_recorded_runs(tmp_path, capsys):
+    """Two runs, one row each, recorded: --table merges them into the table the runs printed, each
+    row with its own A1111 baseline and a line saying when and under what it was measured."""
+    module = _training_module("bench_training_records")
+    threads = torch.get_num_threads()
+    record = tmp_path / "records.jsonl"
+    common = ["--rounds", "2", "--steps", "1", "--in-process", "--threads", "1", "--device", "cpu"]
+    try:
+        first = module.main(["--rows", "tiny-64-b2", "--variants", "a1111,ours", "--record", str(record), *common])
+        capsys.readouterr()
+        merged = module.main(["--table", str(record)])
+        assert merged == first
+        printed = capsys.readouterr().out
+        assert "tiny (script check) 64x64, batch 2: 4 measurements in 2 rounds" in printed
+        assert "clock wall; threads 1; steps 1" in printed
+        assert "| tiny (script check) 64x64, batch 2 | ours |" in printed
+        record.write_text(record.read_text() + '{"row": "tiny-64-b2"}\n')
+        with pytest.raises(SystemExit, match=r"records\.jsonl:5"):
+            module.main(["--table", str(record)])
+    finally:
+        torch.set_num_threads(threads)
+        del sys.modules["bench_training_records"]
