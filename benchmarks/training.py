@@ -312,6 +312,7 @@ def _sdxl_shaped_model(full: bool = False) -> torch.nn.Module:
         for module in unet.modules():
             if type(module).__name__ == "SpatialTransformer" and module.in_channels == 640:
                 module.transformer_blocks = torch.nn.ModuleList(list(module.transformer_blocks)[:2])
+    one_context_for_every_block(unet)
     time_embed_dim = unet.model_channels * 4
     adm_in_channels = 1280 + 256 * 2 * len(SDXL_SIZE_KEYS)  # SDXL's 2816
     unet.num_classes = "sequential"
@@ -332,6 +333,21 @@ def _sdxl_shaped_model(full: bool = False) -> torch.nn.Module:
     with _quiet():
         first_stage = instantiate_from_config(_autoencoder_config()).eval()
     return DiffusionEngine(unet, DiscreteDenoiser(EpsScaling()), conditioner, first_stage, 0.13025)
+
+
+def one_context_for_every_block(unet: torch.nn.Module) -> None:
+    """sgm's ``SpatialTransformer`` gives its one context to every block of a level; ldm's indexes a
+    list by block and fails (IndexError) with one context and 2 or more blocks, as SDXL's layout has."""
+    for module in unet.modules():
+        if type(module).__name__ == "SpatialTransformer":
+            forward = type(module).forward
+
+            def every_block(self, x, context=None, _forward=forward):
+                if not isinstance(context, list):
+                    context = [context] * len(self.transformer_blocks)
+                return _forward(self, x, context)
+
+            module.forward = types.MethodType(every_block, module)
 
 
 def save_model(family: str, folder: Path) -> Path:

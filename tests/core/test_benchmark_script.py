@@ -198,3 +198,26 @@ def test_the_training_benchmark_prints_its_table_again_from_recorded_runs(tmp_pa
     finally:
         torch.set_num_threads(threads)
         del sys.modules["bench_training_records"]
+
+
+def test_the_training_benchmark_gives_every_block_of_an_sdxl_level_its_context():
+    """ldm's SpatialTransformer fails with one context and 2 blocks (SDXL's layout); after the
+    benchmark's fix it runs them, each block seeing that context, as sgm's does."""
+    from tests.support.training_models import import_ldm
+
+    module = _training_module("bench_training_context")
+    try:
+        import_ldm()
+        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        torch.manual_seed(0)
+        layout = dict(module.SDXL_SHAPED_UNET, model_channels=32, num_head_channels=8, context_dim=[24, 24])
+        unet = UNetModel(**module._unet_params(layout, 8)).eval()
+        x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 24)
+        with pytest.raises(IndexError):
+            unet(x, t, context)
+        expected = unet(x, t, [context, context])
+        module.one_context_for_every_block(unet)
+        assert torch.equal(unet(x, t, context), expected)
+    finally:
+        del sys.modules["bench_training_context"]
