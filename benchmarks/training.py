@@ -1027,6 +1027,10 @@ def header(args, seconds: float) -> str:
     )
 
 
+def _ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"  # "-": no A1111 measurement in the row
+
+
 def format_table(table: list[dict]) -> str:
     lines = [
         "| configuration | variant | s/step | steps/s (spread) | x A1111 | peak GiB (spread) | peak / A1111 "
@@ -1038,9 +1042,9 @@ def format_table(table: list[dict]) -> str:
         peak_low, peak_high = item["peak_spread_gib"]
         lines.append(
             f"| {item['label']} | {VARIANT_LABELS[item['variant']]} | {item['seconds_per_step']:.2f} "
-            f"| {item['steps_per_second']:.4f} ({low:.4f}-{high:.4f}) | {item['speed_ratio']:.2f} "
-            f"| {item['peak_gib']:.2f} ({peak_low:.2f}-{peak_high:.2f}) | {item['peak_ratio']:.2f} "
-            f"| {item['training_gib']:.2f} | {item['training_ratio']:.2f} |"
+            f"| {item['steps_per_second']:.4f} ({low:.4f}-{high:.4f}) | {_ratio(item['speed_ratio'])} "
+            f"| {item['peak_gib']:.2f} ({peak_low:.2f}-{peak_high:.2f}) | {_ratio(item['peak_ratio'])} "
+            f"| {item['training_gib']:.2f} | {_ratio(item['training_ratio'])} |"
         )
     return "\n".join(lines)
 

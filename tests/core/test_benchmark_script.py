@@ -192,6 +192,11 @@ def test_the_training_benchmark_prints_its_table_again_from_recorded_runs(tmp_pa
         assert "tiny (script check) 64x64, batch 2: 4 measurements in 2 rounds" in printed
         assert "clock wall; threads 1; steps 1" in printed
         assert "| tiny (script check) 64x64, batch 2 | ours |" in printed
+        ours_only = tmp_path / "ours.jsonl"
+        ours_only.write_text("".join(line + "\n" for line in record.read_text().splitlines() if '"ours"' in line))
+        module.main(["--table", str(ours_only)])
+        row = capsys.readouterr().out.splitlines()[-1]
+        assert row.startswith("| tiny (script check) 64x64, batch 2 | ours |") and row.count("| - |") == 3, row
         record.write_text(record.read_text() + '{"row": "tiny-64-b2"}\n')
         with pytest.raises(SystemExit, match=r"records\.jsonl:5"):
             module.main(["--table", str(record)])
