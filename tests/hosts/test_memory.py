@@ -16,7 +16,7 @@ from hypernetwork_ext.footprint import expected_bytes
 from tests.hosts import suite_files as files
 from tests.hosts.real_host import TOLERANCE, max_difference
 
-LINEAR = f"{files.NO_TAG} <hypernet:hnx-linear:1.2>"
+LINEAR = "<hypernet:hnx-linear:1.2>"  # after the session's plain prompt
 MiB = 1 << 20
 # Hosts whose attention the extension hooks itself (A1111's ldm, SD.Next's diffusers UNet): affine networks
 # are folded into the projections there; the UNet patchers of Forge, reForge and Forge Classic never fold.
@@ -77,7 +77,7 @@ def record(suite, name: str, figures: dict) -> None:
 
 def test_what_the_network_holds_is_what_was_worked_out(suite):
     rss_before = resident_bytes(suite)
-    suite.server.txt2img(LINEAR)
+    suite.server.txt2img(files.tagged(suite.plain, LINEAR))
     report = memory(suite)
     layout, elements = checkpoint_layout(suite.checkpoint.path)
     network = hx.load(suite.config.hypernetwork_dir / files.SUITE_FOLDER / "hnx-linear.pt")
@@ -96,14 +96,14 @@ def test_what_the_network_holds_is_what_was_worked_out(suite):
 
 
 def test_unloading_the_checkpoint_lets_it_go(suite):
-    first = suite.server.txt2img(LINEAR)
+    first = suite.server.txt2img(files.tagged(suite.plain, LINEAR))
     held = memory(suite)["total_bytes"]
     rss_before = resident_bytes(suite)
     suite.server.post("/sdapi/v1/unload-checkpoint")
     report = memory(suite)
     rss_after = resident_bytes(suite)
     suite.server.post("/sdapi/v1/reload-checkpoint")
-    again = suite.server.txt2img(LINEAR)
+    again = suite.server.txt2img(files.tagged(suite.plain, LINEAR))
     record(
         suite,
         "unload-checkpoint",
@@ -116,7 +116,7 @@ def test_unloading_the_checkpoint_lets_it_go(suite):
 
 
 def test_a_checkpoint_switch_lets_it_go(suite):
-    suite.server.txt2img(LINEAR)
+    suite.server.txt2img(files.tagged(suite.plain, LINEAR))
     held = memory(suite)["total_bytes"]
     link = files.second_name_for(suite.checkpoint)
     suite.server.post("/sdapi/v1/refresh-checkpoints")
@@ -124,7 +124,7 @@ def test_a_checkpoint_switch_lets_it_go(suite):
     other = files.title_for(suite.server, link)
     try:
         suite.server.switch_checkpoint(other)
-        suite.server.txt2img(files.NO_TAG)  # Forge loads the checkpoint it was switched to here
+        suite.server.txt2img(suite.plain)  # Forge loads the checkpoint it was switched to here
         report = memory(suite)
     finally:
         suite.server.switch_checkpoint(original)
@@ -133,4 +133,4 @@ def test_a_checkpoint_switch_lets_it_go(suite):
     record(suite, "checkpoint switch", {"held": held, "after": report})
     assert held > 0 and report["total_bytes"] == 0
     assert any(r["bytes"] == held for r in report["releases"]), report["releases"]
-    suite.before_tags = suite.server.txt2img(files.NO_TAG)  # as test_routes does after its switch
+    suite.before_tags = suite.server.txt2img(suite.plain)  # as test_routes does after its switch
