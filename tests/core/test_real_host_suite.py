@@ -384,3 +384,14 @@ def test_two_runs_sharing_a_references_folder_keep_each_others_images(tmp_path):
     again = ReferenceStore(tmp_path, {"n": "h"})
     assert again.get("a", "p", {})[0, 0, 0] == 10 and again.get("b", "q", {})[0, 0, 0] == 20
     assert again.get("a", "p", {"other": 1}) is None and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_txt2img_answered_without_an_image_says_so(tmp_path, monkeypatch):
+    """SD.Next answers 200 with no image when its model failed to load ("Aborted: model not loaded"):
+    the suite says that, where it once failed every test with an IndexError."""
+    from tests.hosts.real_host import Server
+
+    server = Server(a1111_folder(tmp_path), "no-image")
+    monkeypatch.setattr(server, "post", lambda path, body=None, **kwargs: {"images": [], "info": "{}"})
+    with pytest.raises(RuntimeError, match="answered no image for 'a red circle'"):
+        server.txt2img("a red circle")
