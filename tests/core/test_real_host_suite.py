@@ -360,6 +360,24 @@ def test_stored_references_give_the_plain_prompt_a_former_run_chose(tmp_path):
     assert stored_plain(store, "a1111") is None  # A1111 also needs its host modes' references
 
 
+def test_the_context_bound_holds_what_the_cache_can_keep_for_one_network():
+    import collections
+
+    import torch
+
+    from hypernetwork_ext.fastpath import CONTEXTS_KEPT, ContextCache
+    from tests.hosts.test_memory import context_bytes_bound
+
+    cache = ContextCache(collections.Counter())
+    contexts = [torch.full((1, 77, 768), float(i)) for i in range(CONTEXTS_KEPT + 3)]
+    for context in contexts:
+        entry = cache.entry_for(context)
+        for kind in ("k", "v"):
+            entry.put(("hnx-linear", kind), context * 2)
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.tensors()}
+    assert sum(held.values()) == context_bytes_bound(768)  # full, and not one byte more
+
+
 def test_a_flat_image_is_what_a_nan_image_decodes_to():
     flat = np.zeros((8, 8, 3), dtype=np.int16)
     assert "every pixel (0, 0, 0)" in flat_image_reason(flat)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import hypernetwork_ext as hx
 from hypernetwork_ext.families import ModelFamily
+from hypernetwork_ext.fastpath import CONTEXTS_KEPT
 from hypernetwork_ext.footprint import expected_bytes
 from tests.hosts import suite_files as files
 from tests.hosts.real_host import TOLERANCE, max_difference
 
 LINEAR = "<hypernet:hnx-linear:1.2>"  # after the session's plain prompt
-MiB = 1 << 20
 # Hosts whose attention the extension hooks itself (A1111's ldm, SD.Next's diffusers UNet): affine networks
 # are folded into the projections there; the UNet patchers of Forge, reForge and Forge Classic never fold.
 FOLDING_HOSTS = ("a1111", "sdnext")
@@ -67,6 +67,15 @@ def checkpoint_layout(path: Path) -> tuple[ModelFamily, int]:
     ), elements
 
 
+def context_bytes_bound(context_width: int, networks: int = 1) -> int:
+    """The most the context cache holds for ``networks`` networks: ``CONTEXTS_KEPT`` contexts (cond and
+    uncond apart), each with its copy, the host's tensor it was seen as, and a key and a value per
+    network, all of 77 tokens in float32. Hosts keep different numbers of them: A1111 and Forge 12
+    tensors (2.7 MiB) on sd15-seed0, Forge Classic 18 (4.1 MiB) on sd15-seed1, so a fixed 4 MiB passed
+    in one and failed in the other."""
+    return CONTEXTS_KEPT * (2 + 2 * networks) * 77 * context_width * 4
+
+
 def record(suite, name: str, figures: dict) -> None:
     path = suite.config.artifacts / "memory.json"
     found = json.loads(path.read_text()) if path.exists() else {}
@@ -91,7 +100,8 @@ def test_what_the_network_holds_is_what_was_worked_out(suite):
         assert report["folds"] == 2 * sum(blocks for _, blocks in layout.self_attention_layers)
     for kind, nbytes in expected.items():
         assert held[kind] == nbytes, (kind, held[kind], nbytes)
-    assert 0 < held["contexts"] < 4 * MiB and held["old_unet_weights"] == 0
+    assert 0 < held["contexts"] <= context_bytes_bound(suite.checkpoint.context_width), held
+    assert held["old_unet_weights"] == 0
     assert report["line"] in suite.server.log()
 
 
