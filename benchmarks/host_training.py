@@ -148,9 +148,9 @@ def a1111_run(args, data: Path, name: str) -> Run:
     # A1111 makes its log folder only when it saves copies or previews; this run does neither
     (log_root / datetime.datetime.now().strftime("%Y-%m-%d") / name).mkdir(parents=True, exist_ok=True)
     body = {
-        "hypernetwork_name": name, "learn_rate": args.learn_rate, "batch_size": 1, "gradient_step": 1,
-        "data_root": str(data), "log_directory": str(log_root), "training_width": args.size,
-        "training_height": args.size, "varsize": False, "steps": args.steps, "clip_grad_mode": "disabled",
+        "id_task": f"hnx-bench-{name}", "hypernetwork_name": name, "learn_rate": args.learn_rate,
+        "batch_size": 1, "gradient_step": 1, "data_root": str(data), "log_directory": str(log_root),
+        "training_width": args.size, "training_height": args.size, "varsize": False, "steps": args.steps, "clip_grad_mode": "disabled",
         "clip_grad_value": "0.1", "shuffle_tags": False, "tag_drop_out": 0, "latent_sampling_method": "once",
         "use_weight": False, "create_image_every": 0, "save_hypernetwork_every": 0,
         "template_filename": args.template, "preview_from_txt2img": False, "preview_prompt": "",
