@@ -56,6 +56,7 @@ class FakeServer:
         if path.endswith("/create/hypernetwork") or path.endswith("/v1/create"):
             return {}
         if path == "/sdapi/v1/train/hypernetwork":
+            assert payload["id_task"], "A1111's train_hypernetwork() takes id_task first: without it the run fails"
             self.begin("a1111")
             self.finished.wait(5)
             self.trainer = None
