@@ -109,6 +109,7 @@ class Run:
     rss_after: int = 0
     loads: list[float] = field(default_factory=list)
     outcome: str = ""
+    seed: int | None = None  # ours: the run's seed (its noise, timesteps and initial weights)
 
     def mark(self, step: int | None, cpu: float) -> None:
         if step is not None and step > 0 and (not self.marks or step > self.marks[-1][0]):
@@ -141,7 +142,8 @@ def follow(run: Run, pid: int, poll, done, interval: float) -> None:
         time.sleep(interval)
 
 
-def a1111_run(args, data: Path, name: str) -> Run:
+def a1111_run(args, data: Path, name: str, seed: int) -> Run:
+    """A1111 draws its noise and timesteps from the global RNG: ``seed`` is not its to take."""
     run = Run("a1111", rss_before=resident_bytes(args.pid))
     call(args.url, "/sdapi/v1/create/hypernetwork", {"name": name, **NETWORK})
     log_root = data.parent / f"{data.name}-log"
@@ -174,15 +176,15 @@ def a1111_run(args, data: Path, name: str) -> Run:
     return run
 
 
-def our_run(args, data: Path, name: str) -> Run:
-    run = Run("ours", rss_before=resident_bytes(args.pid))
-    call(args.url, "/hypernetworks/v1/create", {"name": name, "weight_init_seed": args.seed, **NETWORK})
+def our_run(args, data: Path, name: str, seed: int) -> Run:
+    run = Run("ours", rss_before=resident_bytes(args.pid), seed=seed)
+    call(args.url, "/hypernetworks/v1/create", {"name": name, "weight_init_seed": seed, **NETWORK})
     body = {
         "hypernetwork_name": name, "learn_rate": args.learn_rate, "batch_size": 1, "gradient_step": 1,
         "data_root": str(data), "log_directory": str(data.parent / f"{data.name}-log"),
         "training_width": args.size, "training_height": args.size, "steps": args.steps,
         "latent_sampling_method": "once", "create_image_every": 0, "save_hypernetwork_every": 0,
-        "template_filename": args.template, "caption_dropout": 0.0, "seed": args.seed,
+        "template_filename": args.template, "caption_dropout": 0.0, "seed": seed,
         "save_training_settings_to_txt": False,
     }  # fmt: skip
     job = call(args.url, "/hypernetworks/v1/train", body)["job_id"]
@@ -268,6 +270,7 @@ def summarise(runs: list[Run], warmup: int) -> dict[str, dict]:
             "nan_steps": [sorted(s for s, loss in run.losses.items() if loss != loss) for run in mine],
             "last_steps": [run.marks[-1][0] if run.marks else 0 for run in mine],
             "outcomes": [run.outcome for run in mine],
+            "seeds": [run.seed for run in mine],
         }
     return table
 
@@ -295,7 +298,8 @@ def report(args, table: dict[str, dict]) -> str:
     lines.append("")
     for trainer, row in table.items():
         for index, (outcome, last) in enumerate(zip(row["outcomes"], row["last_steps"], strict=True)):
-            lines.append(f"{trainer} run {index + 1}: reached step {last}; {outcome}")
+            seed = "" if row["seeds"][index] is None else f" (seed {row['seeds'][index]})"
+            lines.append(f"{trainer} run {index + 1}{seed}: reached step {last}; {outcome}")
     return "\n".join(lines)
 
 
@@ -313,6 +317,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--learn-rate", default="0.00001")
     parser.add_argument("--template", default="hypernetwork.txt")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--retries", type=int, default=0,
+        help="ours stops at a non-finite loss (A1111 trains on with it): run it again with the next seed, up to N times",
+    )  # fmt: skip
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between polls")
     parser.add_argument("--json", type=Path, help="also write every run's marks and the table here")
     args = parser.parse_args(argv)
@@ -324,7 +332,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for round_index in range(args.rounds):
         for trainer in order_of(round_index):
             name = f"hnx-bench-{trainer}"
-            run = (a1111_run if trainer == "a1111" else our_run)(args, args.data, name)
+            run = (a1111_run if trainer == "a1111" else our_run)(args, args.data, name, args.seed)
+            for retry in range(1, args.retries + 1):
+                if trainer != "ours" or per_step(run.marks, args.warmup) is not None:
+                    break
+                print(f"round {round_index + 1} ours stopped before it could be timed ({run.outcome}); again with "
+                      f"seed {args.seed + retry}", flush=True)  # fmt: skip
+                run = our_run(args, args.data, name, args.seed + retry)
             runs.append(run)
             timed = per_step(run.marks, args.warmup)
             print(

@@ -140,3 +140,32 @@ def test_the_data_set_keeps_only_captions_the_host_renders_finitely(bench, monke
     assert refused and len(kept) == 3 and not any("triangle" in caption for caption in kept)
     assert sorted(path.suffix for path in (tmp_path / "set").iterdir()) == [".png"] * 3 + [".txt"] * 3
     assert not (tmp_path / "set-candidates").exists()
+
+
+def test_ours_stopped_by_a_nan_loss_runs_again_with_the_next_seed(bench, monkeypatch, capsys, tmp_path):
+    """The extension stops at a non-finite loss where A1111 trains on: --retries gives the timing a run
+    that got through, with the next seed, and the table names the seed."""
+    server = FakeServer(steps=6)
+    original = server.call
+
+    def call(url, path, payload=None, timeout=0):
+        if path == "/hypernetworks/v1/train" and payload["seed"] == 1:
+            server.begin("ours")
+            server.steps_before_nan = 1
+            return {"job_id": "j1"}
+        if path.startswith("/hypernetworks/v1/jobs/j1") and getattr(server, "steps_before_nan", None):
+            server.advance()
+            server.steps_before_nan = None
+            server.trainer = None
+            return {"state": "non-finite", "step": 0, "last_loss": None, "message": "the loss became nan at step 1"}
+        return original(url, path, payload, timeout)
+
+    monkeypatch.setattr(bench, "call", call)
+    monkeypatch.setattr(bench, "resident_bytes", server.resident)
+    monkeypatch.setattr(bench, "cpu_seconds", lambda pid: server.clock)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: server.clock, sleep=lambda s: None))
+    arguments = ["--url", "http://x", "--pid", "1", "--data", str(tmp_path / "set"), "--steps", "6", "--warmup", "1"]
+    table = bench.main([*arguments, "--rounds", "1", "--retries", "2"])
+    assert table["ours"]["wall"] == [1.0] and table["ours"]["seeds"] == [2]
+    printed = capsys.readouterr().out
+    assert "ours stopped before it could be timed" in printed and "ours run 1 (seed 2): reached step 6" in printed
