@@ -51,10 +51,10 @@ def test_the_refiner_link_exists_only_during_the_mode(tmp_path):
 
 
 def test_every_mode_has_its_reference_cases_and_a_recorded_request():
-    names = [case for m in host_modes.MODES for case, _ in host_modes.cases(m)]
+    names = [case for m in host_modes.MODES for case, _ in host_modes.cases(m, "a red circle")]
     assert len(names) == len(set(names))
     batch = mode("batch-of-two")
-    assert [case for case, _ in host_modes.cases(batch)][-2:] == [
+    assert [case for case, _ in host_modes.cases(batch, "a red circle")][-2:] == [
         "mode-batch-of-two-tag0-0",
         "mode-batch-of-two-tag0-1",
     ]

@@ -277,6 +277,107 @@ def test_too_few_finite_captions_stop_with_what_was_dropped():
         choose_captions(["a red circle", "a red triangle"], lambda c: "flat" if "triangle" in c else None, 2)
 
 
+# -- the plain prompt the host renders finitely -----------------------------------------------------------
+class PlainServer:
+    """Renders each prompt as asked: flat black (a NaN image), HTTP 500 naming NaNs (A1111), or finite."""
+
+    def __init__(self, tmp_path, flat=(), refused=()):
+        from pathlib import Path
+
+        self.flat, self.refused, self.asked = set(flat), set(refused), []
+        self.log_path = Path(tmp_path) / "extension.log"
+
+    def txt2img(self, prompt):
+        from PIL import Image
+
+        from tests.hosts.real_host import HttpError, Rendered
+
+        self.asked.append(prompt)
+        if prompt in self.refused:
+            raise HttpError("POST", "/sdapi/v1/txt2img", 500, "NansException: A tensor with all NaNs was produced")
+        image = Image.new("RGB", (8, 8))
+        if prompt not in self.flat:
+            image.putpixel((1, 2), (200, 10, 10))
+        return Rendered(image, "", 0.0, {"prompt": prompt})
+
+
+def test_the_plain_prompt_is_the_first_candidate_rendered_finitely_each_asked_once(tmp_path):
+    from tests.hosts import suite_files as files
+    from tests.hosts.conftest import choose_plain
+
+    first, second, third = files.PLAIN_CANDIDATES[:3]
+    server = PlainServer(tmp_path, flat={first}, refused={second})
+    known = {first: "the host drew every pixel (0, 0, 0) (what a NaN image decodes to)"}
+    with pytest.warns(
+        UserWarning, match=rf"plain prompt '{third}'.*'{first}' \(the host drew.*'{second}' \(the host refused"
+    ):
+        assert choose_plain(tmp_path, server, known) == third
+    assert server.asked == [second, third]  # the first was rendered while the checkpoint loaded
+    tried = json.loads((tmp_path / "plain-prompt.json").read_text())["tried"]
+    assert list(tried) == [first, second, third] and tried[third].startswith("finite")
+
+
+def test_no_candidate_rendered_finitely_names_each_and_what_it_rendered():
+    from tests.hosts.training_data import choose_plain_prompt
+
+    reasons = {"a": "the host drew every pixel (0, 0, 0) (what a NaN image decodes to)", "b": "refused: NaNs"}
+    with pytest.raises(
+        RuntimeError, match=r"none of the suite's 2 .*'a': the host drew every pixel \(0, 0, 0\).*'b': refused"
+    ):
+        choose_plain_prompt(["a", "b"], reasons.get)
+
+
+def test_every_prompt_of_the_session_starts_with_its_plain_prompt():
+    from tests.hosts import host_modes
+    from tests.hosts import suite_files as files
+
+    plain = "a blue square"
+    prompts = [prompt for _, prompt in files.reference_cases(plain)]
+    prompts += [prompt for mode in host_modes.MODES for _, prompt in host_modes.cases(mode, plain)]
+    assert files.reference_cases(plain)[0] == ("no-tag", plain)
+    assert all(prompt == plain or prompt.startswith(f"{plain} <") for prompt in prompts), prompts
+    assert not any(
+        candidate in prompt for prompt in prompts for candidate in files.PLAIN_CANDIDATES if candidate != plain
+    )
+
+
+def test_stored_references_give_the_plain_prompt_a_former_run_chose(tmp_path):
+    from PIL import Image
+
+    from tests.hosts import suite_files as files
+    from tests.hosts.conftest import ReferenceStore, _settings, stored_plain
+    from tests.hosts.real_host import Rendered
+
+    store = ReferenceStore(tmp_path, {"n": "h"})
+    assert stored_plain(store, "forgeclassic") is None
+    chosen = files.PLAIN_CANDIDATES[1]
+    cases = files.reference_cases(chosen)
+    for case, prompt in cases[:-1]:
+        store.put(case, prompt, _settings(), Rendered(Image.new("RGB", (4, 4)), "", 0.0, {}))
+    assert stored_plain(store, "forgeclassic") is None  # one image short: the reference run renders it
+    store.put(*cases[-1], _settings(), Rendered(Image.new("RGB", (4, 4)), "", 0.0, {}))
+    assert stored_plain(store, "forgeclassic") == chosen
+    assert stored_plain(store, "a1111") is None  # A1111 also needs its host modes' references
+
+
+def test_the_context_bound_holds_what_the_cache_can_keep_for_one_network():
+    import collections
+
+    import torch
+
+    from hypernetwork_ext.fastpath import CONTEXTS_KEPT, ContextCache
+    from tests.hosts.test_memory import context_bytes_bound
+
+    cache = ContextCache(collections.Counter())
+    contexts = [torch.full((1, 77, 768), float(i)) for i in range(CONTEXTS_KEPT + 3)]
+    for context in contexts:
+        entry = cache.entry_for(context)
+        for kind in ("k", "v"):
+            entry.put(("hnx-linear", kind), context * 2)
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.tensors()}
+    assert sum(held.values()) == context_bytes_bound(768)  # full, and not one byte more
+
+
 def test_a_flat_image_is_what_a_nan_image_decodes_to():
     flat = np.zeros((8, 8, 3), dtype=np.int16)
     assert "every pixel (0, 0, 0)" in flat_image_reason(flat)
@@ -301,3 +402,14 @@ def test_two_runs_sharing_a_references_folder_keep_each_others_images(tmp_path):
     again = ReferenceStore(tmp_path, {"n": "h"})
     assert again.get("a", "p", {})[0, 0, 0] == 10 and again.get("b", "q", {})[0, 0, 0] == 20
     assert again.get("a", "p", {"other": 1}) is None and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_txt2img_answered_without_an_image_says_so(tmp_path, monkeypatch):
+    """SD.Next answers 200 with no image when its model failed to load ("Aborted: model not loaded"):
+    the suite says that, where it once failed every test with an IndexError."""
+    from tests.hosts.real_host import Server
+
+    server = Server(a1111_folder(tmp_path), "no-image")
+    monkeypatch.setattr(server, "post", lambda path, body=None, **kwargs: {"images": [], "info": "{}"})
+    with pytest.raises(RuntimeError, match="answered no image for 'a red circle'"):
+        server.txt2img("a red circle")

@@ -17,6 +17,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,11 +33,11 @@ from tests.hosts.real_host import (
     HttpError,
     Rendered,
     Server,
-    flat_image_reason,
     install_extension,
     install_reference_extension,
     remove_extension,
 )
+from tests.hosts.training_data import choose_plain_prompt, rendered_or_reason
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Suite:
     checkpoint: files.Checkpoint
     references: ReferenceStore
     commit: str
+    plain: str  # the prompt every tag is appended to: one the host renders finitely (choose_plain)
     before_tags: Rendered
     calls_while_loading: list[RouteCall] = field(default_factory=list)
     model_loaded_at: float | None = None
@@ -109,44 +111,89 @@ class ReferenceStore:
             os.replace(partial, self.index_file)
 
 
-ALL_CASES = (("no-tag", files.NO_TAG), *files.RENDER_CASES, *files.LORA_CASES)
+def stored_plain(references: ReferenceStore, kind: str) -> str | None:
+    """The first candidate plain prompt whose every reference image a former run stored (it rendered
+    them all, the plain one finitely: A1111 refuses a NaN image), or None: the reference run chooses."""
+    for plain in files.PLAIN_CANDIDATES:
+        stored = all(
+            references.get(case, prompt, _settings()) is not None for case, prompt in files.reference_cases(plain)
+        )
+        if stored and not host_modes.missing_references(references, kind, plain):
+            return plain
+    return None
 
 
-def render_builtin_references(config: HostConfig, references: ReferenceStore, checkpoint: files.Checkpoint) -> None:
+def choose_plain(artifacts: Path, server: Server, known: dict[str, Rendered | str] | None = None) -> str:
+    """The session's plain prompt: the first of ``files.PLAIN_CANDIDATES`` that ``server`` renders
+    finitely without a tag (``known``: renders already made). The choice and what each candidate tried
+    before it rendered go to ``plain-prompt.json`` in ``artifacts``, and to a warning."""
+    renders = dict(known or {})
+
+    def reason_for(prompt: str) -> str | None:
+        if prompt not in renders:
+            renders[prompt] = rendered_or_reason(server, prompt)
+        found = renders[prompt]
+        return found if isinstance(found, str) else None
+
+    try:
+        plain, dropped = choose_plain_prompt(files.PLAIN_CANDIDATES, reason_for)
+    finally:
+        tried = {p: r if isinstance(r, str) else f"finite (mean {r.pixels.mean():.1f})" for p, r in renders.items()}
+        (artifacts / "plain-prompt.json").write_text(
+            json.dumps({"server": server.log_path.stem, "tried": tried}, indent=1)
+        )
+    if dropped:
+        warnings.warn(
+            f"plain prompt {plain!r}; the host renders these non-finitely without a tag: "
+            + "; ".join(f"{item.caption!r} ({item.reason})" for item in dropped),
+            stacklevel=2,
+        )
+    return plain
+
+
+def render_builtin_references(config: HostConfig, references: ReferenceStore, checkpoint: files.Checkpoint) -> str:
     """A1111 without the extension: its own ``<hypernet:...>`` handling renders the references (the
-    host modes' too). Its safe unpickler refuses .pt files written by current torch, so this run lifts it."""
-    missing = [(case, prompt) for case, prompt in ALL_CASES if references.get(case, prompt, _settings()) is None]
-    missing_modes = host_modes.missing_references(references, config.kind)
-    if not missing and not missing_modes:
-        return
+    host modes' too), for the plain prompt it chooses (returned). Its safe unpickler refuses .pt files
+    written by current torch, so this run lifts it."""
+    plain = stored_plain(references, config.kind)
+    if plain is not None:
+        return plain
     remove_extension(config)
     extra = "" if "--disable-safe-unpickle" in config.launch else "--disable-safe-unpickle"
     server = Server(config, "builtin").start(extra)
     try:
-        for case, prompt in missing:
-            references.put(case, prompt, _settings(), server.txt2img(prompt))
-        host_modes.render_references(server, references, missing_modes, checkpoint)
+        plain = choose_plain(config.artifacts, server)
+        for case, prompt in files.reference_cases(plain):
+            if references.get(case, prompt, _settings()) is None:
+                references.put(case, prompt, _settings(), server.txt2img(prompt))
+        missing_modes = host_modes.missing_references(references, config.kind, plain)
+        host_modes.render_references(server, references, missing_modes, checkpoint, plain)
     finally:
         server.stop()
+    return plain
 
 
-def render_formula_references(config: HostConfig, references: ReferenceStore) -> None:
+def render_formula_references(config: HostConfig, references: ReferenceStore) -> str:
     """SD.Next without the extension, with the reference formula's own small extension in its place
-    (SD.Next has no hypernetworks): the images the tags must render on SD.Next's pipeline."""
-    missing = [(case, prompt) for case, prompt in ALL_CASES if references.get(case, prompt, _settings()) is None]
-    if not missing:
-        return
+    (SD.Next has no hypernetworks): the images the tags must render on SD.Next's pipeline, for the
+    plain prompt it chooses (returned)."""
+    plain = stored_plain(references, config.kind)
+    if plain is not None:
+        return plain
     remove_extension(config)
     sdnext_host.install_reference(config)
     try:
         server = Server(config, "reference").start()
         try:
-            for case, prompt in missing:
-                references.put(case, prompt, _settings(), server.txt2img(prompt))
+            plain = choose_plain(config.artifacts, server)
+            for case, prompt in files.reference_cases(plain):
+                if references.get(case, prompt, _settings()) is None:
+                    references.put(case, prompt, _settings(), server.txt2img(prompt))
         finally:
             server.stop()
     finally:
         sdnext_host.remove_reference(config)
+    return plain
 
 
 def _settings() -> dict:
@@ -155,17 +202,21 @@ def _settings() -> dict:
     return {key: DEFAULT_SETTINGS[key] for key in ("seed", "width", "height", "steps", "sampler_name", "cfg_scale")}
 
 
-def start_with_extension(config: HostConfig) -> tuple[Server, list[RouteCall], Rendered, float | None]:
-    """Install, start, and call the routes while the host loads its checkpoint (the first
-    txt2img waits for it)."""
+def start_with_extension(
+    config: HostConfig, plain: str | None
+) -> tuple[Server, list[RouteCall], str, Rendered, float | None]:
+    """Install, start, and call the routes while the host loads its checkpoint (the first txt2img,
+    of ``plain`` or else the first candidate plain prompt, waits for it). Returns the session's plain
+    prompt (chosen here when the reference run did not) and its image."""
     server = Server(config, "extension").start()
     calls: list[RouteCall] = []
     first: dict = {}
     loaded_at: dict = {}
+    first_prompt = plain or files.PLAIN_CANDIDATES[0]
 
     def first_generation():
         try:
-            first["rendered"] = server.txt2img(files.NO_TAG)
+            first["rendered"] = rendered_or_reason(server, first_prompt)
         except Exception as exc:  # reported by the test that needs it
             first["error"] = exc
         loaded_at["t"] = time.monotonic()
@@ -182,14 +233,20 @@ def start_with_extension(config: HostConfig) -> tuple[Server, list[RouteCall], R
                 calls.append(RouteCall(time.monotonic() - started, exc.status, f"{path}: {exc.body[:300]}"))
         time.sleep(0.2)
     worker.join()
-    if "error" in first:
+    try:
+        if "error" in first:
+            raise first["error"]
+        if plain is not None and isinstance(first["rendered"], str):
+            raise RuntimeError(
+                f"the host with the extension renders the plain prompt {plain!r} non-finitely without a tag, "
+                f"which the reference run rendered finitely: {first['rendered']}"
+            )
+        plain = plain or choose_plain(config.artifacts, server, {first_prompt: first["rendered"]})
+        before = first["rendered"] if first_prompt == plain else server.txt2img(plain)
+    except BaseException:
         server.stop()
-        raise first["error"]
-    flat = flat_image_reason(first["rendered"].pixels)
-    if flat:
-        server.stop()
-        raise RuntimeError(f"the host renders the suite's plain prompt {files.NO_TAG!r} non-finitely: {flat}")
-    return server, calls, first["rendered"], loaded_at["t"] - started
+        raise
+    return server, calls, plain, before, loaded_at["t"] - started
 
 
 @pytest.fixture(scope="session")
@@ -208,16 +265,17 @@ def suite(config: HostConfig):
     hashes = {name: files.file_sha256(path, config) for name, path in sorted(paths.items())}
     folder = config.artifacts.parent / "references" / checkpoint.sha256[:12]
     references = ReferenceStore(folder / "sdnext" if config.kind == "sdnext" else folder, hashes)
+    plain = None  # chosen by the reference run, or else by the host with the extension
     if config.kind == "a1111":
-        render_builtin_references(config, references, checkpoint)
+        plain = render_builtin_references(config, references, checkpoint)
     elif config.kind == "sdnext":
-        render_formula_references(config, references)
+        plain = render_formula_references(config, references)
     commit = install_extension(config)
     if config.kind not in ("a1111", "sdnext"):  # A1111 is the reference itself; SD.Next has its own
         install_reference_extension(config)
-    server, calls, before, loaded_in = start_with_extension(config)
+    server, calls, plain, before, loaded_in = start_with_extension(config, plain)
     try:
-        yield Suite(config, server, checkpoint, references, commit, before, calls, loaded_in)
+        yield Suite(config, server, checkpoint, references, commit, plain, before, calls, loaded_in)
     finally:
         server.stop()
         remove_extension(config)  # the host is left as found (its log stays with the artifacts)

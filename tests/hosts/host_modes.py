@@ -61,7 +61,10 @@ class Mode:
     payload: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)  # host options for this mode, set back after
     refiner: bool = False  # needs a second checkpoint for refiner_checkpoint
-    prompts: tuple[str, ...] = (f"{files.NO_TAG} {TAG}",)
+    tags: tuple[str, ...] = (TAG,)  # each after the session's plain prompt (``prompts``)
+
+    def prompts(self, plain: str) -> list[str]:
+        return [files.tagged(plain, tags) for tags in self.tags]
 
     def request(self, extra: dict | None = None) -> dict:
         payload = {**DEFAULT_SETTINGS, **self.payload, **(extra or {})}
@@ -105,7 +108,7 @@ MODES = (
         "fp8",
         "txt2img",
         options={"fp8_storage": "Enable"},
-        prompts=(f"{files.NO_TAG} {TAG}", f"{files.NO_TAG} <hypernet:hnx-relu-ln:0.8> <hypernet:hnx-linear:-0.5>"),
+        tags=(TAG, "<hypernet:hnx-relu-ln:0.8> <hypernet:hnx-linear:-0.5>"),
     ),
 )
 MODE_NAMES = [mode.name for mode in MODES]
@@ -161,31 +164,31 @@ def mode_set_up(server: Server, mode: Mode, checkpoint: files.Checkpoint):
             server.post("/sdapi/v1/refresh-checkpoints")
 
 
-def missing_references(references, kind: str) -> list[Mode]:
+def missing_references(references, kind: str, plain: str) -> list[Mode]:
     """The modes whose built-in images are not stored yet for this checkpoint (A1111 renders them)."""
     if kind != "a1111":
         return []
     return [
         mode
         for mode in MODES
-        if any(references.get(case, prompt, mode.record()) is None for case, prompt in cases(mode))
+        if any(references.get(case, prompt, mode.record()) is None for case, prompt in cases(mode, plain))
     ]
 
 
-def cases(mode: Mode) -> list[tuple[str, str]]:
+def cases(mode: Mode, plain: str) -> list[tuple[str, str]]:
     """(case, prompt) of each reference image: the no-tag image in this mode, then each tagged prompt."""
     found = []
-    for prompt_index, prompt in [(None, files.NO_TAG), *enumerate(mode.prompts)]:
+    for prompt_index, prompt in [(None, plain), *enumerate(mode.prompts(plain))]:
         for image_index in range(images_per_request(mode)):
             found.append((case_name(mode, prompt_index, image_index), prompt))
     return found
 
 
-def render_references(server: Server, references, modes: list[Mode], checkpoint: files.Checkpoint) -> None:
+def render_references(server: Server, references, modes: list[Mode], checkpoint: files.Checkpoint, plain: str) -> None:
     """A1111's own hypernetworks in each mode: the no-tag image and each tagged prompt."""
     for mode in modes:
         with mode_set_up(server, mode, checkpoint):
-            for prompt_index, prompt in [(None, files.NO_TAG), *enumerate(mode.prompts)]:
+            for prompt_index, prompt in [(None, plain), *enumerate(mode.prompts(plain))]:
                 rendered, _ = render(server, mode, prompt)
                 for image_index, image in enumerate(rendered):
                     references.put(case_name(mode, prompt_index, image_index), prompt, mode.record(), image)

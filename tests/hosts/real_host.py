@@ -279,7 +279,9 @@ class Server:
         result = self.post("/sdapi/v1/txt2img", payload)
         seconds = time.monotonic() - started
         info = json.loads(result.get("info") or "{}")
-        images = [decode_image(image) for image in result["images"]]
+        images = [decode_image(image) for image in result.get("images") or []]
+        if not images:  # SD.Next answers 200 with no image when its model failed to load ("Aborted")
+            raise RuntimeError(f"the host answered no image for {prompt!r} (is its checkpoint loaded? see its log)")
         if images[0].format != "PNG":  # a lossy image would hide or invent the differences measured
             raise RuntimeError(f"the host answered a {images[0].format} image; the suite compares PNG pixels")
         return Rendered(images[0], info.get("infotexts", [""])[0], seconds, payload)

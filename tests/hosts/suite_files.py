@@ -39,20 +39,35 @@ NETWORKS = (
     NetworkSpec("hnx-elu-deep", (1, 1.5, 1.5, 1), "elu", layer_norm=True, weight_std=0.04),
 )
 
-# (case, prompt): what "tags render exactly" compares with the host's own hypernetworks.
+# The plain prompt every tag is appended to, chosen once per session: the first of these the host renders
+# finitely without a tag (a random checkpoint's text encoder overflows on some prompts: on sd15-seed1 Forge
+# Classic, without the extension, draws "a red circle" as an all-NaN image). See conftest.choose_plain.
+PLAIN_CANDIDATES = ("a red circle", "a blue square", "a photo of a cat", "a green tree on a hill")
+
+# (case, tags): what "tags render exactly" compares with the host's own hypernetworks, each prompt being
+# the session's plain prompt followed by the tags (``tagged``).
 RENDER_CASES = (
-    ("relu-ln", "a red circle <hypernet:hnx-relu-ln:0.8>"),
-    ("swish-dropout-activate-output", "a red circle <hypernet:hnx-swish-dropout:1>"),
-    ("linear", "a red circle <hypernet:hnx-linear:1.2>"),
-    ("deep-negative", "a red circle <hypernet:hnx-elu-deep:-0.7>"),
-    ("stacked", "a red circle <hypernet:hnx-relu-ln:0.8> <hypernet:hnx-linear:-0.5>"),
+    ("relu-ln", "<hypernet:hnx-relu-ln:0.8>"),
+    ("swish-dropout-activate-output", "<hypernet:hnx-swish-dropout:1>"),
+    ("linear", "<hypernet:hnx-linear:1.2>"),
+    ("deep-negative", "<hypernet:hnx-elu-deep:-0.7>"),
+    ("stacked", "<hypernet:hnx-relu-ln:0.8> <hypernet:hnx-linear:-0.5>"),
 )
-NO_TAG = "a red circle"
 LORA_NAME = "hnx-suite-lora"
 LORA_CASES = (
-    ("lora-alone", f"a red circle <lora:{LORA_NAME}:1>"),
-    ("lora-with-hypernetwork", f"a red circle <lora:{LORA_NAME}:1> <hypernet:hnx-relu-ln:0.8>"),
+    ("lora-alone", f"<lora:{LORA_NAME}:1>"),
+    ("lora-with-hypernetwork", f"<lora:{LORA_NAME}:1> <hypernet:hnx-relu-ln:0.8>"),
 )
+
+
+def tagged(plain: str, tags: str) -> str:
+    """The session's plain prompt with ``tags`` after it (no tags: the plain prompt itself)."""
+    return f"{plain} {tags}" if tags else plain
+
+
+def reference_cases(plain: str) -> list[tuple[str, str]]:
+    """(case, prompt) of every image A1111's own hypernetworks (or SD.Next's reference) renders first."""
+    return [("no-tag", plain), *((case, tagged(plain, tags)) for case, tags in (*RENDER_CASES, *LORA_CASES))]
 
 
 def make_network(spec: NetworkSpec, widths: tuple[int, ...], seed: int) -> hx.Hypernetwork:

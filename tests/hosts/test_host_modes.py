@@ -10,14 +10,13 @@ import json
 import pytest
 
 from tests.hosts import host_modes
-from tests.hosts import suite_files as files
 from tests.hosts.real_host import TOLERANCE, max_difference
 from tests.hosts.test_render import VISIBLE
 from tests.hosts.test_routes import rebaseline_after_the_switch
 
 
 def reference_images(suite, mode, prompt_index):
-    prompt = files.NO_TAG if prompt_index is None else mode.prompts[prompt_index]
+    prompt = suite.plain if prompt_index is None else mode.prompts(suite.plain)[prompt_index]
     found = []
     for image_index in range(host_modes.images_per_request(mode)):
         case = host_modes.case_name(mode, prompt_index, image_index)
@@ -42,7 +41,7 @@ def test_mode_renders_as_a1111s_builtin_hypernetworks(suite, mode):
     plain = reference_images(suite, mode, None)
     figures = {}
     with host_modes.mode_set_up(suite.server, mode, suite.checkpoint):
-        for prompt_index, prompt in enumerate(mode.prompts):
+        for prompt_index, prompt in enumerate(mode.prompts(suite.plain)):
             expected = reference_images(suite, mode, prompt_index)
             rendered, _ = host_modes.render(suite.server, mode, prompt)
             assert len(rendered) == len(expected), f"{len(rendered)} images for {len(expected)} expected"
@@ -62,5 +61,5 @@ def test_mode_renders_as_a1111s_builtin_hypernetworks(suite, mode):
     if mode.refiner or "fp8_storage" in mode.options:
         rebaseline_after_the_switch(suite)  # the checkpoint was loaded again: drift held within the tolerance
     else:
-        after = suite.server.txt2img(files.NO_TAG)  # the mode's options are undone
+        after = suite.server.txt2img(suite.plain)  # the mode's options are undone
         assert max_difference(after, suite.before_tags) == 0, "the host's no-tag image changed after the mode"

@@ -19,14 +19,14 @@ import pytest
 
 import hypernetwork_ext as hx
 from hypernetwork_ext.families import ModelFamily
+from hypernetwork_ext.fastpath import CONTEXTS_KEPT
 from hypernetwork_ext.footprint import expected_bytes
 from hypernetwork_ext.hosts.held_memory import MEDVRAM
 from hypernetwork_ext.memory import mib
 from tests.hosts import suite_files as files
 from tests.hosts.real_host import TOLERANCE, max_difference
 
-LINEAR = f"{files.NO_TAG} <hypernet:hnx-linear:1.2>"
-MiB = 1 << 20
+LINEAR = "<hypernet:hnx-linear:1.2>"  # after the session's plain prompt
 # Hosts whose attention the extension hooks itself (A1111's ldm, SD.Next's diffusers UNet): affine networks
 # are folded into the projections there; the UNet patchers of Forge, reForge and Forge Classic never fold.
 FOLDING_HOSTS = ("a1111", "sdnext")
@@ -93,6 +93,15 @@ def checkpoint_layout(path: Path) -> tuple[ModelFamily, int]:
     ), elements
 
 
+def context_bytes_bound(context_width: int, networks: int = 1) -> int:
+    """The most the context cache holds for ``networks`` networks: ``CONTEXTS_KEPT`` contexts (cond and
+    uncond apart), each with its copy, the host's tensor it was seen as, and a key and a value per
+    network, all of 77 tokens in float32. Hosts keep different numbers of them: A1111 and Forge 12
+    tensors (2.7 MiB) on sd15-seed0, Forge Classic 18 (4.1 MiB) on sd15-seed1, so a fixed 4 MiB passed
+    in one and failed in the other."""
+    return CONTEXTS_KEPT * (2 + 2 * networks) * 77 * context_width * 4
+
+
 def record(suite, name: str, figures: dict) -> None:
     path = suite.config.artifacts / "memory.json"
     found = json.loads(path.read_text()) if path.exists() else {}
@@ -104,7 +113,7 @@ def record(suite, name: str, figures: dict) -> None:
 def test_what_the_network_holds_is_what_was_worked_out(suite):
     needs_memory_kept(suite)
     rss_before = resident_bytes(suite)
-    suite.server.txt2img(LINEAR)
+    suite.server.txt2img(files.tagged(suite.plain, LINEAR))
     report = memory(suite)
     layout, elements = checkpoint_layout(suite.checkpoint.path)
     network = hx.load(suite.config.hypernetwork_dir / files.SUITE_FOLDER / "hnx-linear.pt")
@@ -118,20 +127,21 @@ def test_what_the_network_holds_is_what_was_worked_out(suite):
         assert report["folds"] == 2 * sum(blocks for _, blocks in layout.self_attention_layers)
     for kind, nbytes in expected.items():
         assert held[kind] == nbytes, (kind, held[kind], nbytes)
-    assert 0 < held["contexts"] < 4 * MiB and held["old_unet_weights"] == 0
+    assert 0 < held["contexts"] <= context_bytes_bound(suite.checkpoint.context_width), held
+    assert held["old_unet_weights"] == 0
     assert report["line"] in suite.server.log()
 
 
 def test_unloading_the_checkpoint_lets_it_go(suite):
     needs_memory_kept(suite)
-    first = suite.server.txt2img(LINEAR)
+    first = suite.server.txt2img(files.tagged(suite.plain, LINEAR))
     held = memory(suite)["total_bytes"]
     rss_before = resident_bytes(suite)
     suite.server.post("/sdapi/v1/unload-checkpoint")
     report = memory(suite)
     rss_after = resident_bytes(suite)
     suite.server.post("/sdapi/v1/reload-checkpoint")
-    again = suite.server.txt2img(LINEAR)
+    again = suite.server.txt2img(files.tagged(suite.plain, LINEAR))
     record(
         suite,
         "unload-checkpoint",
@@ -145,7 +155,7 @@ def test_unloading_the_checkpoint_lets_it_go(suite):
 
 def test_a_checkpoint_switch_lets_it_go(suite):
     needs_memory_kept(suite)
-    suite.server.txt2img(LINEAR)
+    suite.server.txt2img(files.tagged(suite.plain, LINEAR))
     held = memory(suite)["total_bytes"]
     link = files.second_name_for(suite.checkpoint)
     suite.server.post("/sdapi/v1/refresh-checkpoints")
@@ -153,7 +163,7 @@ def test_a_checkpoint_switch_lets_it_go(suite):
     other = files.title_for(suite.server, link)
     try:
         suite.server.switch_checkpoint(other)
-        suite.server.txt2img(files.NO_TAG)  # Forge loads the checkpoint it was switched to here
+        suite.server.txt2img(suite.plain)  # Forge loads the checkpoint it was switched to here
         report = memory(suite)
     finally:
         suite.server.switch_checkpoint(original)
@@ -162,7 +172,7 @@ def test_a_checkpoint_switch_lets_it_go(suite):
     record(suite, "checkpoint switch", {"held": held, "after": report})
     assert held > 0 and report["total_bytes"] == 0
     assert any(r["bytes"] == held for r in report["releases"]), report["releases"]
-    suite.before_tags = suite.server.txt2img(files.NO_TAG)  # as test_routes does after its switch
+    suite.before_tags = suite.server.txt2img(suite.plain)  # as test_routes does after its switch
 
 
 def test_under_medvram_and_lowvram_nothing_stays_with_the_unet(suite):
@@ -189,18 +199,18 @@ def test_under_medvram_and_lowvram_nothing_stays_with_the_unet(suite):
     renders, generations = [], []
     for _ in range(2):
         started, rss_before = time.time(), resident_bytes(suite)
-        renders.append(suite.server.txt2img(LINEAR))
+        renders.append(suite.server.txt2img(files.tagged(suite.plain, LINEAR)))
         report = memory(suite)
         released = [r for r in report["releases"] if r["reason"] == MEDVRAM and r["time"] >= started]
         generations.append({"report": report, "rss_before": rss_before, "rss_after": resident_bytes(suite)})
         record(suite, f"--{mode}", {"expected": expected, "generations": generations})
         assert report["total_bytes"] == 0 and report["folds"] == 0, report
         assert len(released) == 1, report["releases"]
-        contexts = released[0]["bytes"] - sum(expected.values())  # the rewritten text contexts: a few MiB
-        assert 0 < contexts < 4 * MiB, (released[0], expected)
+        contexts = released[0]["bytes"] - sum(expected.values())  # the rewritten text contexts
+        assert 0 < contexts <= context_bytes_bound(suite.checkpoint.context_width), (released[0], expected)
     assert f"released {mib(released[0]['bytes'])} held for the networks: {MEDVRAM}" in suite.server.log()
     assert max_difference(renders[1], renders[0]) <= TOLERANCE
-    assert max_difference(renders[0], reference_for(suite, "linear", LINEAR)) <= TOLERANCE
+    assert max_difference(renders[0], reference_for(suite, "linear", files.tagged(suite.plain, LINEAR))) <= TOLERANCE
 
 
 def test_the_memory_managers_moves_reach_what_is_kept(suite):
@@ -212,7 +222,7 @@ def test_the_memory_managers_moves_reach_what_is_kept(suite):
     if suite.kind not in PATCHER_HOSTS:
         pytest.skip("Forge, reForge and Forge Classic only: their memory manager moves the UNet")
     started = time.time()
-    suite.server.txt2img(LINEAR)
+    suite.server.txt2img(files.tagged(suite.plain, LINEAR))
     report = memory(suite)
     moves = [move for move in report["moves"] if move["time"] >= started]
     record(suite, "memory manager moves", {"report": report, "rss": resident_bytes(suite)})

@@ -45,7 +45,7 @@ def prompt_text(page) -> str:
 
 
 def test_cards_show_the_networks_and_a_click_inserts_the_tag(suite, page):
-    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#txt2img_prompt textarea").fill(suite.plain)
     cards = open_cards(page)
     names = cards.locator(".card").evaluate_all("cards => cards.map(c => c.dataset.name)")
     screenshot(suite, page, "cards")
@@ -92,7 +92,7 @@ def test_user_metadata_editor_saves_a_description(suite, page):
 def test_pasted_parameters_find_the_local_network_by_hash(suite, page, tmp_path):
     """An image made with a network another user named differently: PNG Info → txt2img writes the
     local name, found by the hash in ``Hypernet hashes``."""
-    rendered = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0.8>")
+    rendered = suite.server.txt2img(f"{suite.plain} <hypernet:hnx-relu-ln:0.8>")
     foreign = rendered.infotext.replace("hnx-relu-ln", "their-name-for-it")
     info = PngInfo()
     info.add_text("parameters", foreign)

@@ -54,7 +54,7 @@ def close_details(page) -> None:
 
 
 def test_cards_show_the_networks_and_a_click_inserts_the_tag(suite, page):
-    prompt(page).fill("a red circle")
+    prompt(page).fill(suite.plain)
     cards = open_cards(page)
     names = cards.locator(".card").evaluate_all("cards => cards.map(c => c.dataset.name)")
     screenshot(suite, page, "cards")
@@ -92,7 +92,7 @@ def test_details_save_a_description(suite, page):
 def test_restore_maps_pasted_parameters_to_the_local_network_by_hash(suite, page):
     """Parameters of an image made with a network another user named differently, pasted into the prompt
     and restored with SD.Next's Restore button: the local name, found by the hash in ``Hypernet hashes``."""
-    rendered = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0.8>")
+    rendered = suite.server.txt2img(f"{suite.plain} <hypernet:hnx-relu-ln:0.8>")
     foreign = rendered.infotext.replace("hnx-relu-ln", "their-name-for-it")
     prompt(page).fill(foreign)
     page.locator(f"#{TAB}_paste").click()

@@ -31,7 +31,7 @@ def draws_a1111s_images(suite) -> bool:
     """Whether this host's image without a tag is A1111's (then A1111's own renders are the reference)."""
     if suite.kind == "a1111":
         return True
-    found = suite.references.get("no-tag", files.NO_TAG, _settings())
+    found = suite.references.get("no-tag", suite.plain, _settings())
     return found is not None and max_difference(suite.before_tags, found) <= TOLERANCE
 
 
@@ -57,11 +57,12 @@ def _settings() -> dict:
     return _settings()
 
 
-@pytest.mark.parametrize(("case", "prompt"), files.RENDER_CASES, ids=[case for case, _ in files.RENDER_CASES])
-def test_tag_renders_as_a1111s_builtin_hypernetworks(suite, case, prompt):
+@pytest.mark.parametrize(("case", "tags"), files.RENDER_CASES, ids=[case for case, _ in files.RENDER_CASES])
+def test_tag_renders_as_a1111s_builtin_hypernetworks(suite, case, tags):
     """A1111: its own hypernetworks, same checkpoint and seed. Forge and reForge: the same A1111 images,
     once their own no-tag image is shown to equal A1111's. Forge Classic, whose no-tag image is not
     A1111's: A1111's formula applied inside it (``expected_render``)."""
+    prompt = files.tagged(suite.plain, tags)
     expected = expected_render(suite, case, prompt)
     rendered = suite.server.txt2img(prompt)
     suite.save(f"tag-{case}", rendered)
@@ -73,7 +74,7 @@ def test_tag_renders_as_a1111s_builtin_hypernetworks(suite, case, prompt):
 
 
 def test_zero_multiplier_equals_no_tag(suite):
-    rendered = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0>")
+    rendered = suite.server.txt2img(f"{suite.plain} <hypernet:hnx-relu-ln:0>")
     suite.record("multiplier 0 against no tag", "hnx-relu-ln:0", max_difference(rendered, suite.before_tags))
     assert max_difference(rendered, suite.before_tags) == 0
 
@@ -97,7 +98,7 @@ def tagged_twice(suite) -> tuple[Rendered, int]:
     (0 on a CPU): the margin a change must exceed. Some arguments act only a little on a random
     checkpoint (``stop=0.25`` leaves the network one step of four: 0.7/255 on average on one checkpoint,
     under 2/255 at most on another), so a fixed margin holds on one checkpoint and misses on the next."""
-    base = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0.8>")
+    base = suite.server.txt2img(f"{suite.plain} <hypernet:hnx-relu-ln:0.8>")
     again = suite.server.txt2img(base.payload["prompt"])
     return base, max_difference(base, again)
 
@@ -105,7 +106,7 @@ def tagged_twice(suite) -> tuple[Rendered, int]:
 @pytest.mark.parametrize("argument", list(ARGUMENTS), ids=list(ARGUMENTS))
 def test_each_named_argument_changes_the_image(suite, tagged_twice, argument):
     base, noise = tagged_twice
-    changed = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0.8:{ARGUMENTS[argument]}>")
+    changed = suite.server.txt2img(f"{suite.plain} <hypernet:hnx-relu-ln:0.8:{ARGUMENTS[argument]}>")
     suite.save(f"argument-{argument}", changed)
     effect = effect_figures(changed, base, suite.before_tags, noise)
     suite.record("named arguments", ARGUMENTS[argument], effect)
@@ -126,7 +127,7 @@ def effect_figures(changed: Rendered, base: Rendered, plain: Rendered, noise: in
 def test_linear_network_equals_the_checkpoint_it_is_baked_into(suite):
     """A reference computed by the host's own code alone: an affine network folded into a copy of the
     checkpoint's projections (``bake``) must render, without a tag, what the tag renders."""
-    tagged = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-linear:1.2>")
+    tagged = suite.server.txt2img(f"{suite.plain} <hypernet:hnx-linear:1.2>")
     suffix = "" if suite.checkpoint.path.is_dir() else ".safetensors"  # a diffusers folder, or a single file
     baked_path = suite.checkpoint.path.with_name(f"hnx-suite-baked-linear{suffix}")
     files.remove_checkpoint(baked_path)
@@ -142,7 +143,7 @@ def test_linear_network_equals_the_checkpoint_it_is_baked_into(suite):
         baked_title = files.title_for(suite.server, baked_path)
         suite.server.switch_checkpoint(baked_title)
         try:
-            baked = suite.server.txt2img(files.NO_TAG)
+            baked = suite.server.txt2img(suite.plain)
         finally:
             suite.server.switch_checkpoint(original)
     finally:
@@ -186,9 +187,10 @@ def bake_in_the_hosts_precision(checkpoint, network_path, destination, dtype) ->
     write_unet(weights, changed, destination, {"hnx-suite": "baked hnx-linear at 1.2"})
 
 
-@pytest.mark.parametrize(("case", "prompt"), files.LORA_CASES, ids=[case for case, _ in files.LORA_CASES])
-def test_the_hosts_lora_on_the_same_layers_together_with_a_hypernetwork(suite, case, prompt):
+@pytest.mark.parametrize(("case", "tags"), files.LORA_CASES, ids=[case for case, _ in files.LORA_CASES])
+def test_the_hosts_lora_on_the_same_layers_together_with_a_hypernetwork(suite, case, tags):
     """The host's built-in Lora changes to_q/to_k/to_v weights, hypernetworks their inputs: both act."""
+    prompt = files.tagged(suite.plain, tags)
     expected = expected_render(suite, case, prompt)
     rendered = suite.server.txt2img(prompt)
     suite.save(case, rendered)
@@ -211,8 +213,8 @@ def test_the_hosts_lora_on_the_same_layers_together_with_a_hypernetwork(suite, c
 
 def lora_and_network_effects(suite, both: Rendered) -> dict:
     """How far the network moves the Lora's image, and the Lora the network's and the plain one (1/255)."""
-    lora_alone = suite.server.txt2img(dict(files.LORA_CASES)["lora-alone"])
-    network_alone = suite.server.txt2img(dict(files.RENDER_CASES)["relu-ln"])
+    lora_alone = suite.server.txt2img(files.tagged(suite.plain, dict(files.LORA_CASES)["lora-alone"]))
+    network_alone = suite.server.txt2img(files.tagged(suite.plain, dict(files.RENDER_CASES)["relu-ln"]))
     return {
         "mean_network_effect": round(mean_difference(both, lora_alone), 3),
         "mean_lora_effect": round(mean_difference(lora_alone, suite.before_tags), 3),

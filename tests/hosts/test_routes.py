@@ -37,7 +37,7 @@ def test_routes_answer_during_a_checkpoint_switch(suite):
         time.sleep(0.1)
     switching.join()
     try:
-        tagged = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0.8>")  # networks follow the switch
+        tagged = suite.server.txt2img(f"{suite.plain} <hypernet:hnx-relu-ln:0.8>")  # networks follow the switch
     finally:
         suite.server.switch_checkpoint(original)
         files.remove_checkpoint(link)
@@ -51,7 +51,7 @@ def rebaseline_after_the_switch(suite) -> None:
     """A1111 1.10.1 itself, without this extension, draws SDXL's no-tag image 1/255 differently after
     switching to another checkpoint and back (measured with --disable-extra-extensions): the later
     "no tag unchanged" checks compare with the image drawn after the switch; the drift is recorded."""
-    plain = suite.server.txt2img(files.NO_TAG)
+    plain = suite.server.txt2img(suite.plain)
     drift = max_difference(plain, suite.before_tags)
     (suite.config.artifacts / "checkpoint-switch-drift.json").write_text(json.dumps({"max_difference": drift}))
     assert drift <= TOLERANCE, f"the no-tag image changed by {drift}/255 after switching back"
@@ -73,7 +73,7 @@ def test_network_listing_and_metadata(suite):
 
 
 def test_infotext_has_hypernet_hashes_and_png_info_reads_them(suite):
-    rendered = suite.server.txt2img(f"{files.NO_TAG} <hypernet:hnx-relu-ln:0.8> <hypernet:hnx-linear:-0.5>")
+    rendered = suite.server.txt2img(f"{suite.plain} <hypernet:hnx-relu-ln:0.8> <hypernet:hnx-linear:-0.5>")
     sha = {spec.name: files.file_sha256(suite.config.hypernetwork_dir / files.SUITE_FOLDER / f"{spec.name}.pt",
                                         suite.config) for spec in files.NETWORKS}  # fmt: skip
     match = re.search(r'Hypernet hashes: "([^"]+)"', rendered.infotext)

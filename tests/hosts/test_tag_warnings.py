@@ -10,7 +10,6 @@ import json
 
 from PIL.PngImagePlugin import PngInfo
 
-from tests.hosts import suite_files as files
 from tests.hosts.real_host import DEFAULT_SETTINGS, decode_image, max_difference
 
 KEY = "Hypernet warnings"
@@ -18,7 +17,7 @@ BAD_TAGS = "<hypernet:nope:1> <hypernet:hnx-linear:abc>"
 
 
 def test_unknown_and_malformed_tags_are_in_the_response_and_a_paste_drops_them(suite):
-    prompt = f"{files.NO_TAG} {BAD_TAGS}"
+    prompt = f"{suite.plain} {BAD_TAGS}"
     result = suite.server.post("/sdapi/v1/txt2img", {**DEFAULT_SETTINGS, "prompt": prompt})
     info = json.loads(result["info"])
     image = decode_image(result["images"][0])

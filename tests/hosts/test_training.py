@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import hypernetwork_ext as hx
-from tests.hosts import suite_files as files
 from tests.hosts.browser import open_page, screenshot, screenshot_on_failure
 from tests.hosts.jobs import Progress, ended, from_status, from_tab, reached, wait_for
 from tests.hosts.real_host import WITHOUT_TRAIN_TAB, HttpError, max_difference
@@ -28,7 +27,6 @@ STEPS = 20
 PREVIEW_EVERY = 10
 PREVIEW = {
     "preview_from_txt2img": True,
-    "preview_prompt": files.NO_TAG,
     "preview_negative_prompt": "",
     "preview_steps": 4,
     "preview_sampler_name": "Euler",
@@ -69,6 +67,7 @@ def payload(suite, dataset: Path, name: str, **changes) -> dict:
         "template_filename": "filewords.txt",
         "seed": 7,
         **PREVIEW,
+        "preview_prompt": suite.plain,
     }
     values.update(changes)
     return values
@@ -142,11 +141,11 @@ def test_twenty_steps_through_the_routes_learn_and_draw_previews(suite, routes_r
 
 
 def test_the_result_renders_by_its_tag_at_once_and_no_tag_is_unchanged(suite, routes_run):
-    tagged = suite.server.txt2img(f"{files.NO_TAG} <hypernet:{ROUTES_NAME}-{STEPS}:1>")
+    tagged = suite.server.txt2img(f"{suite.plain} <hypernet:{ROUTES_NAME}-{STEPS}:1>")
     suite.save("trained-by-routes", tagged)
     assert max_difference(tagged, suite.before_tags) > 0
     assert "Hypernet hashes" in tagged.infotext
-    plain = suite.server.txt2img(files.NO_TAG)
+    plain = suite.server.txt2img(suite.plain)
     assert max_difference(plain, suite.before_tags) == 0
 
 
@@ -158,7 +157,7 @@ def test_an_interrupted_run_saves_the_step_it_reached(suite, dataset, routes_run
     status, _trace = follow(suite.server, job_id, ended("interrupted"), "interrupted")
     assert 2 <= status["step"] < 1000, status["message"]
     assert hx.load(status["result_path"]).step == status["step"]
-    assert suite.server.txt2img(files.NO_TAG).pixels.tolist() == suite.before_tags.pixels.tolist()
+    assert suite.server.txt2img(suite.plain).pixels.tolist() == suite.before_tags.pixels.tolist()
 
 
 def test_a_second_job_while_one_runs_is_refused(suite, dataset, routes_run):
@@ -286,7 +285,7 @@ def test_the_train_tab_creates_trains_shows_progress_and_interrupts(suite, datas
     step = int(re.search(r"interrupted step (\d+)", interrupted)[1])
     saved = re.search(r"saved to (\S+\.pt)", interrupted)[1]
     assert 2 <= step < 1000 and hx.load(saved).step == step, interrupted
-    tagged = suite.server.txt2img(f"{files.NO_TAG} <hypernet:{TAB_NAME}-{STEPS}:1>")
+    tagged = suite.server.txt2img(f"{suite.plain} <hypernet:{TAB_NAME}-{STEPS}:1>")
     suite.save("trained-in-the-tab", tagged)
     assert max_difference(tagged, suite.before_tags) > 0
-    assert max_difference(suite.server.txt2img(files.NO_TAG), suite.before_tags) == 0
+    assert max_difference(suite.server.txt2img(suite.plain), suite.before_tags) == 0

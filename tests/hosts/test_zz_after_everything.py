@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from tests.hosts import suite_files as files
 from tests.hosts.real_host import extension_tracebacks, max_difference
 
 
 def test_no_tag_image_is_unchanged_after_all_tags(suite):
-    rendered = suite.server.txt2img(files.NO_TAG)
+    rendered = suite.server.txt2img(suite.plain)
     suite.save("no-tag-after-everything", rendered)
     assert max_difference(rendered, suite.before_tags) == 0
 

@@ -1,11 +1,13 @@
-"""The suite's training set, made of captions the host itself renders finitely.
+"""The suite's plain prompt and training set, made of text the host itself renders finitely.
 
-A random checkpoint's text encoder can overflow on some captions: on one (seed 0, SD1.5 layout) the
-real Forge, without this extension, renders "a red triangle on a black background" as an all-NaN
-image. A training run on such a caption tests the checkpoint, not the extension. So the suite draws
-more captioned pictures than it needs, asks the host to render each caption (no tag: the extension
-takes no part), and trains on the first ones it renders finitely; the dropped ones are named, with
-why, in the test output and in ``training-captions.json`` with the artifacts.
+A random checkpoint's text encoder can overflow on some text: on one (seed 0, SD1.5 layout) the real
+Forge, without this extension, renders "a red triangle on a black background" as an all-NaN image; on
+another (seed 1) Forge Classic renders "a red circle" so. A check built on such a prompt tests the
+checkpoint, not the extension. So the suite asks the host to render each candidate (no tag: the
+extension takes no part) and keeps the first ones it renders finitely: the plain prompt every tag is
+appended to (one per session, from ``PLAIN_CANDIDATES`` in suite_files.py) and the training captions
+(more captioned pictures are drawn than needed); the dropped ones are named, with why, in the test
+output and with the artifacts.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hypernetwork_ext.standalone.tiny import procedural_images
-from tests.hosts.real_host import HttpError, Server, flat_image_reason
+from tests.hosts.real_host import HttpError, Rendered, Server, flat_image_reason
 
 CANDIDATES = 12  # pictures drawn; the host keeps ``wanted`` of them
 
@@ -29,19 +31,43 @@ class Dropped:
     reason: str
 
 
-def non_finite_reason(server: Server, caption: str) -> str | None:
-    """Why the host does not render ``caption`` finitely (None when it does), from a plain txt2img.
+def rendered_or_reason(server: Server, prompt: str) -> Rendered | str:
+    """The host's plain txt2img of ``prompt``, or why it is not finite.
 
     A1111 refuses a NaN latent with its NaN check (HTTP 500 naming NaNs); Forge and reForge, which have
     none, return the NaN image, drawn in one flat colour (a NaN anywhere spreads to every pixel through
     attention and convolutions; a finite image of a random checkpoint is never flat)."""
     try:
-        rendered = server.txt2img(caption)
+        rendered = server.txt2img(prompt)
     except HttpError as exc:
         if "nan" in exc.body.lower():
             return f"the host refused its image: {exc.body[:200]}"
         raise
-    return flat_image_reason(rendered.pixels)
+    return flat_image_reason(rendered.pixels) or rendered
+
+
+def non_finite_reason(server: Server, caption: str) -> str | None:
+    """Why the host does not render ``caption`` finitely (None when it does)."""
+    found = rendered_or_reason(server, caption)
+    return found if isinstance(found, str) else None
+
+
+def choose_plain_prompt(
+    candidates: Sequence[str], reason_for: Callable[[str], str | None]
+) -> tuple[str, list[Dropped]]:
+    """The first candidate the host renders finitely, and the ones tried before it with what each
+    rendered; none: an error naming every candidate and what it rendered."""
+    dropped: list[Dropped] = []
+    for candidate in candidates:
+        reason = reason_for(candidate)
+        if reason is None:
+            return candidate, dropped
+        dropped.append(Dropped(candidate, reason))
+    raise RuntimeError(
+        f"the host renders none of the suite's {len(candidates)} candidate plain prompts finitely without a tag "
+        f"(tried: {'; '.join(f'{d.caption!r}: {d.reason}' for d in dropped)}); this checkpoint cannot test "
+        "the extension"
+    )
 
 
 def choose_captions(
