@@ -232,6 +232,24 @@ def make_backend() -> TrainingBackend:
 # --- shared.state -------------------------------------------------------------------------------------
 
 
+def set_builtin_networks_aside() -> list:
+    """A1111's own trainer (or its own tag handler) leaves its networks in ``shared.loaded_hypernetworks``,
+    which A1111's attention code applies to every step and preview: they must not act on a run of
+    ours. What was there is returned, for ``put_builtin_networks_back``."""
+    loaded = getattr(shared, "loaded_hypernetworks", None)
+    if not isinstance(loaded, list) or not loaded:
+        return []
+    kept = list(loaded)
+    loaded.clear()
+    return kept
+
+
+def put_builtin_networks_back(kept: list) -> None:
+    loaded = getattr(shared, "loaded_hypernetworks", None)
+    if kept and isinstance(loaded, list) and not loaded:
+        loaded.extend(kept)
+
+
 def run_exclusive(work: Callable[[], Any], job: JobStatus) -> Any:
     """Run a job as the host runs a generation: under its queue lock, between ``state.begin`` and
     ``state.end``, with its task active for the progress bar."""
@@ -246,6 +264,7 @@ def run_exclusive(work: Callable[[], Any], job: JobStatus) -> Any:
         lowvram = host_lowvram()
         medvram = lowvram is not None and lowvram.is_needed(shared.sd_model)
         webui.EXTENSION.finish()  # a generation that failed before its postprocess leaves its networks on
+        builtin = set_builtin_networks_aside()
         try:
             if medvram:  # start and end with lowvram's "nothing on the GPU", so its bookkeeping stays true
                 lowvram.send_everything_to_cpu()
@@ -253,6 +272,7 @@ def run_exclusive(work: Callable[[], Any], job: JobStatus) -> Any:
         finally:
             if medvram:
                 lowvram.send_everything_to_cpu()
+            put_builtin_networks_back(builtin)
             shared.parallel_processing_allowed = parallel
             if job.task_id:
                 progress.finish_task(job.task_id)

@@ -350,6 +350,24 @@ def test_networks_left_on_by_a_failed_generation_come_off_before_training(host, 
     assert seen and set(seen) == {2 * sites + 1}  # the trained network's to_k/to_v hooks and the counter
 
 
+def test_networks_a1111s_own_trainer_left_loaded_do_not_act_on_a_run(host, data, tmp_path):
+    """A1111's trainer leaves its network in shared.loaded_hypernetworks, which A1111's attention
+    applies; during our run the list is empty (steps and previews), and afterwards it is as found."""
+    leftover = object()
+    host.shared.loaded_hypernetworks.append(leftover)
+    unet = host.shared.sd_model.model.diffusion_model
+    seen = []
+    watch = unet.register_forward_pre_hook(lambda m, a: seen.append(list(host.shared.loaded_hypernetworks)))
+    tab, _interface, _preview = built_tab(host)
+    values = tab_values(tab, data, tmp_path, steps=2, save_hypernetwork_every=0)
+    tab.start_from_host(TASK, "style", "filewords.txt", *values, False, *[None] * 8)
+    job = tab.jobs.wait(tab.current_job, 120)
+    watch.remove()
+    assert job.state == "finished" and job.previews
+    assert seen and all(loaded == [] for loaded in seen)
+    assert host.shared.loaded_hypernetworks == [leftover]
+
+
 def test_a_checkpoint_chosen_while_training_is_not_loaded_by_the_previews(host, data, tmp_path):
     other = host.sd_models.CheckpointInfo("other.safetensors", "abcdef0123")
     host.sd_models.register(other)
