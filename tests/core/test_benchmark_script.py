@@ -7,19 +7,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.scripts import script_module
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "inference.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_inference", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with script_module(SCRIPT, "bench_inference") as module:
         yield module
+
+
+@pytest.fixture
+def training():
+    """benchmarks/training.py as a module; torch's thread count as it was before the test."""
+    threads = torch.get_num_threads()
+    try:
+        with script_module(SCRIPT.with_name("training.py"), "bench_training") as module:
+            yield module
     finally:
-        del sys.modules[spec.name]
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 5e-2)])
@@ -100,21 +107,12 @@ def test_the_prompt_scan_benchmark_runs_and_both_ways_find_the_same_tags(capsys)
     assert len(rows) == 2 * len(module.KINDS) and "ratio" in capsys.readouterr().out
 
 
-def test_the_training_benchmark_measures_every_variant(capsys):
+def test_the_training_benchmark_measures_every_variant(training, capsys):
     """benchmarks/training.py on the tiny ldm model, in this process: every variant trains, with
     finite losses, and gets a speed and a peak memory (the table's numbers; not their sizes)."""
-    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT.with_name("training.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    threads = torch.get_num_threads()
     variants = ["a1111", "ours", "checkpointing", "bf16-autocast", "bf16-weights", "no-cache"]
-    try:
-        spec.loader.exec_module(module)
-        arguments = ["--rows", "tiny-64-b2", "--variants", ",".join(variants), "--rounds", "1", "--steps", "1"]
-        rows = module.main([*arguments, "--in-process", "--threads", "1", "--device", "cpu"])
-    finally:
-        torch.set_num_threads(threads)
-        del sys.modules[spec.name]
+    arguments = ["--rows", "tiny-64-b2", "--variants", ",".join(variants), "--rounds", "1", "--steps", "1"]
+    rows = training.main([*arguments, "--in-process", "--threads", "1", "--device", "cpu"])
     assert [row["variant"] for row in rows] == variants
     for row in rows:
         assert row["losses_finite"] and row["steps_per_second"] > 0, row
@@ -124,105 +122,76 @@ def test_the_training_benchmark_measures_every_variant(capsys):
     assert "| tiny (script check) 64x64, batch 2 | A1111 1.10.1 step |" in printed
 
 
-def test_the_training_benchmark_refuses_unknown_rows():
-    spec = importlib.util.spec_from_file_location("bench_training_names", SCRIPT.with_name("training.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        with pytest.raises(SystemExit, match="sd99"):
-            module.main(["--rows", "sd99"])
-    finally:
-        del sys.modules[spec.name]
+def test_the_training_benchmark_refuses_unknown_rows(training):
+    with pytest.raises(SystemExit, match="sd99"):
+        training.main(["--rows", "sd99"])
 
 
-def _training_module(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name("training.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_training_benchmark_reads_weights_into_its_own_memory(tmp_path):
+def test_the_training_benchmark_reads_weights_into_its_own_memory(training, tmp_path):
     """Every dtype and shape back bit for bit, and the file not mapped afterwards (safetensors'
     load_file keeps its mapping, which made the loaded model count twice in resident memory);
     a file shorter than its header says is refused, naming the file and the tensor."""
     from safetensors.torch import save_file
 
-    module = _training_module("bench_training_weights")
-    try:
-        state = {
-            "f32": torch.randn(3, 5),
-            "bf16": torch.randn(4, 2).to(torch.bfloat16),
-            "f16": torch.randn(7).to(torch.float16),
-            "scalar": torch.tensor(2.5),
-            "empty": torch.zeros(0, 3),
-            "flags": torch.tensor([True, False, True]),
-            "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
-        }
-        path = tmp_path / "weights.safetensors"
-        save_file(state, str(path))
-        loaded = module.read_weights(path)
-        assert loaded.keys() == state.keys()
-        for name, tensor in state.items():
-            assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
-            assert torch.equal(loaded[name], tensor), name
-        assert str(path) not in Path("/proc/self/maps").read_text()
-        path.write_bytes(path.read_bytes()[:-8])
-        with pytest.raises(ValueError, match=r"data is not the \d+ bytes its header promises"):
-            module.read_weights(path)
-    finally:
-        del sys.modules["bench_training_weights"]
+    state = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(4, 2).to(torch.bfloat16),
+        "f16": torch.randn(7).to(torch.float16),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "flags": torch.tensor([True, False, True]),
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+    }
+    path = tmp_path / "weights.safetensors"
+    save_file(state, str(path))
+    loaded = training.read_weights(path)
+    assert loaded.keys() == state.keys()
+    for name, tensor in state.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert torch.equal(loaded[name], tensor), name
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=r"data is not the \d+ bytes its header promises"):
+        training.read_weights(path)
 
 
-def test_the_training_benchmark_prints_its_table_again_from_recorded_runs(tmp_path, capsys):
+def test_the_training_benchmark_prints_its_table_again_from_recorded_runs(training, tmp_path, capsys):
     """Two runs, one row each, recorded: --table merges them into the table the runs printed, each
     row with its own A1111 baseline and a line saying when and under what it was measured."""
-    module = _training_module("bench_training_records")
-    threads = torch.get_num_threads()
     record = tmp_path / "records.jsonl"
     common = ["--rounds", "2", "--steps", "1", "--in-process", "--threads", "1", "--device", "cpu"]
-    try:
-        first = module.main(["--rows", "tiny-64-b2", "--variants", "a1111,ours", "--record", str(record), *common])
-        capsys.readouterr()
-        merged = module.main(["--table", str(record)])
-        assert merged == first
-        printed = capsys.readouterr().out
-        assert "tiny (script check) 64x64, batch 2: 4 measurements in 2 rounds" in printed
-        assert "clock wall; threads 1; steps 1" in printed
-        assert "| tiny (script check) 64x64, batch 2 | ours |" in printed
-        ours_only = tmp_path / "ours.jsonl"
-        ours_only.write_text("".join(line + "\n" for line in record.read_text().splitlines() if '"ours"' in line))
-        module.main(["--table", str(ours_only)])
-        row = capsys.readouterr().out.splitlines()[-1]
-        assert row.startswith("| tiny (script check) 64x64, batch 2 | ours |") and row.count("| - |") == 3, row
-        record.write_text(record.read_text() + '{"row": "tiny-64-b2"}\n')
-        with pytest.raises(SystemExit, match=r"records\.jsonl:5"):
-            module.main(["--table", str(record)])
-    finally:
-        torch.set_num_threads(threads)
-        del sys.modules["bench_training_records"]
+    first = training.main(["--rows", "tiny-64-b2", "--variants", "a1111,ours", "--record", str(record), *common])
+    capsys.readouterr()
+    merged = training.main(["--table", str(record)])
+    assert merged == first
+    printed = capsys.readouterr().out
+    assert "tiny (script check) 64x64, batch 2: 4 measurements in 2 rounds" in printed
+    assert "clock wall; threads 1; steps 1" in printed
+    assert "| tiny (script check) 64x64, batch 2 | ours |" in printed
+    ours_only = tmp_path / "ours.jsonl"
+    ours_only.write_text("".join(line + "\n" for line in record.read_text().splitlines() if '"ours"' in line))
+    training.main(["--table", str(ours_only)])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("| tiny (script check) 64x64, batch 2 | ours |") and row.count("| - |") == 3, row
+    record.write_text(record.read_text() + '{"row": "tiny-64-b2"}\n')
+    with pytest.raises(SystemExit, match=r"records\.jsonl:5"):
+        training.main(["--table", str(record)])
 
 
-def test_the_training_benchmark_gives_every_block_of_an_sdxl_level_its_context():
+def test_the_training_benchmark_gives_every_block_of_an_sdxl_level_its_context(training):
     """ldm's SpatialTransformer fails with one context and 2 blocks (SDXL's layout); after the
     benchmark's fix it runs them, each block seeing that context, as sgm's does."""
     from tests.support.training_models import import_ldm
 
-    module = _training_module("bench_training_context")
-    try:
-        import_ldm()
-        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    import_ldm()
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-        torch.manual_seed(0)
-        layout = dict(module.SDXL_SHAPED_UNET, model_channels=32, num_head_channels=8, context_dim=[24, 24])
-        unet = UNetModel(**module._unet_params(layout, 8)).eval()
-        x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 24)
-        with pytest.raises(IndexError):
-            unet(x, t, context)
-        expected = unet(x, t, [context, context])
-        module.one_context_for_every_block(unet)
-        assert torch.equal(unet(x, t, context), expected)
-    finally:
-        del sys.modules["bench_training_context"]
+    torch.manual_seed(0)
+    layout = dict(training.SDXL_SHAPED_UNET, model_channels=32, num_head_channels=8, context_dim=[24, 24])
+    unet = UNetModel(**training._unet_params(layout, 8)).eval()
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 24)
+    with pytest.raises(IndexError):
+        unet(x, t, context)
+    expected = unet(x, t, [context, context])
+    training.one_context_for_every_block(unet)
+    assert torch.equal(unet(x, t, context), expected)

@@ -1,9 +1,7 @@
 """benchmarks/host_training.py without a host: against a stand-in of A1111's and the extension's routes
 on a fake clock, the table finds the seconds a step, CPU time, memory and NaN steps it was given."""
 
-import importlib.util
 import io
-import sys
 import threading
 import types
 import urllib.error
@@ -12,20 +10,16 @@ from typing import ClassVar
 
 import pytest
 
+from tests.support.scripts import script_module
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "host_training.py"
 GIB = 1 << 30
 
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_host_training", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with script_module(SCRIPT, "bench_host_training") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 class FakeServer:
