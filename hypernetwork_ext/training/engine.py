@@ -41,6 +41,7 @@ from .backends.base import (
     cat_conditioning,
     in_float32,
     text_part,
+    unet_compute_dtype,
 )
 from .checkpointing import gradient_checkpointing
 from .config import PREVIEW_FIELDS, TrainingConfig
@@ -132,8 +133,10 @@ def base_name(network: Hypernetwork, source_path: str | None) -> str:
 def resolve_precision(config: TrainingConfig, backend: TrainingBackend) -> tuple[torch.dtype | None, bool, str]:
     """(autocast dtype or None, whether a gradient scaler is needed, a note for the user)."""
     device_type = backend.device.type
-    reference = next(backend.unet.parameters(), None)
-    model_dtype = reference.dtype if reference is not None else torch.float32
+    # The dtype the UNet computes in, not the one its weights are stored in: a host that keeps
+    # float16 weights and casts them to float32 at each use (Forge Classic's --unet-in-fp16 on a
+    # CPU) computes in float32, and float16 autocast there would be slower and coarser than the host.
+    model_dtype = unet_compute_dtype(backend)
     wanted = config.mixed_precision
     note = ""
     if wanted == "auto":
@@ -530,9 +533,8 @@ class _Run:
             target = ab.sqrt() * noise - (1 - ab).sqrt() * latents
         else:
             target = noise
-        unet_dtype = next(backend.unet.parameters()).dtype
         with self.autocast():
-            prediction = backend.predict(noisy.to(unet_dtype), timesteps, cond)
+            prediction = backend.predict(noisy.to(unet_compute_dtype(backend)), timesteps, cond)
         error = (prediction.float() - target.float()) ** 2
         weights = self.dataset.weights(indices, backend.device)
         if weights is not None:

@@ -57,6 +57,9 @@ class TrainingBackend:
     unloading: bool = False
     #: Why the text encoder and VAE cannot be unloaded here (the host already does it), or None.
     unload_refusal: str | None = None
+    #: The dtype the UNet computes in where the host casts its weights at each use (Forge's
+    #: ``computation_dtype``, ldm_patched's ``manual_cast_dtype``); None: the weights' own dtype.
+    compute_dtype: torch.dtype | None = None
 
     def session(self) -> contextlib.AbstractContextManager:
         """Around the whole run, before the host's model state is recorded (default: nothing)."""
@@ -164,6 +167,14 @@ def text_part(cond: Conditioning) -> torch.Tensor:
                 return cond[key]
         raise KeyError(f"no cross-attention context among {sorted(cond)}")
     return cond
+
+
+def unet_compute_dtype(backend: TrainingBackend) -> torch.dtype:
+    """What the UNet computes in: the host's cast where it casts weights at use, else its weights' dtype."""
+    if isinstance(backend.compute_dtype, torch.dtype):
+        return backend.compute_dtype
+    reference = first_parameter(backend.unet)
+    return reference.dtype if reference is not None else torch.float32
 
 
 def first_parameter(module: nn.Module) -> torch.Tensor | None:
