@@ -107,6 +107,9 @@ class TrainingConfig:
     keep_tags: int = 0
     validation_split: float = 0.0
     validation_every: int = 100
+    # The loss on the training images at fixed noise and timesteps, before the first step, every N
+    # steps and after the last (0 = off): unlike each step's loss, it moves only when the network does.
+    fixed_loss_every: int = 0
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"
     seed: int = -1
@@ -142,6 +145,7 @@ class TrainingConfig:
             "lr_warmup_steps",
             "keep_tags",
             "training_tensorboard_flush_every",
+            "fixed_loss_every",
         ):
             if getattr(self, name) < 0:
                 found[name] = f"must be 0 or more (is {getattr(self, name)})"

@@ -57,6 +57,9 @@ STOP_DIVERGED = "diverged"
 STOP_ERROR = "error"
 STOP_ALREADY = "already trained"
 _CONDITIONING_CACHE = 4096
+# The fixed-noise loss: this many training images, each at this many timesteps (one forward pass each).
+FIXED_LOSS_IMAGES = 8
+FIXED_LOSS_TIMESTEPS = 2
 
 
 @dataclass
@@ -75,6 +78,8 @@ class TrainingProgress:
     message: str = ""
     elapsed: float = 0.0
     skipped_samples: int = 0  # so far: samples whose inputs were not finite
+    #: (step, loss at fixed noise and timesteps) so far, when ``fixed_loss_every`` asks for them.
+    fixed_losses: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
@@ -116,6 +121,7 @@ class TrainingResult:
     settings_path: str | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    fixed_losses: list[tuple[int, float]] = field(default_factory=list)
     skipped_images: list[str] = field(default_factory=list)  # dataset files that could not be read
     #: Samples left out because their latent or conditioning was not finite (image, caption, reason, count).
     skipped_samples: list[dict] = field(default_factory=list)
@@ -317,6 +323,7 @@ class _Run:
         self.seed = config.seed
         self.losses: list[tuple[int, float]] = []
         self.validation_losses: list[tuple[int, float]] = []
+        self.fixed_losses: list[tuple[int, float]] = []
         self.copies: list[str] = []
         self.previews: list[str] = []
         self.last_loss: float | None = None
@@ -516,7 +523,9 @@ class _Run:
             return list(texts)
         return [None if rng.random() < rate else text for text in texts]
 
-    def loss_for(self, indices, texts: list[str], generator=None, *, fixed_noise=False) -> torch.Tensor:
+    def loss_for(
+        self, indices, texts: list[str], generator=None, *, timesteps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         backend = self.backend
         size = self.dataset.entries[indices[0]].size
         cond = self.conditioning.get(texts, size)
@@ -526,7 +535,10 @@ class _Run:
             offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device)
             noise = noise + self.config.noise_offset * offset
         alphas = self.alphas
-        timesteps = torch.randint(0, alphas.shape[0], (latents.shape[0],), generator=generator, device=latents.device)
+        if timesteps is None:
+            timesteps = torch.randint(
+                0, alphas.shape[0], (latents.shape[0],), generator=generator, device=latents.device
+            )
         ab = alphas[timesteps].view(-1, 1, 1, 1)
         noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
         if backend.prediction_type == "v_prediction":
@@ -646,14 +658,23 @@ class _Run:
         self.guard.check_update(step)
         return total
 
-    @torch.no_grad()
-    def validation_loss(self) -> float | None:
-        if not self.dataset.validation:
-            return None
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The network in evaluation mode (no dropout), gradients off, the random state untouched."""
         modes = [(m, m.training) for m in self.network.modules()]
         for module, _mode in modes:
             module.training = False
         try:
+            with torch.no_grad(), _fork_rng(self.backend.device):
+                yield
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
+    def validation_loss(self) -> float | None:
+        if not self.dataset.validation:
+            return None
+        with self.evaluating():
             total, counted = 0.0, 0
             for position, index in enumerate(self.dataset.validation):
                 generator = torch.Generator(device=self.backend.device)
@@ -662,13 +683,37 @@ class _Run:
                 texts = self.captions_for([index], rng)
                 if not self.conditioning.usable(texts, self.dataset.entries[index].size)[0]:
                     continue  # a caption with non-finite conditioning says nothing about the network
-                with _fork_rng(self.backend.device):
-                    total += float(self.loss_for([index], texts, generator))
+                total += float(self.loss_for([index], texts, generator))
                 counted += 1
             return total / counted if counted else None
-        finally:
-            for module, mode in modes:
-                module.training = mode
+
+    def fixed_noise_loss(self) -> float | None:
+        """The mean loss over the first training images, each at ``FIXED_LOSS_TIMESTEPS`` timesteps spread
+        evenly over the schedule, with noise and captions drawn from the run's seed: the same samples
+        every time, so it changes only as the network does."""
+        images = self.dataset.train[:FIXED_LOSS_IMAGES]
+        count = len(images) * FIXED_LOSS_TIMESTEPS
+        schedule = self.alphas.shape[0]
+        values = []
+        with self.evaluating():
+            for position in range(count):
+                index = images[position % len(images)]
+                rng = random.Random(data_mod.derive_seed(self.seed, "fixed-loss-captions", position))
+                texts = self.captions_for([index], rng)
+                if not self.conditioning.usable(texts, self.dataset.entries[index].size)[0]:
+                    continue
+                generator = torch.Generator(device=self.backend.device)
+                generator.manual_seed(data_mod.derive_seed(self.seed, "fixed-loss", position))
+                timestep = torch.tensor([int((position + 0.5) * schedule / count)], device=self.backend.device)
+                value = float(self.loss_for([index], texts, generator, timesteps=timestep))
+                if math.isfinite(value):
+                    values.append(value)
+        return sum(values) / len(values) if values else None
+
+    def record_fixed_loss(self, step: int) -> None:
+        value = self.fixed_noise_loss()
+        if value is not None:
+            self.fixed_losses.append((step, value))
 
     # -- outputs ----------------------------------------------------------------------------
     def _extension(self) -> str:
@@ -939,6 +984,8 @@ def _diverged_message(exc: Diverged, start_step: int) -> str:
 
 def _loop(run: _Run, optimizer, step: int, end: int, progress_bar) -> tuple[str, str, int]:
     config, network = run.config, run.network
+    if config.fixed_loss_every:
+        run.record_fixed_loss(step)  # before the first step: what the steps are measured against
     while step < end:
         rate = run.learn_rate(step)
         if rate is None:
@@ -959,6 +1006,8 @@ def _loop(run: _Run, optimizer, step: int, end: int, progress_bar) -> tuple[str,
             validation = run.validation_loss()
             run.last_validation = validation
             run.validation_losses.append((step, validation))
+        if config.fixed_loss_every and (step % config.fixed_loss_every == 0 or step == end):
+            run.record_fixed_loss(step)
         if run.csv:
             run.csv.write(step, run.epoch, run.epoch_step, loss, rate, validation)
         if run.tensorboard is not None:
@@ -988,6 +1037,7 @@ def _loop(run: _Run, optimizer, step: int, end: int, progress_bar) -> tuple[str,
                     last_prompt=run.last_prompt,
                     elapsed=time.monotonic() - run.started,
                     skipped_samples=run.samples.skipped_count,
+                    fixed_losses=list(run.fixed_losses),
                 )
             )
     return STOP_FINISHED, f"Training finished at step {step}", step
@@ -1007,6 +1057,9 @@ def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
     message += run.skipped_note()  # said again at the end: the warnings scrolled away, a tab shows only this
     if run.samples.summary():
         message = f"{message}. {run.samples.summary()}"
+    if len(run.fixed_losses) > 1:
+        (first_step, first), (last_step, last) = run.fixed_losses[0], run.fixed_losses[-1]
+        message = f"{message}. Loss at fixed noise: {first:.5f} at step {first_step}, {last:.5f} at step {last_step}"
     run.callbacks.message(message)
     result = TrainingResult(
         network=network,
@@ -1024,6 +1077,7 @@ def _finish(run: _Run, optimizer, stopped: str, message: str) -> TrainingResult:
         settings_path=run.settings_path,
         losses=run.losses,
         validation_losses=run.validation_losses,
+        fixed_losses=run.fixed_losses,
         skipped_images=run.skipped_images,
         skipped_samples=run.samples.as_dicts(),
         recomputed_in_float32=dict(run.samples.recomputed),

@@ -220,6 +220,7 @@ class JobStatus:
     last_copy: str | None = None
     previews: list[str] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
+    fixed_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss at fixed noise)
     message: str = ""
     skipped_count: int = 0  # samples left out so far: their latent or conditioning was not finite
     skipped_samples: list[dict] = field(default_factory=list)  # when it ended: image, caption, reason, count
@@ -332,6 +333,8 @@ class TrainingJobs:
             if progress.loss is not None:
                 job.losses.append((progress.step, progress.loss))
             job.skipped_count = progress.skipped_samples
+            if progress.fixed_losses:
+                job.fixed_losses = list(progress.fixed_losses)
             if host.on_progress:
                 host.on_progress(progress)
 
@@ -374,6 +377,7 @@ class TrainingJobs:
             job.step = result.step
             job.skipped_samples, job.recomputed_in_float32 = result.skipped_samples, result.recomputed_in_float32
             job.skipped_count = sum(item["count"] for item in result.skipped_samples)
+            job.fixed_losses = list(result.fixed_losses)
             job.message = result.message
             job.state = {"finished": "finished", "already trained": "failed", "interrupted": "interrupted"}.get(
                 result.stopped, result.stopped

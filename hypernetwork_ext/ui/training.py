@@ -149,6 +149,10 @@ def _train_components(d: TrainingConfig = _DEFAULTS) -> list[tuple[str, gr.compo
         with gr.Row():
             add("validation_split", gr.Number(label="Held-out validation fraction", value=d.validation_split))
             add("validation_every", gr.Number(label="Validation every N steps", value=d.validation_every, precision=0))
+            add(
+                "fixed_loss_every",
+                gr.Number(label="Loss at fixed noise every N steps (0 = off)", value=d.fixed_loss_every, precision=0),
+            )
         with gr.Row():  # memory: what fits SD1.5 at 512 px in 6 GB (docs/training.md#memory)
             add(
                 "gradient_checkpointing",
@@ -351,6 +355,9 @@ class TrainingTab:
         ]
         if job.validation_loss is not None:
             parts.append(f"<br>Validation loss: {job.validation_loss:.7f}")
+        if job.fixed_losses:
+            (first_step, first), (step, latest) = job.fixed_losses[0], job.fixed_losses[-1]
+            parts.append(f"<br>Loss at fixed noise: {first:.7f} at step {first_step}, {latest:.7f} at step {step}")
         if job.last_prompt:
             parts.append(f"<br>Last prompt: {html.escape(job.last_prompt)}")
         if job.skipped_count:

@@ -413,3 +413,14 @@ def test_a_txt2img_answered_without_an_image_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(server, "post", lambda path, body=None, **kwargs: {"images": [], "info": "{}"})
     with pytest.raises(RuntimeError, match="answered no image for 'a red circle'"):
         server.txt2img("a red circle")
+
+
+def test_the_suites_learning_check_reads_the_loss_at_fixed_noise_not_the_step_losses():
+    from tests.hosts.test_training import STEPS, learned, step_loss_medians
+
+    # The full random SDXL in Forge Classic: the step losses' medians rose (1.034 -> 1.060) while training.
+    rising_steps = [(step, 1.0 + 0.003 * step) for step in range(1, STEPS + 1)]
+    status = JobStatus(id="j", losses=rising_steps, fixed_losses=[(0, 1.2171), (STEPS, 1.2049)]).to_dict()
+    assert learned(status) and step_loss_medians(status["losses"])[1] > step_loss_medians(status["losses"])[0]
+    for fixed in ([(0, 1.2171), (STEPS, 1.2171)], [(0, 1.2)], [], [(0, 1.3), (10, 1.2)], [(5, 1.3), (STEPS, 1.2)]):
+        assert not learned(JobStatus(id="j", fixed_losses=fixed).to_dict()), fixed
