@@ -40,6 +40,7 @@ from .backends.base import (
     TrainingBackend,
     cat_conditioning,
     in_float32,
+    stored_dtype,
     text_part,
     unet_compute_dtype,
 )
@@ -57,6 +58,11 @@ STOP_DIVERGED = "diverged"
 STOP_ERROR = "error"
 STOP_ALREADY = "already trained"
 _CONDITIONING_CACHE = 4096
+CAST_COPIES_NOTE = (
+    "the host keeps the UNet's weights in float16 and computes in float32 on the CPU, so training does too; "
+    "the float32 copies it makes of each layer's weights stay for the backward pass (twice the UNet's size "
+    "in memory): gradient checkpointing recomputes them instead"
+)
 # The fixed-noise loss: this many training images, each at this many timesteps (one forward pass each).
 FIXED_LOSS_IMAGES = 8
 FIXED_LOSS_TIMESTEPS = 2
@@ -139,12 +145,16 @@ def base_name(network: Hypernetwork, source_path: str | None) -> str:
 def resolve_precision(config: TrainingConfig, backend: TrainingBackend) -> tuple[torch.dtype | None, bool, str]:
     """(autocast dtype or None, whether a gradient scaler is needed, a note for the user)."""
     device_type = backend.device.type
-    # The dtype the UNet computes in, not the one its weights are stored in: a host that keeps
-    # float16 weights and casts them to float32 at each use (Forge Classic's --unet-in-fp16 on a
-    # CPU) computes in float32, and float16 autocast there would be slower and coarser than the host.
-    model_dtype = unet_compute_dtype(backend)
-    wanted = config.mixed_precision
     note = ""
+    model_dtype = stored_dtype(backend.unet)
+    if model_dtype == torch.float16 and device_type == "cpu":
+        # A CPU has no float16 kernels (a convolution's backward 80x slower than in float32 here): where
+        # the host keeps float16 weights and computes in float32 (Forge Classic's --unet-in-fp16), so do
+        # we. Elsewhere autocast follows the stored dtype, so the layers use the weights without copies.
+        model_dtype = unet_compute_dtype(backend)
+        if model_dtype != torch.float16 and not config.gradient_checkpointing:
+            note = CAST_COPIES_NOTE
+    wanted = config.mixed_precision
     if wanted == "auto":
         if device_type == "cuda":
             wanted = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

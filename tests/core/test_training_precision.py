@@ -1,8 +1,8 @@
 """The precision a run computes in follows what the host's UNet computes in, not the dtype its weights
 are stored in: Forge Classic started with ``--unet-in-fp16`` on a CPU keeps float16 weights and casts
 them to float32 at each use; training under float16 autocast there ran every step's matrix products
-in float16 on the CPU (about 85 s a step on the full SDXL instead of seconds) and coarser than the
-host's own generations."""
+in float16 on the CPU (84-93 s a step on the full SDXL) and coarser than the host's own generations.
+On a GPU autocast still follows the stored weights: the layers then use them without copies."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 import hypernetwork_ext as hx
 from hypernetwork_ext.training import LdmBackend, TrainingCallbacks, TrainingConfig, train
 from hypernetwork_ext.training.backends.base import TrainingBackend
-from hypernetwork_ext.training.engine import resolve_precision
+from hypernetwork_ext.training.engine import CAST_COPIES_NOTE, resolve_precision
 from tests.support.fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.support.models import LDM_WIDTHS
 from tests.support.training_models import LDM_CONTEXT, dataset_folder, tiny_latent_diffusion, training_config
@@ -32,8 +32,16 @@ def precision(backend: TrainingBackend, wanted: str = "auto") -> tuple[torch.dty
 
 
 def test_float16_weights_cast_to_float32_at_use_train_without_autocast():
-    assert precision(StoredAs(torch.float16, torch.float32)) == (None, False, "")
-    assert precision(StoredAs(torch.bfloat16, torch.float32), "bf16")[0] == torch.bfloat16  # asked for: given
+    assert precision(StoredAs(torch.float16, torch.float32)) == (None, False, CAST_COPIES_NOTE)
+    assert "float32 copies" in CAST_COPIES_NOTE and "gradient checkpointing" in CAST_COPIES_NOTE
+    checkpointed = TrainingConfig(gradient_checkpointing=True)
+    assert resolve_precision(checkpointed, StoredAs(torch.float16, torch.float32)) == (None, False, "")
+    assert precision(StoredAs(torch.bfloat16, torch.float32))[0] == torch.bfloat16  # bf16 runs well on a CPU
+
+
+def test_on_a_gpu_autocast_follows_the_stored_weights_so_layers_use_them_without_copies():
+    assert precision(StoredAs(torch.float16, torch.float32, "cuda"))[:2] == (torch.float16, True)
+    assert precision(StoredAs(torch.bfloat16, torch.float16, "cuda"))[0] == torch.bfloat16
 
 
 def test_weights_computed_as_stored_still_force_their_autocast():

@@ -169,12 +169,16 @@ def text_part(cond: Conditioning) -> torch.Tensor:
     return cond
 
 
+def stored_dtype(module: nn.Module) -> torch.dtype:
+    reference = first_parameter(module)
+    return reference.dtype if reference is not None else torch.float32
+
+
 def unet_compute_dtype(backend: TrainingBackend) -> torch.dtype:
     """What the UNet computes in: the host's cast where it casts weights at use, else its weights' dtype."""
     if isinstance(backend.compute_dtype, torch.dtype):
         return backend.compute_dtype
-    reference = first_parameter(backend.unet)
-    return reference.dtype if reference is not None else torch.float32
+    return stored_dtype(backend.unet)
 
 
 def first_parameter(module: nn.Module) -> torch.Tensor | None:
