@@ -424,3 +424,15 @@ def test_the_suites_learning_check_reads_the_loss_at_fixed_noise_not_the_step_lo
     assert learned(status) and step_loss_medians(status["losses"])[1] > step_loss_medians(status["losses"])[0]
     for fixed in ([(0, 1.2171), (STEPS, 1.2171)], [(0, 1.2)], [], [(0, 1.3), (10, 1.2)], [(5, 1.3), (STEPS, 1.2)]):
         assert not learned(JobStatus(id="j", fixed_losses=fixed).to_dict()), fixed
+
+
+def test_the_suites_extra_training_options_come_from_a_json_object(monkeypatch):
+    from tests.hosts.test_training import extra_options
+
+    monkeypatch.delenv("HNX_HOST_TRAINING_OPTIONS", raising=False)
+    assert extra_options() == {}
+    monkeypatch.setenv("HNX_HOST_TRAINING_OPTIONS", '{"gradient_checkpointing": true}')
+    assert extra_options() == {"gradient_checkpointing": True}
+    monkeypatch.setenv("HNX_HOST_TRAINING_OPTIONS", "[1]")
+    with pytest.raises(ValueError, match="JSON object"):
+        extra_options()

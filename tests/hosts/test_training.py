@@ -53,6 +53,17 @@ def dataset(suite) -> Path:
     cleanup(suite.config.hypernetwork_dir)
 
 
+def extra_options() -> dict:
+    """Settings every training run of the suite adds, from ``HNX_HOST_TRAINING_OPTIONS`` (a JSON object):
+    ``{"gradient_checkpointing": true}`` where a host computes float16 weights in float32 on a CPU and
+    the float32 copies kept for the backward pass would not fit the machine (the full SDXL in Forge Classic)."""
+    text = os.environ.get("HNX_HOST_TRAINING_OPTIONS", "").strip()
+    options = json.loads(text) if text else {}
+    if not isinstance(options, dict):
+        raise ValueError(f"HNX_HOST_TRAINING_OPTIONS must be a JSON object, not {text!r}")
+    return options
+
+
 def payload(suite, dataset: Path, name: str, **changes) -> dict:
     values = {
         "hypernetwork_name": name,
@@ -68,6 +79,7 @@ def payload(suite, dataset: Path, name: str, **changes) -> dict:
         "seed": 7,
         **PREVIEW,
         "preview_prompt": suite.plain,
+        **extra_options(),
     }
     values.update(changes)
     return values
@@ -254,6 +266,11 @@ def fill_training_form(page, suite, dataset: Path, steps: int) -> None:
         fill(page, f"hnx_train_{name}", values[name])
     page.locator("#hnx_train_tab").get_by_text("Beyond A1111", exact=False).first.click()
     fill(page, "hnx_train_seed", values["seed"])
+    for name, value in extra_options().items():
+        if isinstance(value, bool):
+            page.locator(f"#hnx_train_{name} input[type=checkbox]").set_checked(value)
+        else:
+            fill(page, f"hnx_train_{name}", value)
     page.locator("#hnx_train_tab").get_by_text("Preview", exact=True).first.click()
     page.locator("#hnx_train_preview_from_txt2img input[type=checkbox]").check()
     for name in ("prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height"):
