@@ -195,6 +195,7 @@ def demo_config(folder: Path, *, steps: int, seed: int, image_size: int, learn_r
         preview_steps=10,
         validation_split=0.25,
         validation_every=max(steps // 10, 1),
+        fixed_loss_every=max(steps // 10, 1),
         training_write_csv_every=max(steps // 100, 1),
         seed=seed,
         output_name="demo-trained",
@@ -258,7 +259,11 @@ def run_demo(
     pt_path = save(result.network, folder / "a1111" / "demo-trained.pt")
     loss_plot = folder / "loss.png"
     chart = line_chart(
-        {"training loss": result.losses, "validation loss": result.validation_losses},
+        {
+            "training loss": result.losses,
+            "validation loss": result.validation_losses,
+            "loss at fixed noise": result.fixed_losses,
+        },
         title=f"demo: {result.step} steps",
     )
     atomic_write_with(loss_plot, lambda handle: chart.save(handle, format="PNG"))
@@ -361,6 +366,7 @@ def _demo_summary(
         "loss_first_steps_mean": round(sum(losses[:window]) / window, 5) if losses else None,
         "loss_last_steps_mean": round(sum(losses[-window:]) / window, 5) if losses else None,
         "validation_loss": [[s, round(v, 5)] for s, v in result.validation_losses],
+        "fixed_noise_loss": [[s, round(v, 5)] for s, v in result.fixed_losses],
         "style_share_by_multiplier": shares,
         "style_share_of_dataset": round(dataset_share, 3),
         "shape_kept_by_multiplier": recognised,
@@ -392,6 +398,11 @@ def demo_report(result: DemoResult, latest: str | None = None) -> list[str]:
     if summary["validation_loss"]:
         first, last = summary["validation_loss"][0], summary["validation_loss"][-1]
         lines.append(f"held-out loss: {first[1]} at step {first[0]} -> {last[1]} at step {last[0]}")
+    if summary["fixed_noise_loss"]:
+        first, last = summary["fixed_noise_loss"][0], summary["fixed_noise_loss"][-1]
+        lines.append(
+            f"loss at fixed noise (training images): {first[1]} at step {first[0]} -> {last[1]} at step {last[0]}"
+        )
     shares = summary["style_share_by_multiplier"]
     lines.append(
         f"{summary['style']} style on prompts not in the dataset (share of pixels in its colours; the dataset: "

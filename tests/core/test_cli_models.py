@@ -315,6 +315,7 @@ def test_demo_runs_end_to_end_and_generate_finds_its_networks(tmp_path, monkeypa
     assert capsys.readouterr().err == ""  # one file answers to the name: no note on the README's first command
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["stopped"] == "finished"
+    assert [step for step, _loss in summary["fixed_noise_loss"]] == [0, 1, 2, 3, 4, 5, 6]
     for name in ("multiplier-grid.png", "loss.png", "networks/demo-trained.safetensors", "a1111/demo-trained.pt"):
         assert (run / name).exists(), name
     networks = sorted(path.name for path in (run / "networks").iterdir() if path.suffix in (".pt", ".safetensors"))
@@ -329,6 +330,7 @@ def test_demo_runs_end_to_end_and_generate_finds_its_networks(tmp_path, monkeypa
     }  # fmt: skip
     printed, errors = finished.stdout, finished.stderr
     assert "multiplier grid:" in printed and run.name in printed and "night style" in printed
+    assert "loss at fixed noise (training images): " in printed
     assert "layer structure:" not in printed  # the untrained network's inspect block
     assert "threads: 1 (OMP_NUM_THREADS=1; --threads N or HYPERNETWORK_THREADS=N to choose)" in printed
     assert summary["threads"] == 1 and "load_average_at_end" in summary
