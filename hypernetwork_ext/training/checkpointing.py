@@ -56,6 +56,9 @@ def gradient_checkpointing(root: nn.Module, enabled: bool = True) -> Iterator[li
 
 def _checkpointed(forward):
     def unshared(*args, **kwargs):
+        # Forge's and Forge Classic's transformer blocks add into their input in place (x += n): the
+        # block works on a copy, so the input the checkpoint keeps to recompute it stays as it was.
+        args = tuple(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args)
         with unshared_contexts():  # the recomputation must save what the forward pass saved
             return forward(*args, **kwargs)
 
