@@ -342,8 +342,16 @@ class Library:
 
     def find_by_hash(self, prefix: str) -> list[NetworkEntry]:
         wanted = prefix.lower()
+        found = []
         with self.deferred_cache_writes():
-            return [e for e in self.entries if self.sha256(e).startswith(wanted)]
+            for entry in self.entries:
+                try:
+                    digest = self.sha256(entry)
+                except (HypernetworkError, OSError):
+                    continue  # deleted or made unreadable since the folders were listed: it matches nothing
+                if digest.startswith(wanted):
+                    found.append(entry)
+        return found
 
     @contextlib.contextmanager
     def deferred_cache_writes(self):

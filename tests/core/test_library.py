@@ -373,3 +373,15 @@ def test_a_lookup_over_every_file_writes_the_cache_once(library, tmp_path, monke
     assert len(writes) == 1
     reopened = Library(library.folders(), cache_file=str(tmp_path / "cache" / "hashes.json"))
     assert all(reopened.cached_sha256(entry) for entry in reopened.entries)
+
+
+def test_a_hash_lookup_passes_over_files_removed_since_the_folders_were_listed(library):
+    """In the real Forge Classic a pasted infotext's hash was looked up after the suite had deleted a
+    trained network the library still listed: "no such file", and the paste failed with a traceback."""
+    entries = library.entries
+    wanted = library.sha256(entries[0])
+    gone = next(entry for entry in entries[1:] if library.cached_sha256(entry) is None)
+    os.remove(gone.path)
+    assert gone in library.entries  # still listed until the folders are read again (a refresh)
+    assert library.find_by_hash(wanted[:10]) == [entries[0]]
+    assert library.find_by_hash("f" * 10) == []
