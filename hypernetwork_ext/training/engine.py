@@ -246,18 +246,25 @@ class ConditioningCache:
 
     def _encode(self, texts: list[str], size: tuple[int, int]) -> None:
         encoded = self.backend.encode_text(texts, size)
-        rows = finite_rows(encoded)
-        failed = [text for text, ok in zip(texts, rows, strict=True) if not ok]
-        if failed:
-            again = self._in_float32(lambda: self.backend.encode_text(failed, size), encoded, "caption", len(failed))
-        for index, text in enumerate(texts):
-            row = _row(encoded, index) if rows[index] else again.get(failed.index(text))
+        for index, (text, ok) in enumerate(zip(texts, finite_rows(encoded), strict=True)):
+            row = _row(encoded, index) if ok else self._encode_alone(text, size, encoded, len(texts) > 1)
             if row is None:
                 self.unusable.add((text, size))
             else:
                 self.items[(text, size)] = _to(row, self.storage)
         while len(self.items) > self.limit:
             self.items.popitem(last=False)
+
+    def _encode_alone(self, text: str, size: tuple[int, int], like: Conditioning, batched: bool) -> Conditioning | None:
+        """A caption whose row is not finite, encoded by itself as a prompt is (A1111's emphasis
+        rescales a batch by one mean over all its rows: a caption that overflows, or two whose sum
+        does, make every row of their batch non-finite), then in float32 if still needed; None if
+        it is not finite either way."""
+        if batched:
+            single = self.backend.encode_text([text], size)
+            if finite_rows(single)[0]:
+                return _row(single, 0)
+        return self._in_float32(lambda: self.backend.encode_text([text], size), like, "caption", 1).get(0)
 
     def _in_float32(self, encode, like: Conditioning, what: str, count: int) -> dict[int, Conditioning]:
         """The rows of ``encode()`` that are finite with the text encoder in float32, and still

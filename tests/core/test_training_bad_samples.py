@@ -174,3 +174,22 @@ def test_a_loss_that_diverges_on_finite_inputs_still_stops_the_run(tmp_path, dat
 
     result, _messages = run(tmp_path, data, Overflow(tiny_latent_diffusion(0)), steps=3)
     assert result.stopped == "non-finite" and result.step == 0 and not result.skipped_samples
+
+
+def test_a_caption_spoiled_only_by_its_batch_is_encoded_alone_and_kept(tmp_path, data):
+    """A1111's emphasis rescales a batch's conditioning by one mean over all its rows, so a caption
+    that overflows makes its batch companions non-finite too. In the real A1111 two captions the host
+    renders finitely were skipped that way; the run now encodes a failed caption alone, as a prompt is."""
+
+    class BatchMean(LdmBackend):
+        def encode_text(self, texts, size):
+            cond = super().encode_text(texts, size)
+            if any("triangle at the bottom" in text for text in texts):  # this caption overflows
+                original = cond.mean() * float("inf")
+                cond = cond * (original / cond.mean())  # one mean for the batch: every row is NaN
+            return cond
+
+    result, _messages = run(tmp_path, data, BatchMean(tiny_latent_diffusion(0)), steps=6, batch_size=2)
+    assert result.stopped == "finished" and result.step == 6, result.message
+    skipped = {item["caption"] for item in result.skipped_samples}
+    assert skipped == {"a red triangle at the bottom on a black background"}, result.skipped_samples
