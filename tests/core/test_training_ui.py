@@ -71,6 +71,18 @@ def test_refresh_without_jobs_and_loss_chart(tab):
     assert svg.count("<polyline") == 2 and "step 3" in svg
 
 
+def test_refresh_shows_the_loss_at_fixed_noise_when_measured(tab):
+    from hypernetwork_ext.training.jobs import JobStatus
+
+    tab.jobs.jobs["j"] = JobStatus(
+        id="j", state="running", step=20, max_steps=20, fixed_losses=[(0, 1.25), (20, 1.125)]
+    )
+    progress, _chart, _gallery = tab.refresh()
+    assert "Loss at fixed noise: 1.2500000 at step 0, 1.1250000 at step 20" in progress
+    tab.jobs.jobs["k"] = JobStatus(id="k", state="running", step=3, max_steps=20)
+    assert "fixed noise" not in tab.refresh()[0]
+
+
 @pytest.fixture
 def tiny_tab(tmp_path) -> tuple[TrainingTab, gr.Blocks]:
     from hypernetwork_ext.shape import ModelShape
