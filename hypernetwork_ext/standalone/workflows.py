@@ -395,14 +395,13 @@ def demo_report(result: DemoResult, latest: str | None = None) -> list[str]:
         f"loss: {summary['loss_first_steps_mean']} over the first steps -> {summary['loss_last_steps_mean']} "
         "over the last",
     ]
-    if summary["validation_loss"]:
-        first, last = summary["validation_loss"][0], summary["validation_loss"][-1]
-        lines.append(f"held-out loss: {first[1]} at step {first[0]} -> {last[1]} at step {last[0]}")
-    if summary["fixed_noise_loss"]:
-        first, last = summary["fixed_noise_loss"][0], summary["fixed_noise_loss"][-1]
-        lines.append(
-            f"loss at fixed noise (training images): {first[1]} at step {first[0]} -> {last[1]} at step {last[0]}"
-        )
+    for key, label in (
+        ("validation_loss", "held-out loss"),
+        ("fixed_noise_loss", "loss at fixed noise (training images)"),
+    ):
+        if summary[key]:
+            first, last = summary[key][0], summary[key][-1]
+            lines.append(f"{label}: {first[1]} at step {first[0]} -> {last[1]} at step {last[0]}")
     shares = summary["style_share_by_multiplier"]
     lines.append(
         f"{summary['style']} style on prompts not in the dataset (share of pixels in its colours; the dataset: "

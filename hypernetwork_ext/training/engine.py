@@ -688,21 +688,28 @@ class _Run:
             for module, mode in modes:
                 module.training = mode
 
+    def seeded_loss(self, index: int, position: int, label: str, timesteps=None) -> float | None:
+        """The loss of image ``index`` with its caption and noise drawn from the run's seed for
+        (``label``, ``position``): the same sample each time. None where the caption's conditioning
+        is not finite (it says nothing about the network)."""
+        rng = random.Random(data_mod.derive_seed(self.seed, f"{label}-captions", position))
+        texts = self.captions_for([index], rng)
+        if not self.conditioning.usable(texts, self.dataset.entries[index].size)[0]:
+            return None
+        generator = torch.Generator(device=self.backend.device)
+        generator.manual_seed(data_mod.derive_seed(self.seed, label, position))
+        return float(self.loss_for([index], texts, generator, timesteps=timesteps))
+
     def validation_loss(self) -> float | None:
         if not self.dataset.validation:
             return None
         with self.evaluating():
-            total, counted = 0.0, 0
-            for position, index in enumerate(self.dataset.validation):
-                generator = torch.Generator(device=self.backend.device)
-                generator.manual_seed(data_mod.derive_seed(self.seed, "validation", position))
-                rng = random.Random(data_mod.derive_seed(self.seed, "validation-captions", position))
-                texts = self.captions_for([index], rng)
-                if not self.conditioning.usable(texts, self.dataset.entries[index].size)[0]:
-                    continue  # a caption with non-finite conditioning says nothing about the network
-                total += float(self.loss_for([index], texts, generator))
-                counted += 1
-            return total / counted if counted else None
+            losses = [
+                self.seeded_loss(index, position, "validation")
+                for position, index in enumerate(self.dataset.validation)
+            ]
+        counted = [loss for loss in losses if loss is not None]
+        return sum(counted) / len(counted) if counted else None
 
     def fixed_noise_loss(self) -> float | None:
         """The mean loss over the first training images, each at ``FIXED_LOSS_TIMESTEPS`` timesteps spread
@@ -711,21 +718,18 @@ class _Run:
         images = self.dataset.train[:FIXED_LOSS_IMAGES]
         count = len(images) * FIXED_LOSS_TIMESTEPS
         schedule = self.alphas.shape[0]
-        values = []
         with self.evaluating():
-            for position in range(count):
-                index = images[position % len(images)]
-                rng = random.Random(data_mod.derive_seed(self.seed, "fixed-loss-captions", position))
-                texts = self.captions_for([index], rng)
-                if not self.conditioning.usable(texts, self.dataset.entries[index].size)[0]:
-                    continue
-                generator = torch.Generator(device=self.backend.device)
-                generator.manual_seed(data_mod.derive_seed(self.seed, "fixed-loss", position))
-                timestep = torch.tensor([int((position + 0.5) * schedule / count)], device=self.backend.device)
-                value = float(self.loss_for([index], texts, generator, timesteps=timestep))
-                if math.isfinite(value):
-                    values.append(value)
-        return sum(values) / len(values) if values else None
+            losses = [
+                self.seeded_loss(
+                    images[position % len(images)],
+                    position,
+                    "fixed-loss",
+                    torch.tensor([int((position + 0.5) * schedule / count)], device=self.backend.device),
+                )
+                for position in range(count)
+            ]
+        finite = [loss for loss in losses if loss is not None and math.isfinite(loss)]
+        return sum(finite) / len(finite) if finite else None
 
     def record_fixed_loss(self, step: int) -> None:
         value = self.fixed_noise_loss()

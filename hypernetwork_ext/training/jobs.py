@@ -334,7 +334,7 @@ class TrainingJobs:
                 job.losses.append((progress.step, progress.loss))
             job.skipped_count = progress.skipped_samples
             if progress.fixed_losses:
-                job.fixed_losses = list(progress.fixed_losses)
+                job.fixed_losses = progress.fixed_losses  # the run's copy as of this step
             if host.on_progress:
                 host.on_progress(progress)
 

@@ -37,7 +37,7 @@ from ...attach import KVRewriter
 from ...errors import HypernetworkError
 from ...patches import attention_patch
 from ...strength import CROSS, SELF, Strength
-from .base import Conditioning, PreviewGenerator, PreviewRequest, TrainingBackend, first_parameter
+from .base import Conditioning, PreviewGenerator, PreviewRequest, TrainingBackend, first_parameter, stored_dtype
 from .ldm import SizedPrompts
 
 PARTIAL_LOAD_REFUSAL = (
@@ -147,8 +147,7 @@ def computation_dtype(model) -> torch.dtype:
         dtype = getattr(model, name, None)
         if isinstance(dtype, torch.dtype):
             return dtype
-    reference = first_parameter(model.diffusion_model)
-    return reference.dtype if reference is not None else torch.float32
+    return stored_dtype(model.diffusion_model)
 
 
 class PatcherBackend(TrainingBackend):
